@@ -1,0 +1,50 @@
+"""keras_epitome: Neural Epitome Search (NES) layers for Keras 2 / TF-MOT.
+
+Importing this package selects Keras 2 (``tf_keras``) for TensorFlow; use
+``keras_epitome.keras`` as your Keras module.
+
+Example:
+  >>> import keras_epitome as ke
+  >>> keras = ke.keras
+  >>> model = keras.Sequential([
+  ...     keras.Input((28, 28, 1)),
+  ...     keras.layers.Conv2D(32, 3, activation="relu"),
+  ...     ke.EpitomeConv2D(64, 3, activation="relu", compression=4),
+  ... ])
+"""
+
+from keras_epitome.backend import keras  # noqa: F401  (must come first)
+
+from keras_epitome import sampling  # noqa: E402
+from keras_epitome.layers import (  # noqa: E402
+    EPITOME_LAYERS,
+    EpitomeConv1D,
+    EpitomeConv2D,
+    EpitomeDense,
+    EpitomeMixin,
+)
+from keras_epitome.learners import FeatureOffsetLearner  # noqa: E402
+from keras_epitome.sampling import (  # noqa: E402
+    EpitomeGeometry,
+    RoutingMap,
+    epitome_shape_for_ratio,
+    fit_epitome,
+    sample_kernel,
+)
+
+__version__ = "0.1.0"
+
+
+def custom_objects():
+  """Classes to pass as ``custom_objects`` when loading outside the package's scope.
+
+  The layers are registered with Keras when the package is imported, so
+  ``keras.models.load_model`` finds them; this is for tools that take an
+  explicit mapping (e.g. TF-MOT's ``quantize_scope``).
+  """
+  return {
+      "EpitomeConv1D": EpitomeConv1D,
+      "EpitomeConv2D": EpitomeConv2D,
+      "EpitomeDense": EpitomeDense,
+      "FeatureOffsetLearner": FeatureOffsetLearner,
+  }

@@ -1,0 +1,524 @@
+"""Epitome layers: stock Keras layers whose kernel is sampled from an epitome.
+
+``EpitomeConv1D``, ``EpitomeConv2D`` and ``EpitomeDense`` subclass the stock
+``Conv1D``, ``Conv2D`` and ``Dense``: every stock argument keeps its meaning
+(strides, padding including ``causal``, dilation, groups, activation, bias,
+initializers, regularizers, constraints). The only change is where the kernel
+comes from: instead of a ``kernel`` variable the layer stores
+
+* ``epitome``: a ``(*S_E, Cin_E, Cout_E)`` variable, the only large weight;
+* a routing map: ``in_offsets`` ``(A,)``, ``out_offsets`` ``(B,)`` and, where
+  the epitome is longer than the kernel in space, ``spatial_offsets``
+  ``(B, rank)``;
+
+and ``layer.kernel`` is a property that samples the full kernel from them
+(:func:`keras_epitome.sampling.sample_kernel`). ``kernel_initializer`` draws the
+epitome with the statistics it would give the full kernel (fan-in and fan-out
+of the kernel's shape), so the sampled kernel has the intended variance.
+``kernel_regularizer`` and ``kernel_constraint`` apply to the epitome, the
+weight that is actually stored.
+
+Example:
+  >>> import keras_epitome as ke
+  >>> layer = ke.EpitomeConv2D(64, 3, padding="same", compression=4)
+  >>> y = layer(tf.zeros([1, 8, 8, 64]))
+  >>> layer.epitome.shape, layer.kernel.shape
+  (TensorShape([3, 3, 32, 32]), TensorShape([3, 3, 64, 64]))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+
+from keras_epitome import sampling
+from keras_epitome.backend import keras
+from keras_epitome.learners import LEARNERS, FeatureOffsetLearner
+
+SAMPLERS = ("learned", "fixed")
+
+
+def _as_int_tuple(value, what, layer_desc):
+  if isinstance(value, (int, np.integer)):
+    return (int(value),)
+  try:
+    return tuple(int(v) for v in value)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"{layer_desc}: {what} must be an int or a tuple of ints, got {value!r}"
+    ) from None
+
+
+class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
+  """Turns a stock kernel layer into an epitome layer (see module docstring).
+
+  Args (keyword-only, in addition to the stock layer's):
+    compression: ratio ``>= 1`` of kernel size to epitome size; turned into an
+      epitome shape by :func:`keras_epitome.sampling.epitome_shape_for_ratio`
+      (keep the spatial window, shrink the larger channel count first).
+    epitome_shape: explicit ``(*S_E, Cin_E, Cout_E)``; exclusive with
+      ``compression``. ``S_E`` may exceed the kernel's window, which adds
+      spatial offsets (one per output chunk and axis).
+    sampler: ``"learned"`` (NES: offsets are trained) or ``"fixed"`` (WSNet:
+      constant offsets, channels tiled, output chunks strided in space).
+    learner: for ``sampler="learned"``: ``"param"`` (one variable per offset)
+      or ``"feature"`` (offsets predicted from the input, NES's transformation
+      learner, with a moving-average routing map for inference).
+    spatial_stride: stride between the spatial offsets of consecutive output
+      chunks: the fixed sampler's pattern, and the learned sampler's starting
+      point. An int or one per spatial axis; ``None`` spreads the chunks evenly
+      over the slack ``S_E - S``.
+    offset_scale: the routing map is stored divided by this number, so an
+      optimizer step moves offsets ``offset_scale`` times further (adaptive
+      optimizers see the same gradients, scaled). Offsets live in units of
+      channels and taps, much larger than typical weight steps.
+    routing_momentum: momentum of the moving-average routing map of the
+      ``feature`` learner.
+  """
+
+  _stock_class = None  # set by each concrete layer
+
+  def __init__(
+      self,
+      *args,
+      compression: Optional[float] = None,
+      epitome_shape: Optional[Sequence[int]] = None,
+      sampler: str = "learned",
+      learner: str = "param",
+      spatial_stride: Union[None, int, Sequence[int]] = None,
+      offset_scale: float = 1.0,
+      routing_momentum: float = 0.99,
+      **kwargs,
+  ):
+    super().__init__(*args, **kwargs)
+    desc = self._desc()
+    if compression is None and epitome_shape is None:
+      raise ValueError(
+          f"{desc}: give compression= (a ratio >= 1) or epitome_shape= "
+          "(*S_E, Cin_E, Cout_E)"
+      )
+    if compression is not None and epitome_shape is not None:
+      raise ValueError(
+          f"{desc}: give compression= or epitome_shape=, not both (got "
+          f"compression={compression!r}, epitome_shape={epitome_shape!r})"
+      )
+    if compression is not None:
+      if isinstance(compression, bool) or not isinstance(
+          compression, (int, float, np.number)
+      ):
+        raise ValueError(
+            f"{desc}: compression must be a number >= 1, got {compression!r}"
+        )
+      if not math.isfinite(float(compression)) or float(compression) < 1:
+        raise ValueError(
+            f"{desc}: compression must be a finite number >= 1, got "
+            f"{compression!r}"
+        )
+      compression = float(compression)
+    if epitome_shape is not None:
+      epitome_shape = _as_int_tuple(epitome_shape, "epitome_shape", desc)
+      expected = self._kernel_rank() + 2
+      if len(epitome_shape) != expected:
+        raise ValueError(
+            f"{desc}: epitome_shape {epitome_shape} must have {expected} "
+            f"entries ({'S_E..., ' if expected > 2 else ''}Cin_E, Cout_E)"
+        )
+      if any(d <= 0 for d in epitome_shape):
+        raise ValueError(
+            f"{desc}: epitome_shape {epitome_shape} must have positive sizes"
+        )
+    if sampler not in SAMPLERS:
+      raise ValueError(
+          f"{desc}: unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}"
+      )
+    if learner not in LEARNERS:
+      raise ValueError(
+          f"{desc}: unknown learner {learner!r}; valid: {', '.join(LEARNERS)}"
+      )
+    if sampler == "fixed" and learner != "param":
+      raise ValueError(
+          f"{desc}: learner={learner!r} needs sampler='learned'; the fixed "
+          "sampler has no learner (leave learner='param')"
+      )
+    if spatial_stride is not None:
+      spatial_stride = _as_int_tuple(spatial_stride, "spatial_stride", desc)
+      if len(spatial_stride) == 1:
+        spatial_stride = spatial_stride * max(self._kernel_rank(), 1)
+      if len(spatial_stride) != self._kernel_rank():
+        raise ValueError(
+            f"{desc}: spatial_stride {spatial_stride} must have one entry per "
+            f"spatial axis ({self._kernel_rank()})"
+        )
+      if any(s < 0 for s in spatial_stride):
+        raise ValueError(f"{desc}: spatial_stride {spatial_stride} must be >= 0")
+    if not (isinstance(offset_scale, (int, float)) and offset_scale > 0):
+      raise ValueError(f"{desc}: offset_scale must be > 0, got {offset_scale!r}")
+    if not (0.0 <= float(routing_momentum) < 1.0):
+      raise ValueError(
+          f"{desc}: routing_momentum must be in [0, 1), got {routing_momentum!r}"
+      )
+    if getattr(self, "data_format", "channels_last") != "channels_last":
+      raise ValueError(
+          f"{desc}: data_format={self.data_format!r} is not supported; "
+          "epitome layers take channels_last inputs"
+      )
+    self.compression = compression
+    self.epitome_shape = epitome_shape
+    self.sampler = sampler
+    self.learner = learner
+    self.spatial_stride = spatial_stride
+    self.offset_scale = float(offset_scale)
+    self.routing_momentum = float(routing_momentum)
+    self.epitome = None
+    self.in_offsets = None
+    self.out_offsets = None
+    self.spatial_offsets = None
+    self.moving_offsets = None
+    self.offset_learner = None
+    self._geometry = None
+    self._kernel_override = None
+
+  # -- helpers ---------------------------------------------------------------
+
+  def _desc(self) -> str:
+    return f"{type(self).__name__} '{self.name}'"
+
+  def _kernel_rank(self) -> int:
+    return getattr(self, "rank", 0) if not isinstance(self, keras.layers.Dense) else 0
+
+  @property
+  def epitome_geometry(self) -> sampling.EpitomeGeometry:
+    """The layer's :class:`~keras_epitome.sampling.EpitomeGeometry` (after build)."""
+    if self._geometry is None:
+      raise ValueError(f"{self._desc()} is not built yet; call it on an input first")
+    return self._geometry
+
+  @property
+  def compression_ratio(self) -> float:
+    """Achieved ratio: kernel size over epitome plus routing-map size."""
+    return self.epitome_geometry.compression_ratio
+
+  # -- build -------------------------------------------------------------------
+
+  def add_weight(self, name=None, shape=None, *args, **kwargs):
+    # The stock build asks for "kernel"; build the epitome and routing map
+    # instead, with the shape the stock layer computed (groups included).
+    if name == "kernel" and self.epitome is None:
+      self._build_epitome(tuple(int(d) for d in shape), kwargs)
+      return None
+    return super().add_weight(name, shape, *args, **kwargs)
+
+  def _build_epitome(self, kernel_shape, kernel_kwargs):
+    desc = self._desc()
+    try:
+      if self.epitome_shape is not None:
+        epitome_shape = tuple(self.epitome_shape)
+      else:
+        epitome_shape = sampling.epitome_shape_for_ratio(
+            kernel_shape, self.compression
+        )
+      geometry = sampling.EpitomeGeometry(kernel_shape, epitome_shape)
+      if geometry.compression_ratio < 1:
+        raise ValueError(
+            f"epitome shape {epitome_shape} plus its routing map "
+            f"({geometry.routing_size} offsets) is larger than the kernel "
+            f"{kernel_shape} (ratio {geometry.compression_ratio:.3f} < 1)"
+        )
+      routing = sampling.fixed_routing(geometry, self.spatial_stride)
+    except ValueError as e:
+      raise ValueError(f"{desc}: {e}") from None
+    self._geometry = geometry
+    dtype = kernel_kwargs.get("dtype", self.dtype)
+    base_initializer = keras.initializers.get(self.kernel_initializer)
+
+    def epitome_initializer(shape, dtype=None, **unused):
+      # Draw with the kernel's shape (its fan-in/fan-out), keep |E| entries.
+      full = base_initializer(kernel_shape, dtype=dtype)
+      flat = tf.reshape(full, [-1])[: geometry.epitome_size]
+      return tf.reshape(flat, shape)
+
+    self.epitome = super().add_weight(
+        "epitome",
+        shape=epitome_shape,
+        initializer=epitome_initializer,
+        regularizer=self.kernel_regularizer,
+        constraint=self.kernel_constraint,
+        trainable=True,
+        dtype=dtype,
+    )
+    trainable = self.sampler == "learned"
+    scale = self.offset_scale
+    self.in_offsets = super().add_weight(
+        "in_offsets",
+        shape=(geometry.num_in_chunks,),
+        initializer=keras.initializers.Constant(routing.in_offsets / scale),
+        trainable=trainable,
+        dtype=dtype,
+    )
+    self.out_offsets = super().add_weight(
+        "out_offsets",
+        shape=(geometry.num_out_chunks,),
+        initializer=keras.initializers.Constant(routing.out_offsets / scale),
+        trainable=trainable,
+        dtype=dtype,
+    )
+    if geometry.slack_axes:
+      limit = np.asarray(geometry.slack, np.float32) / scale
+
+      def clip_spatial(v):
+        return tf.clip_by_value(v, 0.0, tf.constant(limit, v.dtype))
+
+      self.spatial_offsets = super().add_weight(
+          "spatial_offsets",
+          shape=(geometry.num_out_chunks, geometry.rank),
+          initializer=keras.initializers.Constant(routing.spatial_offsets / scale),
+          constraint=clip_spatial,
+          trainable=trainable,
+          dtype=dtype,
+      )
+    if self.sampler == "learned" and self.learner == "feature":
+      n = self._num_offsets()
+      self.offset_learner = FeatureOffsetLearner(
+          n, geometry.rank, name="offset_learner"
+      )
+      self.moving_offsets = super().add_weight(
+          "moving_offsets",
+          shape=(n,),
+          initializer=keras.initializers.Constant(
+              self._pack_offsets(
+                  routing.in_offsets, routing.out_offsets, routing.spatial_offsets
+              )
+          ),
+          trainable=False,
+          synchronization=tf.VariableSynchronization.ON_READ,
+          aggregation=tf.VariableAggregation.MEAN,
+          dtype=dtype,
+      )
+
+  def build(self, input_shape):
+    super().build(input_shape)
+    if self.offset_learner is not None and not self.offset_learner.built:
+      with tf.name_scope(self.offset_learner.name):
+        self.offset_learner.build(input_shape)
+
+  # -- routing map -------------------------------------------------------------
+
+  def _num_offsets(self) -> int:
+    g = self._geometry
+    return g.num_in_chunks + g.num_out_chunks * (1 + g.rank)
+
+  def _pack_offsets(self, in_o, out_o, sp_o):
+    g = self._geometry
+    return np.concatenate(
+        [
+            np.asarray(in_o, np.float32).reshape(-1),
+            np.asarray(out_o, np.float32).reshape(-1),
+            np.asarray(sp_o, np.float32).reshape(g.num_out_chunks * g.rank),
+        ]
+    )
+
+  def _unpack_offsets(self, packed):
+    g = self._geometry
+    a, b = g.num_in_chunks, g.num_out_chunks
+    in_o = packed[:a]
+    out_o = packed[a : a + b]
+    sp_o = tf.reshape(packed[a + b :], [b, g.rank])
+    return in_o, out_o, sp_o
+
+  def _base_offsets(self):
+    """The variables' offsets, in channels and taps (scale applied)."""
+    g = self.epitome_geometry
+    s = self.offset_scale
+    in_o = self.in_offsets * s
+    out_o = self.out_offsets * s
+    if self.spatial_offsets is not None:
+      sp_o = self.spatial_offsets * s
+    else:
+      sp_o = tf.zeros([g.num_out_chunks, g.rank], self.epitome.dtype)
+    return in_o, out_o, sp_o
+
+  def _inference_offsets(self):
+    if self.moving_offsets is not None:
+      return self._unpack_offsets(tf.convert_to_tensor(self.moving_offsets))
+    return self._base_offsets()
+
+  def _sample(self, in_o, out_o, sp_o):
+    g = self.epitome_geometry
+    return sampling.sample_kernel(
+        self.epitome, in_o, out_o, sp_o if g.slack_axes else None, g
+    )
+
+  @property
+  def routing_map(self) -> sampling.RoutingMap:
+    """The routing map used for inference, as NumPy arrays (offsets wrapped/clipped).
+
+    For the ``feature`` learner this is the moving average.
+    """
+    g = self.epitome_geometry
+    in_o, out_o, sp_o = (np.asarray(t, np.float64) for t in self._inference_offsets())
+    sp_o = np.clip(sp_o, 0.0, np.asarray(g.slack, np.float64)[np.newaxis])
+    return sampling.RoutingMap(
+        np.mod(in_o, g.cin_e), np.mod(out_o, g.cout_e), sp_o
+    )
+
+  def set_routing_map(self, routing: sampling.RoutingMap):
+    """Assigns a routing map (and the moving map of the ``feature`` learner).
+
+    Args:
+      routing: offsets in channels and taps, shaped as :attr:`routing_map`.
+
+    Raises:
+      ValueError: if a shape does not match the layer's geometry.
+    """
+    g = self.epitome_geometry
+    in_o = np.asarray(routing.in_offsets, np.float32)
+    out_o = np.asarray(routing.out_offsets, np.float32)
+    sp_o = np.asarray(routing.spatial_offsets, np.float32).reshape(-1, g.rank)
+    for name, arr, want in (
+        ("in_offsets", in_o, (g.num_in_chunks,)),
+        ("out_offsets", out_o, (g.num_out_chunks,)),
+        ("spatial_offsets", sp_o, (g.num_out_chunks, g.rank)),
+    ):
+      if arr.shape != want and not (name == "spatial_offsets" and not g.slack_axes):
+        raise ValueError(
+            f"{self._desc()}: routing map {name} has shape {arr.shape}, "
+            f"expected {want}"
+        )
+    s = self.offset_scale
+    self.in_offsets.assign(in_o / s)
+    self.out_offsets.assign(out_o / s)
+    if self.spatial_offsets is not None:
+      self.spatial_offsets.assign(sp_o / s)
+    if self.moving_offsets is not None:
+      if not g.slack_axes:
+        sp_o = np.zeros((g.num_out_chunks, g.rank), np.float32)
+      self.moving_offsets.assign(self._pack_offsets(in_o, out_o, sp_o))
+
+  # -- the kernel --------------------------------------------------------------
+
+  @property
+  def kernel(self):
+    """The full kernel sampled from the epitome with the inference routing map."""
+    if self._kernel_override is not None:
+      return self._kernel_override
+    if self.epitome is None:
+      return None
+    return self._sample(*self._inference_offsets())
+
+  @kernel.setter
+  def kernel(self, value):
+    # The stock build assigns the result of add_weight("kernel") (None here).
+    if value is not None:
+      raise AttributeError(
+          f"{self._desc()}: the kernel is sampled from the epitome and cannot be "
+          "assigned; assign layer.epitome and the routing map instead"
+      )
+
+  def _training_offsets(self, inputs, training):
+    base = self._base_offsets()
+    delta = self.offset_learner(inputs, training=True)
+    in_d, out_d, sp_d = self._unpack_offsets(delta)
+    offsets = (base[0] + in_d, base[1] + out_d, base[2] + sp_d)
+    packed = tf.concat([tf.reshape(o, [-1]) for o in offsets], axis=0)
+    m = self.routing_momentum
+    new_moving = m * tf.convert_to_tensor(self.moving_offsets) + (
+        1.0 - m
+    ) * tf.stop_gradient(packed)
+    self.moving_offsets.assign(new_moving)
+    return offsets
+
+  def call(self, inputs, training=None):
+    if self.offset_learner is not None:
+      if training is None:
+        training = keras.backend.learning_phase()
+      if isinstance(training, (bool, int)) or training is None:
+        if training:
+          offsets = self._training_offsets(inputs, training)
+        else:
+          offsets = self._inference_offsets()
+        kernel = self._sample(*offsets)
+      else:
+        kernel = tf.cond(
+            tf.cast(training, tf.bool),
+            lambda: self._sample(*self._training_offsets(inputs, True)),
+            lambda: self._sample(*self._inference_offsets()),
+        )
+    else:
+      kernel = self._sample(*self._base_offsets())
+    self._kernel_override = kernel
+    try:
+      return super().call(inputs)
+    finally:
+      self._kernel_override = None
+
+  # -- TF-MOT pruning ----------------------------------------------------------
+
+  def get_prunable_weights(self):
+    """The epitome is the stored kernel weight, so it is what pruning sparsifies."""
+    return [self.epitome]
+
+  # -- config ------------------------------------------------------------------
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(
+        compression=self.compression,
+        epitome_shape=list(self.epitome_shape) if self.epitome_shape else None,
+        sampler=self.sampler,
+        learner=self.learner,
+        spatial_stride=list(self.spatial_stride) if self.spatial_stride else None,
+        offset_scale=self.offset_scale,
+        routing_momentum=self.routing_momentum,
+    )
+    return config
+
+
+@keras.saving.register_keras_serializable(package="keras_epitome")
+class EpitomeConv1D(EpitomeMixin, keras.layers.Conv1D):
+  """``Conv1D`` whose kernel is sampled from an epitome (see :class:`EpitomeMixin`).
+
+  Example:
+    >>> layer = EpitomeConv1D(32, 64, strides=4, padding="causal", compression=4)
+    >>> layer(tf.zeros([2, 8000, 16])).shape
+    TensorShape([2, 2000, 32])
+  """
+
+  _stock_class = keras.layers.Conv1D
+
+
+@keras.saving.register_keras_serializable(package="keras_epitome")
+class EpitomeConv2D(EpitomeMixin, keras.layers.Conv2D):
+  """``Conv2D`` whose kernel is sampled from an epitome (see :class:`EpitomeMixin`).
+
+  Example:
+    >>> layer = EpitomeConv2D(64, 3, padding="same", compression=4)
+    >>> layer(tf.zeros([1, 32, 32, 64])).shape
+    TensorShape([1, 32, 32, 64])
+  """
+
+  _stock_class = keras.layers.Conv2D
+
+
+@keras.saving.register_keras_serializable(package="keras_epitome")
+class EpitomeDense(EpitomeMixin, keras.layers.Dense):
+  """``Dense`` whose kernel is sampled from an epitome (see :class:`EpitomeMixin`).
+
+  Example:
+    >>> layer = EpitomeDense(1024, compression=4)
+    >>> layer(tf.zeros([8, 1024])).shape
+    TensorShape([8, 1024])
+  """
+
+  _stock_class = keras.layers.Dense
+
+
+EPITOME_LAYERS = (EpitomeConv1D, EpitomeConv2D, EpitomeDense)
+STOCK_TO_EPITOME = {
+    keras.layers.Conv1D: EpitomeConv1D,
+    keras.layers.Conv2D: EpitomeConv2D,
+    keras.layers.Dense: EpitomeDense,
+}

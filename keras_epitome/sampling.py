@@ -1,0 +1,672 @@
+"""Epitome sampling: the one module where the index math lives.
+
+A kernel ``K`` of Keras layout ``(*S, Cin, Cout)`` is sampled from a smaller
+epitome ``E`` of shape ``(*S_E, Cin_E, Cout_E)`` through a *routing map*:
+
+* input channels are cut into ``A = ceil(Cin / Cin_E)`` chunks and output
+  channels into ``B = ceil(Cout / Cout_E)`` chunks (the last may be partial);
+* input chunk ``a`` has a channel offset ``p_a``, output chunk ``b`` has a
+  channel offset ``q_b`` and a spatial offset ``sigma_b`` (one per spatial axis);
+* ``K[s, a*Cin_E + u, b*Cout_E + v] =
+  E~[s + sigma_b, (u + p_a) mod Cin_E, (v + q_b) mod Cout_E]``, where ``E~``
+  reads ``E`` at fractional coordinates by linear interpolation along each
+  axis. Channel offsets wrap around; spatial offsets are clipped to
+  ``[0, S_E - S]``.
+
+The training-time sampler (:func:`sample_kernel`) is separable: it gathers
+along the output-channel axis, then each spatial axis, then the input-channel
+axis, so each stage costs the size of its output. Every stage is a
+:func:`_lerp_gather` under ``tf.custom_gradient``: the epitome gradient is an
+``unsorted_segment_sum`` of the interpolation-weighted kernel gradient, and the
+gradient of each interpolation weight is ``sum(dK * (E[hi] - E[lo]))``, from
+which TensorFlow chains to the offsets.
+
+The same module provides what the other forms need: the closed-form epitome
+fit (:func:`fit_epitome`), the channel remix coefficients of the factored
+inference form (:func:`channel_taps`, :func:`spatial_taps`) and the compression
+bookkeeping (:class:`EpitomeGeometry`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+
+class RoutingMap(NamedTuple):
+  """Offsets of one epitome layer, as NumPy arrays.
+
+  Attributes:
+    in_offsets: ``(A,)`` channel offset of each input chunk, in ``[0, Cin_E)``.
+    out_offsets: ``(B,)`` channel offset of each output chunk, in
+      ``[0, Cout_E)``.
+    spatial_offsets: ``(B, rank)`` spatial offset of each output chunk, each in
+      ``[0, S_E[i] - S[i]]``.
+  """
+
+  in_offsets: np.ndarray
+  out_offsets: np.ndarray
+  spatial_offsets: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class EpitomeGeometry:
+  """Shapes of a kernel and its epitome, and everything derived from them.
+
+  Args:
+    kernel_shape: ``(*S, Cin, Cout)``.
+    epitome_shape: ``(*S_E, Cin_E, Cout_E)``.
+
+  Raises:
+    ValueError: if the shapes have different ranks, a size is not positive, or
+      the epitome is larger than the kernel's channels or smaller than its
+      spatial window. The message names the axis and the valid range; layers
+      prefix it with their own name.
+
+  Example:
+    >>> g = EpitomeGeometry((3, 3, 64, 64), (3, 3, 32, 32))
+    >>> g.num_in_chunks, g.num_out_chunks
+    (2, 2)
+  """
+
+  kernel_shape: Tuple[int, ...]
+  epitome_shape: Tuple[int, ...]
+
+  def __post_init__(self):
+    k = tuple(int(d) for d in self.kernel_shape)
+    e = tuple(int(d) for d in self.epitome_shape)
+    object.__setattr__(self, "kernel_shape", k)
+    object.__setattr__(self, "epitome_shape", e)
+    if len(k) < 2:
+      raise ValueError(f"kernel shape {k} must have at least 2 axes (Cin, Cout)")
+    if len(e) != len(k):
+      raise ValueError(
+          f"epitome shape {e} must have the kernel's rank {len(k)} "
+          f"(kernel shape {k}: {len(k) - 2} spatial axes, then Cin, Cout)"
+      )
+    if any(d < 1 for d in k):
+      raise ValueError(f"kernel shape {k} must have positive sizes")
+    if any(d < 1 for d in e):
+      raise ValueError(f"epitome shape {e} must have positive sizes")
+    for i, (kd, ed) in enumerate(zip(k[:-2], e[:-2])):
+      if ed < kd:
+        raise ValueError(
+            f"epitome spatial size {ed} on axis {i} must be at least the "
+            f"kernel's {kd}"
+        )
+    if e[-2] > k[-2]:
+      raise ValueError(
+          f"epitome input channels ({e[-2]}) must not exceed the kernel's "
+          f"({k[-2]})"
+      )
+    if e[-1] > k[-1]:
+      raise ValueError(
+          f"epitome output channels ({e[-1]}) must not exceed the kernel's "
+          f"({k[-1]})"
+      )
+
+  @property
+  def rank(self) -> int:
+    """Number of spatial axes (0 for Dense, 1 for Conv1D, 2 for Conv2D)."""
+    return len(self.kernel_shape) - 2
+
+  @property
+  def spatial(self) -> Tuple[int, ...]:
+    return self.kernel_shape[:-2]
+
+  @property
+  def spatial_e(self) -> Tuple[int, ...]:
+    return self.epitome_shape[:-2]
+
+  @property
+  def cin(self) -> int:
+    return self.kernel_shape[-2]
+
+  @property
+  def cout(self) -> int:
+    return self.kernel_shape[-1]
+
+  @property
+  def cin_e(self) -> int:
+    return self.epitome_shape[-2]
+
+  @property
+  def cout_e(self) -> int:
+    return self.epitome_shape[-1]
+
+  @property
+  def num_in_chunks(self) -> int:
+    return -(-self.cin // self.cin_e)
+
+  @property
+  def num_out_chunks(self) -> int:
+    return -(-self.cout // self.cout_e)
+
+  @property
+  def slack(self) -> Tuple[int, ...]:
+    """``S_E - S`` per spatial axis: the range of each spatial offset."""
+    return tuple(se - s for se, s in zip(self.spatial_e, self.spatial))
+
+  @property
+  def slack_axes(self) -> Tuple[int, ...]:
+    """Spatial axes along which offsets exist (``S_E > S``)."""
+    return tuple(i for i, d in enumerate(self.slack) if d > 0)
+
+  @property
+  def kernel_size(self) -> int:
+    return int(np.prod(self.kernel_shape))
+
+  @property
+  def epitome_size(self) -> int:
+    return int(np.prod(self.epitome_shape))
+
+  @property
+  def routing_size(self) -> int:
+    """Numbers stored in the routing map.
+
+    ``A`` input offsets, ``B`` output offsets and ``B`` spatial offsets per
+    spatial axis with slack (an axis with ``S_E == S`` has no offset to store).
+    """
+    return self.num_in_chunks + self.num_out_chunks * (1 + len(self.slack_axes))
+
+  @property
+  def compression_ratio(self) -> float:
+    """Kernel size over stored size (epitome plus routing map)."""
+    return self.kernel_size / (self.epitome_size + self.routing_size)
+
+  def macs_per_position(self) -> dict:
+    """Multiply-adds per output position of each inference form.
+
+    Returns:
+      ``{"stock": ..., "factored": ...}``. The factored form runs one
+      epitome-sized convolution per distinct spatial window (counted here as
+      the worst case, one per output chunk when there is spatial slack) and two
+      linear channel remixes of two taps each.
+    """
+    s = int(np.prod(self.spatial)) if self.rank else 1
+    stock = s * self.cin * self.cout
+    windows = self.num_out_chunks if self.slack_axes else 1
+    factored = s * self.cin_e * self.cout_e * windows
+    factored += 2 * self.num_in_chunks * self.cin_e + 2 * self.cout
+    return {"stock": stock, "factored": factored}
+
+
+def epitome_shape_for_ratio(
+    kernel_shape: Sequence[int], compression: float
+) -> Tuple[int, ...]:
+  """Turns a compression ratio into an epitome shape (the default rule).
+
+  The rule keeps the spatial window (``S_E = S``) and shrinks channels: the
+  larger of ``Cin``/``Cout`` shrinks first, down to the size of the smaller;
+  if that is not enough, both shrink together, staying as square as possible.
+  Sizes are rounded down so the epitome holds at most ``1/compression`` of the
+  kernel; the routing map then costs a little more (see
+  :attr:`EpitomeGeometry.compression_ratio` for the achieved ratio).
+
+  Args:
+    kernel_shape: ``(*S, Cin, Cout)``.
+    compression: ratio ``>= 1``.
+
+  Returns:
+    ``(*S, Cin_E, Cout_E)``.
+
+  Raises:
+    ValueError: if the ratio is below 1, not finite, or needs fewer than one
+      channel on either side (too large for the kernel).
+
+  Example:
+    >>> epitome_shape_for_ratio((3, 3, 64, 64), 4)
+    (3, 3, 32, 32)
+    >>> epitome_shape_for_ratio((3, 3, 16, 64), 4)
+    (3, 3, 16, 16)
+  """
+  kernel_shape = tuple(int(d) for d in kernel_shape)
+  if not (isinstance(compression, (int, float, np.number)) and
+          math.isfinite(float(compression))):
+    raise ValueError(f"compression must be a finite number >= 1, got {compression!r}")
+  compression = float(compression)
+  if compression < 1:
+    raise ValueError(f"compression must be >= 1, got {compression}")
+  cin, cout = kernel_shape[-2:]
+  budget = cin * cout / compression  # channel pairs the epitome may hold
+  small, large = min(cin, cout), max(cin, cout)
+  large_e = min(large, math.floor(budget / small + 1e-9))
+  if large_e >= small:
+    small_e = small
+  else:
+    side = math.floor(math.sqrt(budget) + 1e-9)
+    small_e = large_e = side
+    # Use the spare budget along one side, still no larger than the kernel.
+    large_e = min(small, math.floor(budget / max(side, 1) + 1e-9))
+  if small_e < 1 or large_e < 1:
+    raise ValueError(
+        f"compression {compression:g} is too large for kernel shape "
+        f"{kernel_shape}: at most {cin * cout} (one input and one output "
+        "channel in the epitome)"
+    )
+  if cout >= cin:
+    cin_e, cout_e = small_e, large_e
+  else:
+    cin_e, cout_e = large_e, small_e
+  return kernel_shape[:-2] + (cin_e, cout_e)
+
+
+# ----------------------------------------------------------------------------
+# Index tables (NumPy, once per geometry).
+
+
+@functools.lru_cache(maxsize=512)
+def _chunk_tables(size: int, chunk: int) -> Tuple[np.ndarray, np.ndarray]:
+  """For each of ``size`` channels: its chunk index and position in the chunk."""
+  idx = np.arange(size)
+  return (idx // chunk).astype(np.int32), (idx % chunk).astype(np.int32)
+
+
+def _split_channel_offset(offsets, size: int):
+  """Integer part (wrapped) and fractional part of channel offsets."""
+  offsets = tf.convert_to_tensor(offsets)
+  base = tf.floor(offsets)
+  frac = offsets - base
+  n = tf.math.floormod(tf.cast(base, tf.int32), size)
+  return n, frac
+
+
+def _split_spatial_offset(offsets, slack: int):
+  """Integer start and fraction of clipped spatial offsets in ``[0, slack]``.
+
+  The start is clipped to the last valid start ``slack - 1`` so that
+  ``start + 1`` stays inside the epitome; at ``offset == slack`` the fraction
+  is then exactly 1.
+  """
+  offsets = tf.clip_by_value(offsets, 0.0, float(slack))
+  base = tf.minimum(tf.floor(offsets), float(slack - 1))
+  frac = offsets - base
+  return tf.cast(base, tf.int32), frac
+
+
+# ----------------------------------------------------------------------------
+# The gather primitive.
+
+
+def _lerp_gather(x, lo, hi, w):
+  """Batched linear-interpolation gather with a closed-form gradient.
+
+  Args:
+    x: ``(N, L, R)`` float tensor.
+    lo: ``(N, M)`` int32 indices into axis 1.
+    hi: ``(N, M)`` int32 indices into axis 1.
+    w: ``(N, M)`` interpolation weights of ``hi``.
+
+  Returns:
+    ``y[n, m, r] = (1 - w[n, m]) * x[n, lo[n, m], r] + w[n, m] * x[n, hi[n, m], r]``.
+  """
+
+  @tf.custom_gradient
+  def _fn(x, lo, hi, w):
+    x_lo = tf.gather(x, lo, batch_dims=1)
+    x_hi = tf.gather(x, hi, batch_dims=1)
+    diff = x_hi - x_lo
+    w3 = tf.cast(w, x.dtype)[..., tf.newaxis]
+    y = x_lo + w3 * diff
+
+    def grad(dy):
+      shape = tf.shape(x)
+      n, length = shape[0], shape[1]
+      row = tf.range(n, dtype=lo.dtype)[:, tf.newaxis] * length
+      ids = tf.concat([lo + row, hi + row], axis=1)  # (N, 2M)
+      vals = tf.concat([dy - w3 * dy, w3 * dy], axis=1)  # (N, 2M, R)
+      dx = tf.math.unsorted_segment_sum(
+          tf.reshape(vals, [-1, shape[2]]), tf.reshape(ids, [-1]), n * length
+      )
+      dx = tf.reshape(dx, shape)
+      dw = tf.cast(tf.reduce_sum(dy * diff, axis=-1), w.dtype)
+      return dx, None, None, dw
+
+    return y, grad
+
+  return _fn(x, lo, hi, w)
+
+
+# ----------------------------------------------------------------------------
+# Training-time sampler.
+
+
+def _chunk_gather_indices(offsets, size: int, chunk: int):
+  """Per-channel (lo, hi, weight) for channel offsets with wrapping."""
+  chunk_of, pos = _chunk_tables(size, chunk)
+  n, frac = _split_channel_offset(offsets, chunk)
+  n_c = tf.gather(n, chunk_of)
+  lo = tf.math.floormod(pos + n_c, chunk)
+  hi = tf.math.floormod(lo + 1, chunk)
+  return lo, hi, tf.gather(frac, chunk_of)
+
+
+def sample_kernel(
+    epitome,
+    in_offsets,
+    out_offsets,
+    spatial_offsets,
+    geometry: EpitomeGeometry,
+):
+  """Samples the full kernel from an epitome and a routing map.
+
+  Args:
+    epitome: ``(*S_E, Cin_E, Cout_E)`` tensor.
+    in_offsets: ``(A,)`` input-chunk channel offsets (any real; wrapped).
+    out_offsets: ``(B,)`` output-chunk channel offsets (any real; wrapped).
+    spatial_offsets: ``(B, rank)`` spatial offsets (clipped to
+      ``[0, S_E - S]``), or ``None`` when the epitome has no spatial slack.
+    geometry: the layer's :class:`EpitomeGeometry`.
+
+  Returns:
+    The kernel, ``(*S, Cin, Cout)``, differentiable with respect to the
+    epitome and all offsets.
+
+  Example:
+    >>> g = EpitomeGeometry((4, 6), (2, 3))
+    >>> e = tf.reshape(tf.range(6, dtype=tf.float32), (2, 3))
+    >>> k = sample_kernel(e, [0.0, 1.0], [0.0, 0.5], None, g)
+    >>> k.shape
+    TensorShape([4, 6])
+  """
+  g = geometry
+  epitome = tf.convert_to_tensor(epitome)
+  dtype = epitome.dtype
+  rank = g.rank
+  # Layout during sampling: (Cout-ish, *spatial, Cin-ish).
+  perm = [rank + 1] + list(range(rank)) + [rank]
+  x = tf.transpose(epitome, perm)  # (Cout_E, *S_E, Cin_E)
+
+  # Stage 1: output channels.
+  lo, hi, w = _chunk_gather_indices(
+      tf.cast(out_offsets, dtype), g.cout, g.cout_e
+  )
+  x = tf.reshape(x, [1, g.cout_e, -1])
+  x = _lerp_gather(x, lo[tf.newaxis], hi[tf.newaxis], w[tf.newaxis])
+  cur = [g.cout] + list(g.spatial_e) + [g.cin_e]
+
+  # Stage 2: spatial axes with slack, each offset per output chunk.
+  if g.slack_axes:
+    if spatial_offsets is None:
+      raise ValueError(
+          f"geometry {g.kernel_shape} <- {g.epitome_shape} has spatial slack "
+          f"{g.slack} and needs spatial offsets"
+      )
+    spatial_offsets = tf.cast(spatial_offsets, dtype)
+    chunk_of, _ = _chunk_tables(g.cout, g.cout_e)
+    for d in g.slack_axes:
+      start, frac = _split_spatial_offset(spatial_offsets[:, d], g.slack[d])
+      start_c = tf.gather(start, chunk_of)  # (Cout,)
+      frac_c = tf.gather(frac, chunk_of)
+      lead = int(np.prod(cur[1 : 1 + d]))  # spatial axes before d (already S)
+      start_r = tf.repeat(start_c, lead)  # (Cout*lead,)
+      frac_r = tf.repeat(frac_c, lead)
+      s = tf.range(g.spatial[d], dtype=tf.int32)[tf.newaxis]
+      lo = start_r[:, tf.newaxis] + s
+      w = tf.tile(frac_r[:, tf.newaxis], [1, g.spatial[d]])
+      x = tf.reshape(x, [g.cout * lead, g.spatial_e[d], -1])
+      x = _lerp_gather(x, lo, lo + 1, w)
+      cur[1 + d] = g.spatial[d]
+  # Spatial axes without slack: S_E == S, nothing to do.
+
+  # Stage 3: input channels. Bring Cin_E to the front: (Cin_E, Cout * |S|).
+  x = tf.reshape(x, [-1, g.cin_e])
+  x = tf.transpose(x)[tf.newaxis]
+  lo, hi, w = _chunk_gather_indices(
+      tf.cast(in_offsets, dtype), g.cin, g.cin_e
+  )
+  x = _lerp_gather(x, lo[tf.newaxis], hi[tf.newaxis], w[tf.newaxis])
+  # (1, Cin, Cout * |S|) -> (Cin, Cout, *S) -> (*S, Cin, Cout)
+  x = tf.reshape(x, [g.cin, g.cout] + list(g.spatial))
+  if rank:
+    x = tf.transpose(x, list(range(2, rank + 2)) + [0, 1])
+  return x
+
+
+def sample_kernel_numpy(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
+  """Reference sampler: a plain loop over kernel entries, straight from the formula.
+
+  Slow; for tests and for checking other forms. Offsets are read as in
+  :func:`sample_kernel` (channel offsets wrap, spatial offsets clip).
+  """
+  g = geometry
+  e = np.asarray(epitome, dtype=np.float64)
+  kernel = np.zeros(g.kernel_shape, dtype=np.float64)
+
+  def channel_taps_1(offset, pos, size):
+    n = math.floor(offset)
+    f = offset - n
+    return [((pos + n) % size, 1.0 - f), ((pos + n + 1) % size, f)]
+
+  def spatial_taps_1(offset, s, slack):
+    o = min(max(float(offset), 0.0), float(slack))
+    if slack == 0:
+      return [(s, 1.0)]
+    n = min(math.floor(o), slack - 1)
+    f = o - n
+    return [(s + n, 1.0 - f), (s + n + 1, f)]
+
+  for idx in np.ndindex(*g.kernel_shape):
+    *s, ci, co = idx
+    a, u = divmod(ci, g.cin_e)
+    b, v = divmod(co, g.cout_e)
+    in_taps = channel_taps_1(float(routing.in_offsets[a]), u, g.cin_e)
+    out_taps = channel_taps_1(float(routing.out_offsets[b]), v, g.cout_e)
+    sp_taps = [
+        spatial_taps_1(
+            routing.spatial_offsets[b][d] if g.slack[d] else 0.0, s[d], g.slack[d]
+        )
+        for d in range(g.rank)
+    ]
+    total = 0.0
+    for sp in (np.ndindex(*([2] * g.rank)) if g.rank else [()]):
+      sw = 1.0
+      sidx = []
+      for d, t in enumerate(sp):
+        taps = sp_taps[d]
+        if t >= len(taps):
+          sw = 0.0
+          break
+        sidx.append(taps[t][0])
+        sw *= taps[t][1]
+      if sw == 0.0:
+        continue
+      for ii, iw in in_taps:
+        for oo, ow in out_taps:
+          total += sw * iw * ow * e[tuple(sidx) + (ii, oo)]
+    kernel[idx] = total
+  return kernel
+
+
+# ----------------------------------------------------------------------------
+# Routing maps that need no training.
+
+
+def fixed_routing(
+    geometry: EpitomeGeometry, spatial_stride: Optional[Sequence[int]] = None
+) -> RoutingMap:
+  """WSNet's hand-set sampling: channels tiled, filters strided in space.
+
+  Channel offsets are 0 (every chunk reads the epitome's channels in order).
+  Along a spatial axis with slack, output chunk ``b`` starts at
+  ``b * stride``; with ``Cout_E = 1`` and ``S_E = S + (Cout - 1) * stride``
+  this is WSNet's sampling of 1D filters from one condensed filter.
+
+  Args:
+    geometry: the layer's geometry.
+    spatial_stride: one stride per spatial axis (``0`` for axes without slack).
+      ``None`` spreads the chunks evenly: ``slack // (B - 1)``.
+
+  Returns:
+    A :class:`RoutingMap` of integers (as floats).
+
+  Raises:
+    ValueError: if a stride is negative or ``(B - 1) * stride`` exceeds the
+      axis's slack ``S_E - S``.
+  """
+  g = geometry
+  b = g.num_out_chunks
+  if spatial_stride is None:
+    spatial_stride = [d // (b - 1) if b > 1 else 0 for d in g.slack]
+  spatial_stride = [int(s) for s in spatial_stride]
+  if len(spatial_stride) != g.rank:
+    raise ValueError(
+        f"spatial stride {tuple(spatial_stride)} must have one entry per "
+        f"spatial axis ({g.rank})"
+    )
+  for d, st in enumerate(spatial_stride):
+    if st < 0:
+      raise ValueError(f"spatial stride {st} on axis {d} must be >= 0")
+    if (b - 1) * st > g.slack[d]:
+      raise ValueError(
+          f"spatial stride {st} on axis {d} does not fit: {b} output chunks "
+          f"need (B - 1) * stride = {(b - 1) * st} <= S_E - S = {g.slack[d]}; "
+          f"use a stride <= {g.slack[d] // max(b - 1, 1)} or a longer epitome"
+      )
+  spatial = np.zeros((b, g.rank), np.float32)
+  for d, st in enumerate(spatial_stride):
+    spatial[:, d] = np.arange(b) * st
+  return RoutingMap(
+      np.zeros(g.num_in_chunks, np.float32),
+      np.zeros(b, np.float32),
+      spatial,
+  )
+
+
+# ----------------------------------------------------------------------------
+# Closed-form fit (DESIGN.md section 5).
+
+
+def fit_epitome(
+    kernel, routing: RoutingMap, geometry: EpitomeGeometry, fill=None
+) -> np.ndarray:
+  """Least-squares epitome for a kernel under an integer routing map.
+
+  With integer offsets every kernel entry reads exactly one epitome entry, so
+  the least-squares epitome is the mean of the kernel entries that read each
+  epitome entry. Epitome entries that no kernel entry reads keep ``fill``
+  (zeros by default).
+
+  Args:
+    kernel: ``(*S, Cin, Cout)`` array (e.g. a trained kernel).
+    routing: integer-valued :class:`RoutingMap`.
+    geometry: the layer's geometry.
+    fill: optional epitome-shaped array for entries no kernel entry reads.
+
+  Returns:
+    The epitome as a NumPy array of the kernel's dtype.
+
+  Raises:
+    ValueError: if the kernel has the wrong shape or an offset is fractional.
+
+  Example:
+    >>> g = EpitomeGeometry((4, 4), (2, 2))
+    >>> r = RoutingMap(np.zeros(2), np.zeros(2), np.zeros((2, 0)))
+    >>> k = np.tile(np.eye(2), (2, 2))
+    >>> fit_epitome(k, r, g)
+    array([[1., 0.],
+           [0., 1.]])
+  """
+  g = geometry
+  kernel = np.asarray(kernel)
+  if tuple(kernel.shape) != g.kernel_shape:
+    raise ValueError(
+        f"kernel shape {tuple(kernel.shape)} does not match the geometry's "
+        f"{g.kernel_shape}"
+    )
+  for name, arr in zip(RoutingMap._fields, routing):
+    arr = np.asarray(arr, np.float64)
+    if arr.size and not np.allclose(arr, np.round(arr)):
+      raise ValueError(
+          f"fit_epitome needs integer offsets; {name} has fractional values "
+          f"{arr[np.abs(arr - np.round(arr)) > 1e-9][:4]}"
+      )
+  dtype = kernel.dtype if kernel.dtype.kind == "f" else np.float32
+  e0 = tf.zeros(g.epitome_shape, tf.float64)
+  args = (
+      tf.constant(np.round(routing.in_offsets), tf.float64),
+      tf.constant(np.round(routing.out_offsets), tf.float64),
+      tf.constant(np.round(routing.spatial_offsets), tf.float64)
+      if g.slack_axes
+      else None,
+  )
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(e0)
+    k = sample_kernel(e0, *args, g)
+  sums = tape.gradient(k, e0, output_gradients=tf.constant(kernel, tf.float64))
+  counts = tape.gradient(k, e0, output_gradients=tf.ones_like(k))
+  del tape
+  sums, counts = sums.numpy(), counts.numpy()
+  out = np.zeros(g.epitome_shape) if fill is None else np.array(fill, np.float64)
+  read = counts > 0
+  out[read] = sums[read] / counts[read]
+  return out.astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Taps for the factored inference form (DESIGN.md section 4.2).
+
+
+class ChannelTaps(NamedTuple):
+  """Two-tap remix of one channel axis with a frozen offset per chunk.
+
+  ``shift[c]`` and ``frac[c]`` per chunk ``c``: the chunk is rolled by
+  ``shift`` (its element ``u`` meets epitome channel ``(u + shift) mod size``)
+  and blended with the roll by ``shift + 1`` with weight ``frac``.
+  """
+
+  shift: np.ndarray
+  frac: np.ndarray
+
+
+def channel_taps(offsets, size: int) -> ChannelTaps:
+  """Integer shift and fraction of frozen channel offsets (wrapped to ``size``)."""
+  offsets = np.asarray(offsets, np.float64)
+  base = np.floor(offsets)
+  return ChannelTaps(np.mod(base, size).astype(np.int64), offsets - base)
+
+
+def spatial_taps(offsets, slack: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Start and fraction of frozen spatial offsets, as :func:`sample_kernel` reads them."""
+  offsets = np.clip(np.asarray(offsets, np.float64), 0.0, float(slack))
+  if slack == 0:
+    return np.zeros(offsets.shape, np.int64), np.zeros(offsets.shape)
+  base = np.minimum(np.floor(offsets), slack - 1)
+  return base.astype(np.int64), offsets - base
+
+
+def epitome_windows(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
+  """Spatially sampled epitome windows, one per distinct spatial offset.
+
+  Returns:
+    ``(windows, window_of_chunk)``: ``windows`` is ``(W, *S, Cin_E, Cout_E)``
+    (each the epitome read at one chunk's spatial offset, interpolated), and
+    ``window_of_chunk[b]`` the window output chunk ``b`` uses.
+  """
+  g = geometry
+  e = np.asarray(epitome, np.float64)
+  if not g.slack_axes:
+    return e[np.newaxis], np.zeros(g.num_out_chunks, np.int64)
+  sp = np.asarray(routing.spatial_offsets, np.float64)
+  keys, window_of_chunk = np.unique(
+      np.round(sp, 9), axis=0, return_inverse=True
+  )
+  windows = []
+  for key in keys:
+    w = e
+    for d in range(g.rank):
+      start, frac = spatial_taps(key[d], g.slack[d])
+      n = g.spatial[d]
+      lo = np.take(w, np.arange(start, start + n), axis=d)
+      if g.slack[d]:
+        hi = np.take(w, np.arange(start + 1, start + 1 + n), axis=d)
+        w = (1 - frac) * lo + frac * hi
+      else:
+        w = lo
+    windows.append(w)
+  return np.stack(windows), np.asarray(window_of_chunk).reshape(-1)
