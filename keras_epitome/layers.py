@@ -377,7 +377,9 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     g = self.epitome_geometry
     in_o = np.asarray(routing.in_offsets, np.float32)
     out_o = np.asarray(routing.out_offsets, np.float32)
-    sp_o = np.asarray(routing.spatial_offsets, np.float32).reshape(-1, g.rank)
+    sp_o = np.asarray(routing.spatial_offsets, np.float32)
+    if sp_o.size == g.num_out_chunks * g.rank:  # also (B, 0) for Dense
+      sp_o = sp_o.reshape(g.num_out_chunks, g.rank)
     for name, arr, want in (
         ("in_offsets", in_o, (g.num_in_chunks,)),
         ("out_offsets", out_o, (g.num_out_chunks,)),
