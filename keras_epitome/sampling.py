@@ -670,3 +670,93 @@ def epitome_windows(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
         w = lo
     windows.append(w)
   return np.stack(windows), np.asarray(window_of_chunk).reshape(-1)
+
+
+def roll_slices(shift: int, size: int, length: Optional[int] = None):
+  """Contiguous ranges that read ``[(u + shift) mod size for u in range(length)]``.
+
+  A channel roll written as static slices (and one concat), which LiteRT's
+  XNNPACK delegate runs, unlike a gather.
+
+  Args:
+    shift: any integer (wrapped to ``size``).
+    size: length of the rolled axis.
+    length: how many entries to read (default ``size``; at most ``size``).
+
+  Returns:
+    A list of ``(start, stop)`` pairs, at most two.
+
+  Example:
+    >>> roll_slices(3, 8)
+    [(3, 8), (0, 3)]
+    >>> roll_slices(3, 8, length=4)
+    [(3, 7)]
+  """
+  length = size if length is None else int(length)
+  start = int(shift) % size
+  first = min(length, size - start)
+  out = [(start, start + first)]
+  if length > first:
+    out.append((0, length - first))
+  return out
+
+
+class FactoredPlan(NamedTuple):
+  """Everything the factored inference form needs (DESIGN.md section 4.2).
+
+  ``conv(x, K) = R_out(conv(R_in(x), windows))`` with, for ``x`` zero-padded to
+  ``A * Cin_E`` channels and ``x_a`` its chunk ``a``:
+
+  * ``R_in``: ``x'[e] = sum_a (1 - in_frac[a]) x_a[(e - in_shift[a]) mod Cin_E]
+    + in_frac[a] x_a[(e - in_shift[a] - 1) mod Cin_E]``;
+  * the convolution with window ``window_of_chunk[b]`` gives ``Y`` (``Cout_E``
+    channels);
+  * ``R_out``: ``y[b*Cout_E + v] = (1 - out_frac[b]) Y[(v + out_shift[b]) mod
+    Cout_E] + out_frac[b] Y[(v + out_shift[b] + 1) mod Cout_E]``.
+
+  The windows are pre-rolled along both channel axes by the most common shift,
+  so the chunks with that shift need no roll at all.
+  """
+
+  windows: np.ndarray
+  window_of_chunk: np.ndarray
+  in_shift: np.ndarray
+  in_frac: np.ndarray
+  out_shift: np.ndarray
+  out_frac: np.ndarray
+
+
+def factored_plan(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
+  """Builds the :class:`FactoredPlan` of a frozen routing map.
+
+  Args:
+    epitome: ``(*S_E, Cin_E, Cout_E)`` array.
+    routing: the inference routing map.
+    geometry: the layer's geometry.
+
+  Returns:
+    A :class:`FactoredPlan` (float64 windows).
+
+  Example:
+    >>> g = EpitomeGeometry((4, 6), (2, 3))
+    >>> r = RoutingMap(np.array([1.0, 1.0]), np.array([0.0, 2.5]), np.zeros((2, 0)))
+    >>> p = factored_plan(np.ones((2, 3)), r, g)
+    >>> p.in_shift.tolist(), p.out_shift.tolist(), p.out_frac.tolist()
+    ([0, 0], [0, 2], [0.0, 0.5])
+  """
+  g = geometry
+  windows, window_of_chunk = epitome_windows(epitome, routing, g)
+  n, f = channel_taps(routing.in_offsets, g.cin_e)
+  m, h = channel_taps(routing.out_offsets, g.cout_e)
+  n0 = int(np.bincount(n, minlength=g.cin_e).argmax())
+  m0 = int(np.bincount(m, minlength=g.cout_e).argmax())
+  # E'[e, v] = E[(e + n0) mod Cin_E, (v + m0) mod Cout_E].
+  windows = np.roll(windows, (-n0, -m0), axis=(-2, -1))
+  return FactoredPlan(
+      windows,
+      window_of_chunk,
+      np.mod(n - n0, g.cin_e),
+      f,
+      np.mod(m - m0, g.cout_e),
+      h,
+  )

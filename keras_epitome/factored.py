@@ -1,0 +1,832 @@
+"""Factored inference form: ``R_out(conv(R_in(x), E))`` (DESIGN.md section 4.2).
+
+With its routing map frozen, an epitome layer's convolution factors into
+
+* ``R_in``: each input chunk rolled along channels by its offset, the two
+  neighbouring rolls blended by the fractional part, the chunks summed:
+  ``Cin -> Cin_E`` channels;
+* one convolution with the epitome itself as a constant ``Cin_E x Cout_E``
+  kernel (with spatial slack: the distinct epitome windows concatenated on
+  the output channels, still one convolution);
+* ``R_out``: each output chunk read back from the ``Cout_E`` channels, rolled
+  and blended the same way, then a per-channel scale (a folded
+  ``BatchNormalization``), a bias and the activation.
+
+The rolls are static slices and a concat, the blends elementwise multiplies
+and adds: LiteRT's XNNPACK delegate runs all of them (it does not run
+``GATHER``), the file stores the epitome, not the full kernel, and the
+multiply-adds drop from ``prod(S) * Cin * Cout`` to
+``prod(S) * Cin_E * Cout_E`` per output position plus ``O(Cin + Cout)``.
+The index math (which slices, which weights) comes from
+:func:`keras_epitome.sampling.factored_plan`.
+
+:func:`factorize` swaps every epitome layer of a model for its factored layer.
+
+Example:
+  >>> import keras_epitome as ke
+  >>> keras = ke.keras
+  >>> model = keras.Sequential([
+  ...     keras.Input((32, 32, 64)),
+  ...     ke.EpitomeConv2D(64, 3, padding="same", use_bias=False, compression=4),
+  ...     keras.layers.BatchNormalization(),
+  ...     keras.layers.ReLU(),
+  ... ])
+  >>> fast = ke.factorize(model)  # the BatchNorm is folded into R_out
+  >>> [type(l).__name__ for l in fast.layers]
+  ['FactoredConv2D', 'ReLU']
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from keras_epitome import sampling
+from keras_epitome.backend import keras
+from keras_epitome.layers import EpitomeMixin
+
+_log = logging.getLogger(__name__)
+
+
+def _merge_ranges(ranges: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+  out: List[Tuple[int, int]] = []
+  for start, stop in ranges:
+    if out and out[-1][1] == start:
+      out[-1] = (out[-1][0], stop)
+    else:
+      out.append((start, stop))
+  return out
+
+
+def _take(x, ranges: Sequence[Tuple[int, int]], width: int):
+  """``x``'s channels at ``ranges`` (static slices, one concat)."""
+  ranges = _merge_ranges(ranges)
+  if ranges == [(0, width)]:
+    return x
+  parts = [x[..., start:stop] for start, stop in ranges]
+  return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+
+
+class FactoredMixin:
+  """Shared implementation of the factored layers (see module docstring).
+
+  Args:
+    filters: output channels ``Cout`` (``units`` for :class:`FactoredDense`).
+    input_channels: ``Cin``.
+    epitome_shape: ``(*S, Cin_E, Cout_E)``: the kernel window and the
+      epitome's channels.
+    num_windows: distinct spatial windows ``W`` (the kernel holds ``W``
+      windows concatenated on its output channels).
+    window_of_chunk: ``(B,)`` window each output chunk reads.
+    in_shift, in_frac: ``(A,)`` roll and blend weight of each input chunk.
+    out_shift, out_frac: ``(B,)`` roll and blend weight of each output chunk.
+    use_scale: whether a per-output-channel scale (a folded BatchNorm) is
+      applied after ``R_out``.
+    use_bias: whether a bias is added after ``R_out``.
+    activation: applied last.
+
+  Weights: ``kernel`` ``(*S, Cin_E, W * Cout_E)``; ``out_weights``
+  ``(k, Cout)`` with ``k = 2`` (blend weights of the two rolls, scale
+  included) when an output offset is fractional, ``1`` (the scale) when only
+  ``use_scale``, absent otherwise; ``bias`` ``(Cout,)``.
+
+  Build one from a trained layer with :meth:`from_epitome_layer`.
+  """
+
+  _rank = 0
+
+  def _init_factored(
+    self,
+    filters,
+    input_channels,
+    epitome_shape,
+    num_windows,
+    window_of_chunk,
+    in_shift,
+    in_frac,
+    out_shift,
+    out_frac,
+    use_scale,
+    use_bias,
+    activation,
+  ):
+    self.filters = int(filters)
+    self.input_channels = int(input_channels)
+    self.epitome_shape = tuple(int(d) for d in epitome_shape)
+    self.num_windows = int(num_windows)
+    self.window_of_chunk = [int(w) for w in window_of_chunk]
+    self.in_shift = [int(s) for s in in_shift]
+    self.in_frac = [float(f) for f in in_frac]
+    self.out_shift = [int(s) for s in out_shift]
+    self.out_frac = [float(f) for f in out_frac]
+    self.use_scale = bool(use_scale)
+    self.use_bias = bool(use_bias)
+    self.activation = keras.activations.get(activation)
+    ce, coe = self.epitome_shape[-2:]
+    a = -(-self.input_channels // ce)
+    b = -(-self.filters // coe)
+    desc = f"{type(self).__name__} '{self.name}'"
+    if len(self.epitome_shape) != self._rank + 2:
+      raise ValueError(
+        f"{desc}: epitome_shape {self.epitome_shape} must have {self._rank + 2} entries"
+      )
+    for what, values, want in (
+      ("in_shift", self.in_shift, a),
+      ("in_frac", self.in_frac, a),
+      ("out_shift", self.out_shift, b),
+      ("out_frac", self.out_frac, b),
+      ("window_of_chunk", self.window_of_chunk, b),
+    ):
+      if len(values) != want:
+        raise ValueError(
+          f"{desc}: {what} has {len(values)} entries, expected {want} (one per chunk)"
+        )
+    if any(not 0 <= w < self.num_windows for w in self.window_of_chunk):
+      raise ValueError(
+        f"{desc}: window_of_chunk {self.window_of_chunk} must index "
+        f"num_windows={self.num_windows}"
+      )
+    self._initial_values: Dict[str, np.ndarray] = {}
+
+  # -- structure ---------------------------------------------------------------
+
+  @property
+  def _num_out_taps(self) -> int:
+    if any(f != 0.0 for f in self.out_frac):
+      return 2
+    return 1 if self.use_scale else 0
+
+  def _out_ranges(self, extra: int) -> List[Tuple[int, int]]:
+    """Channels of ``Y`` that make up ``y`` (each chunk rolled by shift + extra)."""
+    coe = self.epitome_shape[-1]
+    ranges = []
+    for b, (w, m) in enumerate(zip(self.window_of_chunk, self.out_shift, strict=True)):
+      length = min(coe, self.filters - b * coe)
+      base = w * coe
+      for start, stop in sampling.roll_slices(m + extra, coe, length):
+        ranges.append((base + start, base + stop))
+    return ranges
+
+  def macs_per_position(self) -> int:
+    """Multiply-adds per output position: the convolution and the blends."""
+    s = int(np.prod(self.epitome_shape[:-2])) if self._rank else 1
+    ce, coe = self.epitome_shape[-2:]
+    macs = s * ce * coe * self.num_windows
+    macs += 2 * ce * sum(1 for f in self.in_frac if f != 0.0)
+    if self._num_out_taps == 2:
+      macs += 2 * self.filters
+    elif self._num_out_taps == 1:
+      macs += self.filters
+    return macs
+
+  # -- build / call ------------------------------------------------------------
+
+  def build(self, input_shape):
+    input_shape = tf.TensorShape(input_shape)
+    cin = input_shape[-1]
+    if cin is not None and int(cin) != self.input_channels:
+      raise ValueError(
+        f"{type(self).__name__} '{self.name}': input has {cin} channels, "
+        f"expected {self.input_channels}"
+      )
+    shapes = {
+      "kernel": self.epitome_shape[:-1] + (self.num_windows * self.epitome_shape[-1],),
+    }
+    if self._num_out_taps:
+      shapes["out_weights"] = (self._num_out_taps, self.filters)
+    if self.use_bias:
+      shapes["bias"] = (self.filters,)
+    for name, shape in shapes.items():
+      value = self._initial_values.get(name)
+      init = (
+        keras.initializers.Constant(value)
+        if value is not None
+        else ("ones" if name == "out_weights" else "zeros")
+      )
+      setattr(
+        self,
+        name,
+        self.add_weight(
+          name, shape=shape, initializer=init, trainable=False, dtype=self.dtype
+        ),
+      )
+    if not self._num_out_taps:
+      self.out_weights = None
+    if not self.use_bias:
+      self.bias = None
+    self._initial_values = {}
+    self.built = True
+
+  def _remix_in(self, x):
+    ce = self.epitome_shape[-2]
+    a = len(self.in_shift)
+    pad = a * ce - self.input_channels
+    if a == 1 and self.in_shift[0] == 0 and self.in_frac[0] == 0.0 and not pad:
+      return x
+    if pad:
+      x = tf.pad(x, [[0, 0]] * (x.shape.rank - 1) + [[0, pad]])
+    total = None
+    for i, (n, f) in enumerate(zip(self.in_shift, self.in_frac, strict=True)):
+      base = i * ce
+
+      # x'[e] = x_a[(e - n) mod Cin_E]: read chunk entries starting at -n.
+      def roll(shift, base=base):
+        ranges = [(base + s, base + t) for s, t in sampling.roll_slices(-shift, ce)]
+        return _take(x, ranges, a * ce)
+
+      term = roll(n)
+      if f != 0.0:
+        term = term * (1.0 - f) + roll(n + 1) * f
+      total = term if total is None else total + term
+    return total
+
+  def _conv(self, x):
+    raise NotImplementedError
+
+  def _remix_out(self, y):
+    width = self.num_windows * self.epitome_shape[-1]
+    y0 = _take(y, self._out_ranges(0), width)
+    taps = self._num_out_taps
+    if taps == 2:
+      y1 = _take(y, self._out_ranges(1), width)
+      y = y0 * self.out_weights[0] + y1 * self.out_weights[1]
+    elif taps == 1:
+      y = y0 * self.out_weights[0]
+    else:
+      y = y0
+    if self.use_bias:
+      y = y + self.bias
+    return y
+
+  def call(self, inputs):
+    x = self._remix_in(tf.convert_to_tensor(inputs, self.dtype))
+    y = self._remix_out(self._conv(x))
+    return self.activation(y)
+
+  def compute_output_shape(self, input_shape):
+    raise NotImplementedError
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(
+      input_channels=self.input_channels,
+      epitome_shape=list(self.epitome_shape),
+      num_windows=self.num_windows,
+      window_of_chunk=list(self.window_of_chunk),
+      in_shift=list(self.in_shift),
+      in_frac=list(self.in_frac),
+      out_shift=list(self.out_shift),
+      out_frac=list(self.out_frac),
+      use_scale=self.use_scale,
+      use_bias=self.use_bias,
+      activation=keras.activations.serialize(self.activation),
+    )
+    return config
+
+  # -- from a trained layer ----------------------------------------------------
+
+  @classmethod
+  def from_epitome_layer(cls, layer, batchnorm=None, name: Optional[str] = None):
+    """The factored layer computing what ``layer`` (then ``batchnorm``) computes.
+
+    Args:
+      layer: a built epitome layer of the matching type. Its inference routing
+        map (:attr:`EpitomeMixin.routing_map`: the moving map of the
+        ``feature`` learner) is frozen into static slices and weights.
+      batchnorm: optional ``BatchNormalization`` applied to ``layer``'s output
+        (channels last); folded into the scale and bias. ``layer`` must then
+        have a linear activation.
+      name: the new layer's name (default: ``layer``'s).
+
+    Returns:
+      An unbuilt factored layer; its weights are set when it is first built.
+
+    Raises:
+      ValueError: if the layer is not built, has ``groups > 1``, a non-finite
+        epitome or routing map, or the BatchNorm cannot be folded.
+
+    Example:
+      >>> layer = ke.EpitomeDense(64, compression=4)
+      >>> _ = layer(tf.zeros([1, 32]))
+      >>> fast = ke.FactoredDense.from_epitome_layer(layer)
+    """
+    desc = f"{type(layer).__name__} '{getattr(layer, 'name', layer)}'"
+    if not isinstance(layer, EpitomeMixin) or layer._kernel_rank() != cls._rank:
+      raise ValueError(
+        f"{cls.__name__}.from_epitome_layer: {desc} is not an epitome layer "
+        f"of rank {cls._rank}"
+      )
+    _check_factorizable(layer)
+    g = layer.epitome_geometry
+    epitome = layer.epitome.numpy().astype(np.float64)
+    routing = layer.routing_map
+    plan = sampling.factored_plan(epitome, routing, g)
+    windows = np.moveaxis(plan.windows, 0, -2)  # (*S, Cin_E, W, Cout_E)
+    kernel = windows.reshape(g.spatial + (g.cin_e, -1))
+    bias = layer.bias.numpy().astype(np.float64) if layer.use_bias else None
+    scale = None
+    if batchnorm is not None:
+      scale, shift = _batchnorm_affine(batchnorm, layer, g.cout)
+      bias = shift if bias is None else scale * bias + shift
+    activation = layer.activation
+    if batchnorm is not None and activation is not keras.activations.linear:
+      raise ValueError(
+        f"{desc}: cannot fold {batchnorm.name!r} after a non-linear activation "
+        f"({keras.activations.serialize(activation)})"
+      )
+    out_frac = plan.out_frac
+    identity_out = (
+      not np.any(out_frac)
+      and plan.windows.shape[0] == 1
+      and g.num_out_chunks == 1
+      and g.cout == g.cout_e
+      and plan.out_shift[0] == 0
+    )
+    if identity_out and scale is not None:
+      kernel = kernel * scale  # R_out is the identity: fold the scale into E.
+      scale = None
+    config = dict(
+      input_channels=g.cin,
+      epitome_shape=g.spatial + (g.cin_e, g.cout_e),
+      num_windows=plan.windows.shape[0],
+      window_of_chunk=plan.window_of_chunk,
+      in_shift=plan.in_shift,
+      in_frac=plan.in_frac,
+      out_shift=plan.out_shift,
+      out_frac=out_frac,
+      use_scale=scale is not None,
+      use_bias=bias is not None,
+      activation=activation,
+      name=name or layer.name,
+      dtype=layer.dtype,
+    )
+    config.update(cls._stock_kwargs(layer))
+    new = cls(**config)
+    values = {"kernel": kernel}
+    if np.any(out_frac):
+      chunk = np.arange(g.cout) // g.cout_e
+      h = out_frac[chunk]
+      s = np.ones(g.cout) if scale is None else scale
+      values["out_weights"] = np.stack([(1.0 - h) * s, h * s])
+    elif scale is not None:
+      values["out_weights"] = scale[np.newaxis]
+    if bias is not None:
+      values["bias"] = bias
+    dtype = np.dtype(layer.dtype)
+    new._initial_values = {k: np.asarray(v, dtype) for k, v in values.items()}
+    return new
+
+
+def _check_factorizable(layer):
+  desc = f"{type(layer).__name__} '{layer.name}'"
+  if layer.epitome is None or not layer.built:
+    raise ValueError(f"{desc} is not built; call the model on an input first")
+  if getattr(layer, "groups", 1) != 1:
+    raise ValueError(
+      f"{desc}: groups={layer.groups} has no factored form (only groups=1); "
+      "use the materialized form for it"
+    )
+  if not np.all(np.isfinite(layer.epitome.numpy())):
+    raise ValueError(f"{desc}: the epitome has non-finite values")
+  for name, arr in zip(sampling.RoutingMap._fields, layer.routing_map, strict=True):
+    if not np.all(np.isfinite(arr)):
+      raise ValueError(f"{desc}: the inference routing map's {name} is not finite")
+
+
+def _batchnorm_affine(bn, layer, channels):
+  """``(scale, shift)`` such that ``bn(z) == scale * z + shift`` at inference."""
+  axis = list(bn.axis) if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+  ndim = getattr(getattr(bn, "input_spec", None), "ndim", None)
+  last = len(axis) == 1 and (
+    axis[0] == -1 or (ndim is not None and axis[0] == ndim - 1)
+  )
+  if not last or tuple(bn.moving_mean.shape) != (channels,):
+    raise ValueError(
+      f"BatchNormalization '{bn.name}' normalizes axis {bn.axis}; only the "
+      f"channel axis (last, {channels} channels) can be folded into "
+      f"'{layer.name}'"
+    )
+  mean = bn.moving_mean.numpy().astype(np.float64)
+  var = bn.moving_variance.numpy().astype(np.float64)
+  gamma = bn.gamma.numpy().astype(np.float64) if bn.scale else np.ones(channels)
+  beta = bn.beta.numpy().astype(np.float64) if bn.center else np.zeros(channels)
+  scale = gamma / np.sqrt(var + bn.epsilon)
+  return scale, beta - scale * mean
+
+
+class _FactoredConv(FactoredMixin, keras.layers.Layer):
+  def __init__(
+    self,
+    filters,
+    input_channels,
+    epitome_shape,
+    num_windows,
+    window_of_chunk,
+    in_shift,
+    in_frac,
+    out_shift,
+    out_frac,
+    strides=1,
+    padding="valid",
+    dilation_rate=1,
+    use_scale=False,
+    use_bias=True,
+    activation=None,
+    **kwargs,
+  ):
+    super().__init__(**kwargs)
+    self._init_factored(
+      filters,
+      input_channels,
+      epitome_shape,
+      num_windows,
+      window_of_chunk,
+      in_shift,
+      in_frac,
+      out_shift,
+      out_frac,
+      use_scale,
+      use_bias,
+      activation,
+    )
+    r = self._rank
+    self.strides = _tuple(strides, r)
+    self.dilation_rate = _tuple(dilation_rate, r)
+    self.padding = str(padding).lower()
+    valid = ("valid", "same", "causal") if r == 1 else ("valid", "same")
+    if self.padding not in valid:
+      raise ValueError(
+        f"{type(self).__name__} '{self.name}': padding {padding!r} is not "
+        f"supported; valid: {', '.join(valid)}"
+      )
+
+  @classmethod
+  def _stock_kwargs(cls, layer):
+    return dict(
+      filters=layer.filters,
+      strides=layer.strides,
+      padding=layer.padding,
+      dilation_rate=layer.dilation_rate,
+    )
+
+  def _conv(self, x):
+    padding = self.padding
+    if padding == "causal":
+      left = self.dilation_rate[0] * (self.epitome_shape[0] - 1)
+      x = tf.pad(x, [[0, 0], [left, 0], [0, 0]])
+      padding = "valid"
+    return tf.nn.convolution(
+      x,
+      self.kernel,
+      strides=list(self.strides),
+      padding=padding.upper(),
+      dilations=list(self.dilation_rate),
+    )
+
+  def compute_output_shape(self, input_shape):
+    input_shape = tf.TensorShape(input_shape).as_list()
+    out = [input_shape[0]]
+    for i, size in enumerate(input_shape[1:-1]):
+      if size is None:
+        out.append(None)
+        continue
+      k = self.dilation_rate[i] * (self.epitome_shape[i] - 1) + 1
+      if self.padding in ("same", "causal"):
+        out.append(-(-size // self.strides[i]))
+      else:
+        out.append(-(-(size - k + 1) // self.strides[i]))
+    return tf.TensorShape(out + [self.filters])
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(
+      filters=self.filters,
+      strides=list(self.strides),
+      padding=self.padding,
+      dilation_rate=list(self.dilation_rate),
+    )
+    return config
+
+
+def _tuple(value, rank):
+  if isinstance(value, (int, np.integer)):
+    return (int(value),) * rank
+  value = tuple(int(v) for v in value)
+  return value * rank if len(value) == 1 else value
+
+
+@keras.saving.register_keras_serializable(package="keras_epitome")
+class FactoredConv1D(_FactoredConv):
+  """Factored inference form of :class:`~keras_epitome.EpitomeConv1D`.
+
+  See :class:`FactoredMixin` for the arguments; also ``strides``,
+  ``padding`` (``valid``, ``same``, ``causal``) and ``dilation_rate`` as in
+  ``Conv1D``. Build one with :meth:`FactoredMixin.from_epitome_layer` or
+  :func:`factorize`.
+
+  Example:
+    >>> layer = ke.EpitomeConv1D(32, 9, padding="causal", compression=4)
+    >>> _ = layer(tf.zeros([1, 100, 32]))
+    >>> fast = ke.FactoredConv1D.from_epitome_layer(layer)
+    >>> fast(tf.zeros([1, 100, 32])).shape
+    TensorShape([1, 100, 32])
+  """
+
+  _rank = 1
+
+
+@keras.saving.register_keras_serializable(package="keras_epitome")
+class FactoredConv2D(_FactoredConv):
+  """Factored inference form of :class:`~keras_epitome.EpitomeConv2D`.
+
+  See :class:`FactoredMixin` for the arguments; also ``strides``,
+  ``padding`` and ``dilation_rate`` as in ``Conv2D``.
+
+  Example:
+    >>> layer = ke.EpitomeConv2D(64, 3, padding="same", compression=4)
+    >>> _ = layer(tf.zeros([1, 8, 8, 64]))
+    >>> fast = ke.FactoredConv2D.from_epitome_layer(layer)
+    >>> fast(tf.zeros([1, 8, 8, 64])).shape
+    TensorShape([1, 8, 8, 64])
+  """
+
+  _rank = 2
+
+
+@keras.saving.register_keras_serializable(package="keras_epitome")
+class FactoredDense(FactoredMixin, keras.layers.Layer):
+  """Factored inference form of :class:`~keras_epitome.EpitomeDense`.
+
+  Args:
+    units: output size ``Cout``; the other arguments as in
+      :class:`FactoredMixin`.
+
+  Example:
+    >>> layer = ke.EpitomeDense(256, compression=4)
+    >>> _ = layer(tf.zeros([1, 128]))
+    >>> ke.FactoredDense.from_epitome_layer(layer)(tf.zeros([1, 128])).shape
+    TensorShape([1, 256])
+  """
+
+  _rank = 0
+
+  def __init__(
+    self,
+    units,
+    input_channels,
+    epitome_shape,
+    num_windows,
+    window_of_chunk,
+    in_shift,
+    in_frac,
+    out_shift,
+    out_frac,
+    use_scale=False,
+    use_bias=True,
+    activation=None,
+    **kwargs,
+  ):
+    super().__init__(**kwargs)
+    self._init_factored(
+      units,
+      input_channels,
+      epitome_shape,
+      num_windows,
+      window_of_chunk,
+      in_shift,
+      in_frac,
+      out_shift,
+      out_frac,
+      use_scale,
+      use_bias,
+      activation,
+    )
+
+  @property
+  def units(self) -> int:
+    return self.filters
+
+  @classmethod
+  def _stock_kwargs(cls, layer):
+    return dict(units=layer.units)
+
+  def _conv(self, x):
+    if x.shape.rank == 2:
+      return tf.matmul(x, self.kernel)
+    return tf.tensordot(x, self.kernel, [[x.shape.rank - 1], [0]])
+
+  def compute_output_shape(self, input_shape):
+    return tf.TensorShape(input_shape)[:-1].concatenate([self.filters])
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(units=self.filters)
+    return config
+
+
+FACTORED_LAYERS = (FactoredConv1D, FactoredConv2D, FactoredDense)
+
+
+def _factored_class(layer):
+  return {0: FactoredDense, 1: FactoredConv1D, 2: FactoredConv2D}[layer._kernel_rank()]
+
+
+# ----------------------------------------------------------------------------
+# Model transform.
+
+
+def _materialize_layer(layer):
+  """A stock layer holding ``layer``'s sampled kernel (the materialized form)."""
+  try:
+    from keras_epitome import transform  # noqa: PLC0415
+  except ImportError:
+    transform = None
+  if transform is not None and hasattr(transform, "materialize_layer"):
+    return transform.materialize_layer(layer)
+  _check_training_state(layer)
+  config = layer.get_config()
+  for key in (
+    "compression",
+    "epitome_shape",
+    "sampler",
+    "learner",
+    "spatial_stride",
+    "offset_scale",
+    "routing_momentum",
+  ):
+    config.pop(key, None)
+  stock = layer._stock_class.from_config(config)
+  kernel = layer.kernel.numpy()
+  stock.build(
+    tf.TensorShape(
+      [None] * (kernel.ndim - 1)
+      + [layer.epitome_geometry.cin * getattr(layer, "groups", 1)]
+    )
+  )
+  stock.set_weights([kernel] + ([layer.bias.numpy()] if layer.use_bias else []))
+  return stock
+
+
+def _check_training_state(layer):
+  desc = f"{type(layer).__name__} '{layer.name}'"
+  if isinstance(layer, keras.layers.Wrapper):
+    inner = getattr(layer, "layer", None)
+    raise ValueError(
+      f"{desc} wraps {type(inner).__name__} '{getattr(inner, 'name', '?')}' "
+      "for training (pruning or quantization-aware training); strip it first "
+      "(tfmot.sparsity.keras.strip_pruning) or convert the QAT model with the "
+      "TFLite converter directly"
+    )
+  if isinstance(layer, EpitomeMixin) and (layer.epitome is None or not layer.built):
+    raise ValueError(f"{desc} is not built; call the model on an input first")
+
+
+def _consumers(model) -> Dict[int, int]:
+  """How many layer calls consume each layer's output, by ``id(layer)``."""
+  counts: Dict[int, int] = {}
+  for layer in model.layers:
+    for node in layer._inbound_nodes:
+      for inbound in (
+        node.inbound_layers
+        if isinstance(node.inbound_layers, list)
+        else [node.inbound_layers]
+      ):
+        counts[id(inbound)] = counts.get(id(inbound), 0) + 1
+  for out in model.outputs:
+    hist = getattr(out, "_keras_history", None)
+    if hist is not None:
+      counts[id(hist.layer)] = counts.get(id(hist.layer), 0) + 1
+  return counts
+
+
+def _foldable_pairs(model) -> Dict[int, object]:
+  """``{id(epitome layer): batchnorm}`` for BatchNorms that can be folded."""
+  pairs = {}
+  layers = model.layers
+  is_seq = isinstance(model, keras.Sequential)
+  consumers = _consumers(model) if not is_seq else {}
+  for i, bn in enumerate(layers):
+    if not isinstance(bn, keras.layers.BatchNormalization):
+      continue
+    if is_seq:
+      prev = layers[i - 1] if i else None
+    else:
+      if len(bn._inbound_nodes) != 1:
+        continue
+      inbound = bn._inbound_nodes[0].inbound_layers
+      prev = inbound if not isinstance(inbound, list) else None
+      if prev is None or consumers.get(id(prev)) != 1 or len(prev._inbound_nodes) != 1:
+        continue
+    if (
+      isinstance(prev, EpitomeMixin)
+      and prev.activation is keras.activations.linear
+      and getattr(prev, "groups", 1) == 1
+    ):
+      try:
+        _batchnorm_affine(bn, prev, prev.filters if prev._kernel_rank() else prev.units)
+      except ValueError:
+        continue
+      pairs[id(prev)] = bn
+  return pairs
+
+
+def _transform(model, epitome_fn, fold_batchnorm: bool, report: Optional[list]):
+  """Clones ``model`` with ``epitome_fn(layer, bn)`` for every epitome layer."""
+  pairs = _foldable_pairs(model) if fold_batchnorm else {}
+  folded = {id(bn) for bn in pairs.values()}
+  copies = []
+
+  def clone(layer):
+    if isinstance(layer, keras.Model):
+      return _transform(layer, epitome_fn, fold_batchnorm, report)
+    if isinstance(layer, keras.layers.Wrapper) and isinstance(
+      getattr(layer, "layer", None), EpitomeMixin
+    ):
+      _check_training_state(layer)
+    if isinstance(layer, EpitomeMixin):
+      new = epitome_fn(layer, pairs.get(id(layer)))
+      if report is not None:
+        report.append((layer.name, type(new).__name__))
+      return new
+    if id(layer) in folded:
+      return keras.layers.Identity(name=layer.name)
+    new = layer.__class__.from_config(layer.get_config())
+    copies.append((layer, new))
+    return new
+
+  if isinstance(model, keras.Sequential):
+    new_layers = [clone(layer) for layer in model.layers]
+    new_layers = [
+      new
+      for old, new in zip(model.layers, new_layers, strict=True)
+      if id(old) not in folded
+    ]
+    new_model = keras.Sequential(
+      [keras.Input(batch_shape=model.input_shape)] + new_layers, name=model.name
+    )
+  else:
+    new_model = keras.models.clone_model(model, clone_function=clone)
+  for old, new in copies:
+    new.set_weights(old.get_weights())
+  return new_model
+
+
+def factorize(
+  model,
+  *,
+  fold_batchnorm: bool = True,
+  fallback: str = "materialize",
+  report: Optional[list] = None,
+):
+  """Replaces every epitome layer of ``model`` by its factored inference layer.
+
+  A ``BatchNormalization`` that directly follows an epitome layer with a
+  linear activation, normalizes the channel axis and is its only consumer
+  (always so in a ``Sequential``) is folded into the factored layer's scale
+  and bias: dropped from a ``Sequential``, replaced by an ``Identity`` layer
+  in a functional model (the TFLite converter removes it). Nested models are
+  transformed recursively; other layers are copied with their weights.
+
+  Args:
+    model: a built Keras model containing epitome layers.
+    fold_batchnorm: whether to fold following BatchNorms.
+    fallback: what to do with an epitome layer that has no factored form
+      (``groups > 1``): ``"materialize"`` (a stock layer holding the sampled
+      kernel, logged) or ``"error"``.
+    report: optional list; ``(layer name, new class name)`` is appended for
+      every epitome layer replaced.
+
+  Returns:
+    A new ``keras.Model`` computing the same inference function.
+
+  Raises:
+    ValueError: for an unbuilt epitome layer, an epitome layer inside a
+      training wrapper (pruning, QAT), non-finite weights, or (with
+      ``fallback="error"``) a layer without factored form.
+
+  Example:
+    >>> fast = ke.factorize(model)
+    >>> np.allclose(fast(x), model(x, training=False), atol=1e-5)
+    True
+  """
+  if fallback not in ("materialize", "error"):
+    raise ValueError(f"fallback must be 'materialize' or 'error', got {fallback!r}")
+
+  def replace(layer, bn):
+    _check_training_state(layer)
+    if getattr(layer, "groups", 1) != 1:
+      if fallback == "error":
+        _check_factorizable(layer)
+      _log.warning(
+        "%s '%s': groups=%d has no factored form; using the materialized form",
+        type(layer).__name__,
+        layer.name,
+        layer.groups,
+      )
+      return _materialize_layer(layer)
+    return _factored_class(layer).from_epitome_layer(layer, bn)
+
+  return _transform(model, replace, fold_batchnorm, report)
