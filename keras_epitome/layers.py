@@ -222,7 +222,9 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
             kernel_shape, self.compression
         )
       geometry = sampling.EpitomeGeometry(kernel_shape, epitome_shape)
-      if geometry.compression_ratio < 1:
+      # An epitome as large as the kernel (compression=1) is allowed: only
+      # its routing map makes it larger, and it reproduces the kernel exactly.
+      if geometry.compression_ratio < 1 and epitome_shape != kernel_shape:
         raise ValueError(
             f"epitome shape {epitome_shape} plus its routing map "
             f"({geometry.routing_size} offsets) is larger than the kernel "
