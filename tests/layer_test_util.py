@@ -20,13 +20,13 @@ import keras_epitome as ke
 keras = ke.keras
 
 EPITOME_ARGS = (
-    "compression",
-    "epitome_shape",
-    "sampler",
-    "learner",
-    "spatial_stride",
-    "offset_scale",
-    "routing_momentum",
+  "compression",
+  "epitome_shape",
+  "sampler",
+  "learner",
+  "spatial_stride",
+  "offset_scale",
+  "routing_momentum",
 )
 
 
@@ -40,9 +40,9 @@ def randomize_routing(layer, seed: int = 0):
   g = layer.epitome_geometry
   rng = np.random.default_rng(seed)
   routing = ke.RoutingMap(
-      rng.uniform(0, g.cin_e, g.num_in_chunks),
-      rng.uniform(0, g.cout_e, g.num_out_chunks),
-      rng.uniform(0, 1, (g.num_out_chunks, g.rank)) * np.asarray(g.slack, float),
+    rng.uniform(0, g.cin_e, g.num_in_chunks),
+    rng.uniform(0, g.cout_e, g.num_out_chunks),
+    rng.uniform(0, 1, (g.num_out_chunks, g.rank)) * np.asarray(g.slack, float),
   )
   layer.set_routing_map(routing)
   return routing
@@ -50,9 +50,9 @@ def randomize_routing(layer, seed: int = 0):
 
 def _offset_variables(layer):
   return [
-      v
-      for v in (layer.in_offsets, layer.out_offsets, layer.spatial_offsets)
-      if v is not None
+    v
+    for v in (layer.in_offsets, layer.out_offsets, layer.spatial_offsets)
+    if v is not None
   ]
 
 
@@ -68,21 +68,21 @@ def _check_training_continues(test, model, x, y):
   before = [w.copy() for w in model.get_weights()]
   model.fit(x, y, epochs=1, batch_size=len(x), verbose=0)
   after = model.get_weights()
-  changed = any(not np.array_equal(a, b) for a, b in zip(before, after))
+  changed = any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
   test.assertTrue(changed, "a training step after loading changed no weight")
 
 
 def run_layer_test(
-    test: tf.test.TestCase,
-    layer_cls,
-    kwargs: dict,
-    input_shape: Sequence[int],
-    *,
-    saving: bool = True,
-    formats: Sequence[str] = ("keras", "h5", "savedmodel"),
-    atol: float = 1e-6,
-    seed: int = 0,
-    tmp_dir: Optional[str] = None,
+  test: tf.test.TestCase,
+  layer_cls,
+  kwargs: dict,
+  input_shape: Sequence[int],
+  *,
+  saving: bool = True,
+  formats: Sequence[str] = ("keras", "h5", "savedmodel"),
+  atol: float = 1e-6,
+  seed: int = 0,
+  tmp_dir: Optional[str] = None,
 ):
   """Checks build, call, config, save/load and gradients of one epitome layer.
 
@@ -115,7 +115,7 @@ def run_layer_test(
   test.assertEqual(y.shape, tuple(y_stock.shape))
   test.assertTrue(np.all(np.isfinite(y)))
   test.assertEqual(
-      tuple(layer.compute_output_shape(tf.TensorShape(input_shape))), y.shape
+    tuple(layer.compute_output_shape(tf.TensorShape(input_shape))), y.shape
   )
 
   # The layer's output is the stock op with the sampled kernel.
@@ -143,10 +143,10 @@ def run_layer_test(
   test.assertIsNotNone(grads[0])
   test.assertGreater(float(tf.reduce_max(tf.abs(grads[0]))), 0.0)
   if layer.sampler == "learned":
-    for var, grad in zip(watched[1:], grads[1:]):
+    for var, grad in zip(watched[1:], grads[1:], strict=True):
       test.assertIsNotNone(grad, f"no gradient for {var.name}")
       test.assertGreater(
-          float(tf.reduce_max(tf.abs(grad))), 0.0, f"zero gradient for {var.name}"
+        float(tf.reduce_max(tf.abs(grad))), 0.0, f"zero gradient for {var.name}"
       )
   else:
     for var in watched[1:]:
@@ -165,7 +165,7 @@ def run_layer_test(
       model.save(path)
     loaded = keras.models.load_model(path)
     test.assertAllClose(
-        loaded(x, training=False).numpy(), y, atol=atol, msg=f"format {fmt}"
+      loaded(x, training=False).numpy(), y, atol=atol, msg=f"format {fmt}"
     )
     loaded_layer = loaded.layers[-1]
     test.assertIsInstance(loaded_layer, layer_cls)
