@@ -15,7 +15,6 @@ import tensorflow as tf
 
 from keras_epitome.backend import keras
 
-
 LEARNERS = ("param", "feature")
 
 

@@ -93,7 +93,7 @@ class EpitomeGeometry:
       raise ValueError(f"kernel shape {k} must have positive sizes")
     if any(d < 1 for d in e):
       raise ValueError(f"epitome shape {e} must have positive sizes")
-    for i, (kd, ed) in enumerate(zip(k[:-2], e[:-2])):
+    for i, (kd, ed) in enumerate(zip(k[:-2], e[:-2], strict=True)):
       if ed < kd:
         raise ValueError(
             f"epitome spatial size {ed} on axis {i} must be at least the "
@@ -150,7 +150,7 @@ class EpitomeGeometry:
   @property
   def slack(self) -> Tuple[int, ...]:
     """``S_E - S`` per spatial axis: the range of each spatial offset."""
-    return tuple(se - s for se, s in zip(self.spatial_e, self.spatial))
+    return tuple(se - s for se, s in zip(self.spatial_e, self.spatial, strict=True))
 
   @property
   def slack_axes(self) -> Tuple[int, ...]:
@@ -579,7 +579,7 @@ def fit_epitome(
         f"kernel shape {tuple(kernel.shape)} does not match the geometry's "
         f"{g.kernel_shape}"
     )
-  for name, arr in zip(RoutingMap._fields, routing):
+  for name, arr in zip(RoutingMap._fields, routing, strict=True):
     arr = np.asarray(arr, np.float64)
     if arr.size and not np.allclose(arr, np.round(arr)):
       raise ValueError(
@@ -760,3 +760,116 @@ def factored_plan(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
       np.mod(m - m0, g.cout_e),
       h,
   )
+
+
+# ----------------------------------------------------------------------------
+# Kernel from a frozen routing map, as static slices (DESIGN.md section 4.3).
+
+
+def sample_kernel_frozen(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
+  """Samples the kernel at a frozen routing map with static slices only.
+
+  The same function as :func:`sample_kernel`, but the routing map is NumPy
+  (known when the graph is built), so every read is a static slice, every roll
+  a concat of at most two slices (:func:`roll_slices`) and every fractional
+  offset a blend of two such reads with a Python constant. The graph holds no
+  index tensor, and TFLite runs it with SLICE, CONCATENATION, MUL and ADD.
+  Chunks with the same offsets share one read.
+
+  Args:
+    epitome: ``(*S_E, Cin_E, Cout_E)`` tensor.
+    routing: the :class:`RoutingMap` (channel offsets wrap, spatial offsets
+      clip, as in :func:`sample_kernel`).
+    geometry: the layer's geometry.
+
+  Returns:
+    The kernel, ``(*S, Cin, Cout)``.
+
+  Raises:
+    ValueError: if the routing map's sizes do not match the geometry.
+
+  Example:
+    >>> g = EpitomeGeometry((4, 6), (2, 3))
+    >>> r = RoutingMap(np.array([0.0, 1.0]), np.array([0.0, 0.5]), np.zeros((2, 0)))
+    >>> e = tf.reshape(tf.range(6, dtype=tf.float32), (2, 3))
+    >>> k = sample_kernel_frozen(e, r, g)
+    >>> bool(np.allclose(k, sample_kernel(e, r.in_offsets, r.out_offsets, None, g)))
+    True
+  """
+  g = geometry
+  x = tf.convert_to_tensor(epitome)
+  in_o = np.asarray(routing.in_offsets, np.float64).reshape(-1)
+  out_o = np.asarray(routing.out_offsets, np.float64).reshape(-1)
+  if in_o.size != g.num_in_chunks or out_o.size != g.num_out_chunks:
+    raise ValueError(
+        f"routing map has {in_o.size} input and {out_o.size} output offsets; "
+        f"geometry {g.kernel_shape} <- {g.epitome_shape} needs "
+        f"{g.num_in_chunks} and {g.num_out_chunks}"
+    )
+  if g.slack_axes:
+    sp = np.asarray(routing.spatial_offsets, np.float64)
+    if sp.shape != (g.num_out_chunks, g.rank):
+      raise ValueError(
+          f"spatial offsets of shape {sp.shape} do not match "
+          f"({g.num_out_chunks}, {g.rank}) for geometry {g.kernel_shape} <- "
+          f"{g.epitome_shape}"
+      )
+  cin_axis, cout_axis = g.rank, g.rank + 1
+
+  def take(t, axis, start, stop):
+    begin = [0] * len(t.shape)
+    size = [-1] * len(t.shape)
+    begin[axis], size[axis] = start, stop - start
+    return tf.slice(t, begin, size)
+
+  def rolled(t, axis, shift, length):
+    size = int(t.shape[axis])
+    parts = [take(t, axis, a, b) for a, b in roll_slices(shift, size, length)]
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis)
+
+  def blend(lo, hi, frac):
+    if frac == 0.0:
+      return lo
+    return lo + tf.constant(frac, lo.dtype) * (hi - lo)
+
+  def channel_read(t, axis, shift, frac, length):
+    lo = rolled(t, axis, shift, length)
+    if frac == 0.0:
+      return lo
+    return blend(lo, rolled(t, axis, shift + 1, length), frac)
+
+  # Output chunks: channel roll, then the spatial window of the chunk.
+  out_shift, out_frac = channel_taps(out_o, g.cout_e)
+  starts = np.zeros((g.num_out_chunks, g.rank), np.int64)
+  fracs = np.zeros((g.num_out_chunks, g.rank))
+  for d in g.slack_axes:
+    starts[:, d], fracs[:, d] = spatial_taps(sp[:, d], g.slack[d])
+  cache = {}
+  blocks = []
+  for b in range(g.num_out_chunks):
+    length = min(g.cout_e, g.cout - b * g.cout_e)
+    key = (int(out_shift[b]), float(out_frac[b]), length,
+           tuple(starts[b]), tuple(fracs[b]))
+    if key not in cache:
+      block = channel_read(x, cout_axis, key[0], key[1], length)
+      for d in g.slack_axes:
+        s0, f = int(starts[b, d]), float(fracs[b, d])
+        lo = take(block, d, s0, s0 + g.spatial[d])
+        if f != 0.0:
+          lo = blend(lo, take(block, d, s0 + 1, s0 + 1 + g.spatial[d]), f)
+        block = lo
+      cache[key] = block
+    blocks.append(cache[key])
+  x = blocks[0] if len(blocks) == 1 else tf.concat(blocks, cout_axis)
+
+  # Input chunks: channel roll along Cin_E.
+  in_shift, in_frac = channel_taps(in_o, g.cin_e)
+  cache = {}
+  blocks = []
+  for a in range(g.num_in_chunks):
+    length = min(g.cin_e, g.cin - a * g.cin_e)
+    key = (int(in_shift[a]), float(in_frac[a]), length)
+    if key not in cache:
+      cache[key] = channel_read(x, cin_axis, key[0], key[1], length)
+    blocks.append(cache[key])
+  return blocks[0] if len(blocks) == 1 else tf.concat(blocks, cin_axis)
