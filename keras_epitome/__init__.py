@@ -23,6 +23,18 @@ from keras_epitome.layers import (  # noqa: E402
     EpitomeDense,
     EpitomeMixin,
 )
+from keras_epitome.export import (  # noqa: E402
+    export_tflite,
+    run_tflite,
+    tflite_tensor_report,
+)
+from keras_epitome.factored import (  # noqa: E402
+    FACTORED_LAYERS,
+    FactoredConv1D,
+    FactoredConv2D,
+    FactoredDense,
+    factorize,
+)
 from keras_epitome.learners import FeatureOffsetLearner  # noqa: E402
 from keras_epitome.sampling import (  # noqa: E402
     EpitomeGeometry,
@@ -47,4 +59,7 @@ def custom_objects():
       "EpitomeConv2D": EpitomeConv2D,
       "EpitomeDense": EpitomeDense,
       "FeatureOffsetLearner": FeatureOffsetLearner,
+      "FactoredConv1D": FactoredConv1D,
+      "FactoredConv2D": FactoredConv2D,
+      "FactoredDense": FactoredDense,
   }
