@@ -1,0 +1,230 @@
+"""Quantization-aware training (TF-MOT) for epitome layers.
+
+TF-MOT's default 8-bit registry knows the stock layers only; this module adds
+what its extension points need for epitome layers:
+
+* :class:`EpitomeQuantizeConfig`: the ``QuantizeConfig`` of every epitome
+  layer. The weight that is quantized is the **epitome**, the one weight the
+  layer stores: ``get_weights_and_quantizers`` returns it with an 8-bit
+  symmetric per-tensor quantizer and ``set_quantize_weights`` hands the
+  fake-quantized epitome to the layer, whose kernel (in ``call`` and in
+  ``layer.kernel``) is then sampled from it. Gradients reach the epitome
+  (straight-through) and the offsets (through the sampler). The activation is
+  quantized as TF-MOT's default config does for ``Conv2D``/``Dense``.
+* :class:`EpitomeQuantizeRegistry` / :class:`EpitomeQuantizeScheme`: TF-MOT's
+  default 8-bit scheme plus the epitome layers, for
+  ``tfmot.quantization.keras.quantize_apply(..., scheme=...)``.
+* :func:`quantize_model`: ``tfmot.quantization.keras.quantize_model`` for
+  models with epitome layers (TF-MOT's own ``quantize_model`` takes no scheme,
+  so it cannot know them; it raises ``RuntimeError: Layer ... is not
+  supported``).
+* :func:`quantize_scope`: TF-MOT's ``quantize_scope`` plus this package's
+  classes, for loading saved QAT models.
+
+Why per-tensor on the epitome: the TFLite converter rejects a per-channel
+quantized tensor that is transposed on its way to the convolution (the
+sampler's gathers do that: "tfl.transpose op has mismatched quantized axes").
+With a per-tensor scale the converted model stores the epitome as int8 and
+samples the kernel at run time; its outputs match the Keras QAT model.
+
+Saving: a QAT model saves and loads as ``.h5`` and as a SavedModel (load both
+under :func:`quantize_scope`). The ``.keras`` format fails to load QAT models in
+TF-MOT 0.8.1 (the ``QuantizeLayer`` variable count does not match), with or
+without epitome layers.
+
+Example:
+  >>> import keras_epitome as ke
+  >>> keras = ke.keras
+  >>> model = keras.Sequential([
+  ...     keras.Input((8, 8, 1)),
+  ...     keras.layers.Conv2D(8, 3, activation="relu"),
+  ...     ke.EpitomeConv2D(16, 3, activation="relu", compression=4),
+  ...     keras.layers.Flatten(),
+  ...     keras.layers.Dense(10),
+  ... ])
+  >>> qat = ke.quantize_model(model)
+  >>> type(qat.layers[2].layer).__name__
+  'EpitomeConv2D'
+"""
+
+from __future__ import annotations
+
+import tensorflow_model_optimization as tfmot
+
+from keras_epitome import layers as epitome_layers
+from keras_epitome.backend import keras
+
+_tfq = tfmot.quantization.keras
+
+
+@keras.saving.register_keras_serializable(package="keras_epitome")
+class EpitomeQuantizeConfig(_tfq.QuantizeConfig):
+  """``QuantizeConfig`` of an epitome layer: quantize the epitome and the activation.
+
+  Args:
+    num_bits: bits of the weight (epitome) and activation quantizers.
+
+  Example:
+    >>> import tensorflow_model_optimization as tfmot
+    >>> layer = ke.EpitomeDense(16, compression=2)
+    >>> annotated = tfmot.quantization.keras.quantize_annotate_layer(
+    ...     layer, EpitomeQuantizeConfig())
+  """
+
+  def __init__(self, num_bits: int = 8):
+    self.num_bits = int(num_bits)
+
+  def _check(self, layer):
+    if not isinstance(layer, epitome_layers.EPITOME_LAYERS):
+      raise ValueError(
+        f"EpitomeQuantizeConfig is for epitome layers; got "
+        f"{type(layer).__name__} '{layer.name}'"
+      )
+
+  def get_weights_and_quantizers(self, layer):
+    self._check(layer)
+    quantizer = _tfq.quantizers.LastValueQuantizer(
+      num_bits=self.num_bits, per_axis=False, symmetric=True, narrow_range=True
+    )
+    return [(layer.epitome, quantizer)]
+
+  def get_activations_and_quantizers(self, layer):
+    self._check(layer)
+    quantizer = _tfq.quantizers.MovingAverageQuantizer(
+      num_bits=self.num_bits, per_axis=False, symmetric=False, narrow_range=False
+    )
+    return [(layer.activation, quantizer)]
+
+  def set_quantize_weights(self, layer, quantize_weights):
+    if len(quantize_weights) != 1:
+      raise ValueError(
+        f"EpitomeQuantizeConfig: layer '{layer.name}' takes one quantized "
+        f"weight (the epitome), got {len(quantize_weights)}"
+      )
+    (epitome,) = quantize_weights
+    if tuple(epitome.shape) != tuple(layer.epitome.shape):
+      raise ValueError(
+        f"EpitomeQuantizeConfig: layer '{layer.name}': quantized epitome "
+        f"shape {tuple(epitome.shape)} does not match the epitome's "
+        f"{tuple(layer.epitome.shape)}"
+      )
+    # The layer samples its kernel from `self.epitome`, so this is where the
+    # quantized weight takes effect (like TF-MOT's `layer.kernel = ...`).
+    layer.epitome = epitome
+
+  def set_quantize_activations(self, layer, quantize_activations):
+    if len(quantize_activations) != 1:
+      raise ValueError(
+        f"EpitomeQuantizeConfig: layer '{layer.name}' takes one quantized "
+        f"activation, got {len(quantize_activations)}"
+      )
+    layer.activation = quantize_activations[0]
+
+  def get_output_quantizers(self, layer):
+    return []
+
+  def get_config(self):
+    return {"num_bits": self.num_bits}
+
+  def __eq__(self, other):
+    return isinstance(other, EpitomeQuantizeConfig) and (
+      other.num_bits == self.num_bits
+    )
+
+  def __ne__(self, other):
+    return not self.__eq__(other)
+
+
+class EpitomeQuantizeRegistry(_tfq.default_8bit.Default8BitQuantizeRegistry):
+  """TF-MOT's default 8-bit registry, plus :class:`EpitomeQuantizeConfig` for epitome layers."""
+
+  def supports(self, layer):
+    if isinstance(layer, epitome_layers.EPITOME_LAYERS):
+      return True
+    return super().supports(layer)
+
+  def get_quantize_config(self, layer):
+    if isinstance(layer, epitome_layers.EPITOME_LAYERS):
+      return EpitomeQuantizeConfig()
+    return super().get_quantize_config(layer)
+
+
+class EpitomeQuantizeScheme(_tfq.default_8bit.Default8BitQuantizeScheme):
+  """TF-MOT's default 8-bit scheme with :class:`EpitomeQuantizeRegistry`.
+
+  Example:
+    >>> import tensorflow_model_optimization as tfmot
+    >>> q = tfmot.quantization.keras
+    >>> model = keras.Sequential([keras.Input((4,)),
+    ...                           ke.EpitomeDense(8, compression=2)])
+    >>> with quantize_scope():
+    ...   qat = q.quantize_apply(q.quantize_annotate_model(model),
+    ...                          scheme=EpitomeQuantizeScheme())
+  """
+
+  def get_quantize_registry(self):
+    return EpitomeQuantizeRegistry(disable_per_axis=self._disable_per_axis)
+
+
+def custom_objects():
+  """Names to pass to a custom-object scope for this module's classes."""
+  objects = {
+    "EpitomeQuantizeConfig": EpitomeQuantizeConfig,
+    "keras_epitome>EpitomeQuantizeConfig": EpitomeQuantizeConfig,
+  }
+  for cls in epitome_layers.EPITOME_LAYERS:
+    objects[cls.__name__] = cls
+  return objects
+
+
+def quantize_scope(*args):
+  """TF-MOT's ``quantize_scope`` with the epitome classes added.
+
+  Use it around ``keras.models.load_model`` of a QAT model (``.h5`` or
+  SavedModel) and around ``quantize_apply`` of models annotated by hand.
+
+  Args:
+    *args: more ``{name: class}`` dicts, as for TF-MOT's ``quantize_scope``.
+
+  Returns:
+    A custom-object scope (a context manager).
+
+  Example:
+    >>> with quantize_scope():  # doctest: +SKIP
+    ...   qat = keras.models.load_model("qat.h5")
+  """
+  return _tfq.quantize_scope(custom_objects(), *args)
+
+
+def quantize_model(model, quantized_layer_name_prefix: str = "quant_"):
+  """``tfmot.quantization.keras.quantize_model`` that knows epitome layers.
+
+  Annotates every layer (``quantize_annotate_model``) and applies
+  quantization with :class:`EpitomeQuantizeScheme`: stock layers get TF-MOT's
+  default 8-bit configs, epitome layers :class:`EpitomeQuantizeConfig`. For
+  finer control annotate layers yourself
+  (``quantize_annotate_layer(layer, EpitomeQuantizeConfig())``) and call
+  ``quantize_apply`` under :func:`quantize_scope`.
+
+  Args:
+    model: a built Sequential or functional model (no nested models: TF-MOT
+      does not quantize a model inside a model).
+    quantized_layer_name_prefix: prefix of the wrappers' names.
+
+  Returns:
+    The quantization-aware model, ready to ``compile`` and ``fit``.
+
+  Example:
+    >>> model = keras.Sequential([keras.Input((4,)),
+    ...                           ke.EpitomeDense(8, compression=2)])
+    >>> qat = quantize_model(model)
+    >>> qat.layers[-1].name
+    'quant_epitome_dense'
+  """
+  with quantize_scope():
+    annotated = _tfq.quantize_annotate_model(model)
+    return _tfq.quantize_apply(
+      annotated,
+      scheme=EpitomeQuantizeScheme(),
+      quantized_layer_name_prefix=quantized_layer_name_prefix,
+    )
