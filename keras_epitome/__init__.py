@@ -36,12 +36,25 @@ from keras_epitome.factored import (  # noqa: E402
     factorize,
 )
 from keras_epitome.learners import FeatureOffsetLearner  # noqa: E402
+from keras_epitome.quantization import (  # noqa: E402
+    EpitomeQuantizeConfig,
+    EpitomeQuantizeScheme,
+    quantize_model,
+    quantize_scope,
+)
 from keras_epitome.sampling import (  # noqa: E402
     EpitomeGeometry,
     RoutingMap,
     epitome_shape_for_ratio,
     fit_epitome,
     sample_kernel,
+)
+from keras_epitome.transform import (  # noqa: E402
+    EpitomeReport,
+    epitomize,
+    materialize_layer,
+    strip_epitome,
+    summarize,
 )
 
 __version__ = "0.1.0"
