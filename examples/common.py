@@ -1,0 +1,514 @@
+"""Shared pieces of the examples and the accuracy benchmark.
+
+Models are built directly from the epitome layers (``ke.EpitomeConv2D(...,
+compression=r, sampler=..., learner=...)``), so every method trains the same
+architecture with the same schedule and only the way each kernel is stored
+changes:
+
+* ``stock``: plain Keras layers (ratio 1);
+* ``nes_param`` / ``nes_feature``: NES, learned routing map (``param`` or the
+  ``feature`` transformation learner);
+* ``wsnet``: WSNet's fixed sampling (same epitome shapes as NES, constant
+  offsets: channels tiled, 1D filters strided over a long condensed filter);
+* ``thinner``: a stock model with fewer channels and the same stored
+  parameter count (width multiplier);
+* ``pruning``: TF-MOT magnitude pruning of the same layers to the same number
+  of non-zero weights.
+
+Counting rules (the same for every method): *stored parameters* are what
+inference needs: epitome + routing map + bias for an epitome layer (not the
+feature learner's network, which only trains the offsets), every weight of
+other layers, the non-zeros of pruned kernels. *MACs* are multiply-adds per
+example: stock layers count their kernel, epitome layers their factored form
+(:meth:`EpitomeGeometry.macs_per_position`), pruned layers their dense
+kernel (TFLite runs them dense).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import sys
+import time
+import zipfile
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras_epitome as ke  # noqa: E402
+
+keras = ke.keras
+import tensorflow as tf  # noqa: E402
+
+METHODS = ("stock", "nes_param", "nes_feature", "wsnet", "thinner", "pruning")
+EPITOME_METHODS = {
+  "nes_param": dict(sampler="learned", learner="param"),
+  "nes_feature": dict(sampler="learned", learner="feature"),
+  "wsnet": dict(sampler="fixed"),
+}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------
+# Layer factories: one call per compressible layer, so every method builds the
+# same architecture.
+
+
+def conv_factory(method: str, ratio: float, offset_scale: float = 1.0) -> Callable:
+  """Returns ``make(cls, filters, kernel_size, *, epitome_shape=None, **kw)``.
+
+  ``cls`` is the stock class (``Conv1D``/``Conv2D``); for epitome methods the
+  matching epitome layer is built with ``compression=ratio`` or, where the
+  architecture gives one (WSNet's long 1D filters), an explicit epitome shape.
+  """
+  epitome_kw = EPITOME_METHODS.get(method)
+
+  def make(cls, filters, kernel_size, *, epitome_shape=None, **kw):
+    if epitome_kw is None or ratio <= 1:
+      return cls(filters, kernel_size, **kw)
+    extra = dict(epitome_kw)
+    if extra.get("sampler") == "learned":
+      extra["offset_scale"] = offset_scale
+    if epitome_shape is not None:
+      extra["epitome_shape"] = epitome_shape
+    else:
+      extra["compression"] = ratio
+    return ke.layers.STOCK_TO_EPITOME[cls](filters, kernel_size, **extra, **kw)
+
+  return make
+
+
+def _width(channels: int, width: float) -> int:
+  return max(1, int(round(channels * width)))
+
+
+def fashion_cnn(
+  input_shape=(28, 28, 1),
+  num_classes: int = 10,
+  width: float = 1.0,
+  make: Optional[Callable] = None,
+  channels=(16, 32, 64, 64),
+) -> keras.Model:
+  """A small CNN: four 3x3 convolutions with BatchNorm, two poolings, GAP.
+
+  The first convolution (one input channel, a few hundred weights) and the
+  classifier stay stock; the other three go through ``make``.
+  """
+  make = make or conv_factory("stock", 1)
+  c = [_width(ch, width) for ch in channels]
+  conv = keras.layers.Conv2D
+  x = inputs = keras.Input(input_shape)
+  x = conv(c[0], 3, padding="same", use_bias=False, name="conv1")(x)
+  pools_after = {0, 2} if input_shape[0] >= 16 else {2}
+  for i in range(len(c)):
+    if i > 0:
+      x = make(conv, c[i], 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
+    x = keras.layers.ReLU(name=f"relu{i + 1}")(x)
+    if i in pools_after:
+      x = keras.layers.MaxPool2D(name=f"pool{i + 1}")(x)
+  x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+  outputs = keras.layers.Dense(num_classes, name="logits")(x)
+  return keras.Model(inputs, outputs, name="fashion_cnn")
+
+
+def wsnet_first_filter_shape(kernel: int, filters: int, ratio: float):
+  """WSNet's 1D scheme for a one-channel first layer: one condensed filter.
+
+  ``Cout_E = 1`` and ``S_E = S + (Cout - 1) * stride``, with the largest
+  integer stride that keeps epitome plus routing map within ``1/ratio`` of the
+  kernel (at least stride 1).
+  """
+  routing = 1 + 2 * filters  # A=1 input offset, B offsets + B spatial offsets
+  budget = kernel * filters / ratio - routing
+  stride = max(1, int((budget - kernel) // (filters - 1)))
+  return (kernel + (filters - 1) * stride, 1, 1)
+
+
+def audio_cnn(
+  length: int = 8000,
+  num_classes: int = 10,
+  width: float = 1.0,
+  make: Optional[Callable] = None,
+  ratio: float = 1.0,
+  channels=(32, 32, 64, 64),
+  first_kernel: int = 80,
+  first_stride: int = 4,
+) -> keras.Model:
+  """A WSNet-style 1D CNN on raw audio (after Dai et al.'s M5).
+
+  A long strided first filter bank, three 3-tap convolutions, max pooling by
+  4 after each, BatchNorm, global average pooling. Every convolution goes
+  through ``make``; the first one uses WSNet's condensed-filter epitome
+  (:func:`wsnet_first_filter_shape`), the others the default channel rule.
+  """
+  make = make or conv_factory("stock", 1)
+  c = [_width(ch, width) for ch in channels]
+  conv = keras.layers.Conv1D
+  x = inputs = keras.Input((length, 1))
+  for i, ch in enumerate(c):
+    if i == 0:
+      shape = wsnet_first_filter_shape(first_kernel, ch, ratio) if ratio > 1 else None
+      x = make(
+        conv,
+        ch,
+        first_kernel,
+        strides=first_stride,
+        padding="same",
+        use_bias=False,
+        epitome_shape=shape,
+        name="conv1",
+      )(x)
+    else:
+      x = make(conv, ch, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
+    x = keras.layers.ReLU(name=f"relu{i + 1}")(x)
+    x = keras.layers.MaxPool1D(4, name=f"pool{i + 1}")(x)
+  x = keras.layers.GlobalAveragePooling1D(name="gap")(x)
+  outputs = keras.layers.Dense(num_classes, name="logits")(x)
+  return keras.Model(inputs, outputs, name="audio_cnn")
+
+
+# ----------------------------------------------------------------------------
+# Counting.
+
+
+def _layers(model):
+  for layer in model.layers:
+    if isinstance(layer, keras.Model):
+      yield from _layers(layer)
+    else:
+      yield layer
+
+
+def _unwrap(layer):
+  return getattr(layer, "layer", layer)  # TF-MOT PruneLowMagnitude wrapper
+
+
+def stored_params(model: keras.Model) -> int:
+  """Numbers inference needs (see the module docstring for the rules)."""
+  total = 0
+  for layer in _layers(model):
+    inner = _unwrap(layer)
+    if isinstance(inner, ke.EPITOME_LAYERS):
+      g = inner.epitome_geometry
+      total += g.epitome_size + g.routing_size
+      if inner.use_bias:
+        total += int(np.prod(inner.bias.shape))
+      continue
+    for w in inner.weights:
+      name = w.name.split("/")[-1]
+      if name.startswith(("mask", "threshold", "pruning_step")):
+        continue
+      if name.startswith("kernel") and layer is not inner:
+        total += int(np.count_nonzero(w.numpy()))
+      else:
+        total += int(np.prod(w.shape))
+  return total
+
+
+def macs(model: keras.Model) -> int:
+  """Multiply-adds per example (factored form for epitome layers)."""
+  total = 0
+  for layer in _layers(model):
+    inner = _unwrap(layer)
+    if not isinstance(
+      inner, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense)
+    ):
+      continue
+    out_shape = inner.output_shape
+    positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
+    if isinstance(inner, ke.EPITOME_LAYERS):
+      per = inner.epitome_geometry.macs_per_position()["factored"]
+    else:
+      k = inner.kernel.shape
+      per = int(np.prod(k))
+    total += positions * per
+  return total
+
+
+def epitome_ratios(model: keras.Model) -> Dict[str, float]:
+  return {
+    layer.name: layer.compression_ratio
+    for layer in _layers(model)
+    if isinstance(layer, ke.EPITOME_LAYERS)
+  }
+
+
+# ----------------------------------------------------------------------------
+# Training.
+
+
+def train(
+  model: keras.Model,
+  data,
+  *,
+  epochs: int,
+  batch_size: int,
+  learning_rate: float = 3e-3,
+  verbose: int = 1,
+  callbacks=None,
+) -> float:
+  """Adam with a cosine learning-rate decay to zero; returns test accuracy."""
+  (x, y), (xt, yt) = data
+  steps = epochs * math.ceil(len(x) / batch_size)
+  schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+  model.compile(
+    optimizer=keras.optimizers.Adam(schedule),
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=["accuracy"],
+  )
+  model.fit(
+    x,
+    y,
+    batch_size=batch_size,
+    epochs=epochs,
+    verbose=verbose,
+    shuffle=True,
+    callbacks=callbacks or [],
+  )
+  return evaluate(model, (xt, yt), batch_size)
+
+
+def evaluate(model, test, batch_size=256) -> float:
+  xt, yt = test
+  logits = model.predict(xt, batch_size=batch_size, verbose=0)
+  return float(np.mean(np.argmax(logits, axis=-1) == yt))
+
+
+# ----------------------------------------------------------------------------
+# Methods that are not a layer factory: thinner stock model, pruning.
+
+
+def thinner_width(build: Callable, target_params: int) -> float:
+  """Width multiplier whose stock model has closest to ``target_params``.
+
+  Parameters grow with width, so bisect on a 0.005 grid, then pick the closer
+  of the two neighbours.
+  """
+  grid = np.round(np.arange(0.01, 1.0001, 0.005), 4)
+  lo, hi = 0, len(grid) - 1  # invariant: params(grid[lo]) <= target (or lo == 0)
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if stored_params(build(width=float(grid[mid]))) <= target_params:
+      lo = mid
+    else:
+      hi = mid
+  candidates = [float(grid[lo]), float(grid[hi])]
+  return min(
+    candidates, key=lambda w: abs(stored_params(build(width=w)) - target_params)
+  )
+
+
+def prune_spec(epitome_model: keras.Model) -> Dict[str, float]:
+  """Per-layer target sparsity giving the epitome model's per-layer storage."""
+  spec = {}
+  for layer in _layers(epitome_model):
+    if isinstance(layer, ke.EPITOME_LAYERS):
+      g = layer.epitome_geometry
+      keep = (g.epitome_size + g.routing_size) / g.kernel_size
+      spec[layer.name] = float(max(0.0, 1.0 - keep))
+  return spec
+
+
+def prune_and_train(
+  stock_model: keras.Model,
+  sparsity: Dict[str, float],
+  data,
+  *,
+  epochs: int,
+  batch_size: int,
+  learning_rate: float = 3e-3,
+  verbose: int = 1,
+):
+  """TF-MOT magnitude pruning of the named layers, same schedule as the rest.
+
+  Sparsity ramps up polynomially from 0 over the first two thirds of training
+  (TF-MOT's ``PolynomialDecay``) and is held for the last third.
+
+  Returns:
+    ``(accuracy, stripped_model)``.
+  """
+  import tensorflow_model_optimization as tfmot
+
+  steps_per_epoch = math.ceil(len(data[0][0]) / batch_size)
+  end_step = max(1, int(epochs * steps_per_epoch * 2 / 3))
+
+  def clone(layer):
+    if layer.name in sparsity:
+      schedule = tfmot.sparsity.keras.PolynomialDecay(
+        initial_sparsity=0.0,
+        final_sparsity=sparsity[layer.name],
+        begin_step=0,
+        end_step=end_step,
+        frequency=max(1, steps_per_epoch // 10),
+      )
+      return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
+    return layer
+
+  pruned = keras.models.clone_model(stock_model, clone_function=clone)
+  acc = train(
+    pruned,
+    data,
+    epochs=epochs,
+    batch_size=batch_size,
+    learning_rate=learning_rate,
+    verbose=verbose,
+    callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+  )
+  return acc, pruned
+
+
+def strip_pruning(model):
+  import tensorflow_model_optimization as tfmot
+
+  return tfmot.sparsity.keras.strip_pruning(model)
+
+
+# ----------------------------------------------------------------------------
+# TFLite.
+
+
+def _materialize(model: keras.Model) -> keras.Model:
+  """Local fallback: a stock copy whose kernels are the sampled ones."""
+  sampled = {
+    layer.name: layer.kernel.numpy()
+    for layer in _layers(model)
+    if isinstance(layer, ke.EPITOME_LAYERS)
+  }
+
+  def clone(layer):
+    if isinstance(layer, ke.EPITOME_LAYERS):
+      config = layer.get_config()
+      for key in (
+        "compression",
+        "epitome_shape",
+        "sampler",
+        "learner",
+        "spatial_stride",
+        "offset_scale",
+        "routing_momentum",
+      ):
+        config.pop(key, None)
+      return layer._stock_class.from_config(config)
+    return layer.__class__.from_config(layer.get_config())
+
+  stock = keras.models.clone_model(model, clone_function=clone)
+  for layer in stock.layers:
+    src = model.get_layer(layer.name)
+    if layer.name in sampled:
+      weights = [sampled[layer.name]]
+      if layer.use_bias:
+        weights.append(src.bias.numpy())
+      layer.set_weights(weights)
+    else:
+      layer.set_weights(src.get_weights())
+  return stock
+
+
+def tflite_bytes(model: keras.Model, form: str = "factored") -> tuple:
+  """``(bytes, how)``: the model as a TFLite flatbuffer.
+
+  Uses :func:`keras_epitome.export.export_tflite` when the package has it;
+  otherwise (fallback, clearly a different thing) converts a materialized
+  stock copy, which is full size.
+  """
+  has_epitome = any(isinstance(la, ke.EPITOME_LAYERS) for la in _layers(model))
+  if has_epitome:
+    try:
+      from keras_epitome import export  # noqa: PLC0415
+    except ImportError:
+      export = None
+    if export is not None and hasattr(export, "export_tflite"):
+      return export.export_tflite(model, form=form), form
+    model = _materialize(model)
+    form = "materialized (local fallback)"
+  else:
+    form = "stock"
+  converter = tf.lite.TFLiteConverter.from_keras_model(model)
+  return converter.convert(), form
+
+
+def zipped_size(data: bytes) -> int:
+  """Bytes after zip (deflate), as TF-MOT's pruning guide compares models."""
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    zf.writestr("model.tflite", data)
+  return len(buf.getvalue())
+
+
+def run_tflite(data: bytes, x: np.ndarray) -> np.ndarray:
+  """Runs a TFLite model on a batch, one example at a time (LiteRT)."""
+  try:
+    from keras_epitome import export  # noqa: PLC0415
+
+    if hasattr(export, "run_tflite"):
+      return np.asarray(export.run_tflite(data, x))
+  except ImportError:
+    pass
+  from ai_edge_litert.interpreter import Interpreter
+
+  interp = Interpreter(model_content=data)
+  inp = interp.get_input_details()[0]
+  out = interp.get_output_details()[0]
+  results = []
+  for example in x:
+    interp.resize_tensor_input(inp["index"], (1,) + example.shape)
+    interp.allocate_tensors()
+    interp.set_tensor(inp["index"], example[np.newaxis].astype(np.float32))
+    interp.invoke()
+    results.append(interp.get_tensor(out["index"])[0])
+  return np.stack(results)
+
+
+# ----------------------------------------------------------------------------
+# Printing.
+
+
+def format_table(rows: List[Dict], columns: List[str]) -> str:
+  """A Markdown table of ``rows`` (dicts) with the given columns."""
+  cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  line = (
+    "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |"
+  )
+  sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  body = [
+    "| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + " |"
+    for row in cells
+  ]
+  return "\n".join([line, sep, *body])
+
+
+class Timer:
+  def __enter__(self):
+    self.start = time.time()
+    return self
+
+  def __exit__(self, *exc):
+    self.seconds = time.time() - self.start
+
+
+def spread_routing(model: keras.Model) -> None:
+  """Starts every epitome layer from spread channel offsets instead of zeros.
+
+  Input chunk ``a`` reads from offset ``a * Cin_E / A`` and output chunk ``b``
+  from ``b * Cout_E / B`` (fractional: neighbouring channels blended), so
+  chunks differ from the start instead of being exact copies (WSNet's tiling
+  with all offsets 0 repeats the same ``Cout_E`` filters in every output
+  chunk). Spatial offsets keep their pattern.
+  """
+  for layer in _layers(model):
+    if isinstance(layer, ke.EPITOME_LAYERS):
+      g = layer.epitome_geometry
+      r = layer.routing_map
+      layer.set_routing_map(
+        ke.RoutingMap(
+          np.arange(g.num_in_chunks) * g.cin_e / g.num_in_chunks,
+          np.arange(g.num_out_chunks) * g.cout_e / g.num_out_chunks,
+          r.spatial_offsets,
+        )
+      )
