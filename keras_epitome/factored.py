@@ -66,7 +66,7 @@ def _take(x, ranges: Sequence[Tuple[int, int]], width: int):
   ranges = _merge_ranges(ranges)
   if ranges == [(0, width)]:
     return x
-  parts = [x[..., start:stop] for start, stop in ranges]
+  parts = [x if (a, b) == (0, width) else x[..., a:b] for a, b in ranges]
   return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
 
 

@@ -1,0 +1,202 @@
+"""Tests for TFLite export (keras_epitome/export.py), run with the LiteRT interpreter.
+
+Parity tolerances, as a fraction of the Keras output's largest magnitude:
+
+* float32 (both forms): 1e-5;
+* dynamic range (int8 weights, float activations): 2e-2;
+* full int8 (representative dataset of the test inputs): 6e-2 (a few
+  quantization steps of the output's 8-bit range after several layers).
+"""
+
+import os
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+from absl.testing import parameterized
+
+import keras_epitome as ke
+from keras_epitome import export, sampling
+
+keras = ke.keras
+
+TOLERANCE = {None: 1e-5, "dynamic": 2e-2, "int8": 6e-2}
+
+
+def _cnn(epitome=True, channels=64, compression=4, size=16, seed=0, blocks=3):
+  """Conv-heavy net: stem, ``blocks`` 3x3 conv+BN+ReLU blocks, head."""
+  conv = (
+    (
+      lambda: ke.EpitomeConv2D(
+        channels, 3, padding="same", use_bias=False, compression=compression
+      )
+    )
+    if epitome
+    else (lambda: keras.layers.Conv2D(channels, 3, padding="same", use_bias=False))
+  )
+  layers = [
+    keras.Input((size, size, 3)),
+    keras.layers.Conv2D(channels, 3, padding="same", activation="relu"),
+  ]
+  for _ in range(blocks):
+    layers += [conv(), keras.layers.BatchNormalization(), keras.layers.ReLU()]
+  layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
+  model = keras.Sequential(layers)
+  rng = np.random.default_rng(seed)
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.set_weights([rng.uniform(0.5, 1.5, w.shape) for w in layer.get_weights()])
+  return model
+
+
+def _fractional(model, seed=0):
+  rng = np.random.default_rng(seed)
+  for layer in export.epitome_layers(model):
+    g = layer.epitome_geometry
+    layer.set_routing_map(
+      sampling.RoutingMap(
+        rng.uniform(0, g.cin_e, g.num_in_chunks),
+        rng.uniform(0, g.cout_e, g.num_out_chunks),
+        rng.uniform(0, 1, (g.num_out_chunks, g.rank)) * np.asarray(g.slack, float),
+      )
+    )
+
+
+def _audio(seed=0):
+  inputs = keras.Input((400, 1))
+  h = keras.layers.Conv1D(32, 9, strides=4, padding="causal", activation="relu")(inputs)
+  h = ke.EpitomeConv1D(
+    32, 5, padding="causal", dilation_rate=2, use_bias=False, epitome_shape=(7, 16, 16)
+  )(h)
+  h = keras.layers.BatchNormalization()(h)
+  h = keras.layers.ReLU()(h)
+  h = ke.EpitomeConv1D(
+    48, 3, strides=2, padding="same", activation="relu", compression=3
+  )(h)
+  h = keras.layers.GlobalAveragePooling1D()(h)
+  out = ke.EpitomeDense(10, epitome_shape=(16, 5))(h)
+  model = keras.Model(inputs, out)
+  _fractional(model, seed)
+  return model
+
+
+class ExportTest(tf.test.TestCase, parameterized.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = _cnn()
+    _fractional(cls.model)
+    cls.x = np.random.default_rng(1).uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32)
+    cls.y = cls.model(cls.x, training=False).numpy()
+
+  @parameterized.product(
+    form=["factored", "materialized"], quantize=[None, "dynamic", "int8"]
+  )
+  def test_parity(self, form, quantize):
+    """Every form and precision matches the Keras model within its tolerance."""
+    tflite = ke.export_tflite(
+      self.model, form=form, quantize=quantize, representative_data=self.x
+    )
+    y = ke.run_tflite(tflite, self.x[:4])
+    err = float(np.abs(y - self.y[:4]).max()) / float(np.abs(self.y).max())
+    self.assertLess(err, TOLERANCE[quantize], f"{form} {quantize}: {err}")
+    report = ke.tflite_tensor_report(tflite)
+    self.assertNotIn("GATHER", [op["name"] for op in report["ops"]])
+
+  def test_audio_conv1d_dense(self):
+    model = _audio()
+    x = np.random.default_rng(2).standard_normal((3, 400, 1)).astype(np.float32)
+    y = model(x, training=False).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "audio.tflite")
+      tflite = ke.export_tflite(model, path, batch_size=None)
+      with open(path, "rb") as f:
+        self.assertEqual(f.read(), tflite)
+    self.assertAllClose(ke.run_tflite(tflite, x), y, atol=1e-5 * np.abs(y).max())
+    tflite8 = ke.export_tflite(model, quantize="int8", representative_data=x)
+    err = np.abs(ke.run_tflite(tflite8, x) - y).max() / np.abs(y).max()
+    self.assertLess(err, TOLERANCE["int8"])
+
+  def test_size_ops_and_macs_at_4x(self):
+    """At 4x: file <= 1/3.5 of stock, epitome-sized conv, no full-size kernel."""
+    # 4 blocks of 128 channels: large enough that the file's fixed overhead
+    # (about 16 KB of metadata, the same in both files) does not dominate.
+    stock = _cnn(epitome=False, channels=128, size=8, blocks=4)
+    model = _cnn(epitome=True, channels=128, size=8, blocks=4)
+    x = self.x[:4, :8, :8]
+    sizes = {}
+    for quantize in (None, "int8"):
+      kw = dict(quantize=quantize, representative_data=x)
+      s = len(ke.export_tflite(stock, **kw))
+      f = ke.export_tflite(model, **kw)
+      sizes[quantize] = len(f) / s
+      self.assertLessEqual(len(f), s / 3.5, f"{quantize}: {len(f)} vs stock {s}")
+    report = ke.tflite_tensor_report(f)
+    stock_report = ke.tflite_tensor_report(ke.export_tflite(stock))
+    layers = export.epitome_layers(model)
+    g = layers[0].epitome_geometry
+    # TFLite's conv weights are OHWI.
+    epitome_ohwi = (g.cout_e,) + g.spatial_e + (g.cin_e,)
+    full_ohwi = (g.cout,) + g.spatial + (g.cin,)
+    conv_weights = [op["inputs"][1] for op in report["ops"] if op["name"] == "CONV_2D"]
+    self.assertEqual(conv_weights.count(epitome_ohwi), 4)
+    shapes = [t["shape"] for t in report["tensors"] if t["constant"]]
+    self.assertNotIn(full_ohwi, shapes)
+    full = int(np.prod(full_ohwi))
+    self.assertTrue(all(int(np.prod(s)) < full for s in shapes))
+    # Analytic multiply-adds: the stem and head are shared; each epitome layer
+    # contributes positions * macs_per_position (stock vs factored conv part).
+    positions = 8 * 8
+    per = g.macs_per_position()
+    conv_factored = int(np.prod(g.spatial)) * g.cin_e * g.cout_e
+    shared = stock_report["conv_macs"] - 4 * positions * per["stock"]
+    self.assertEqual(report["conv_macs"] - shared, 4 * positions * conv_factored)
+    self.assertLess(report["conv_macs"], 0.3 * stock_report["conv_macs"])
+
+  def test_analytic_macs_equal_geometry(self):
+    """conv MACs + blend multiplies of a fractional layer == macs_per_position."""
+    inputs = keras.Input((8, 8, 32))
+    layer = ke.EpitomeConv2D(32, 3, padding="same", compression=4)
+    model = keras.Model(inputs, layer(inputs))
+    g = layer.epitome_geometry
+    layer.set_routing_map(
+      sampling.RoutingMap(
+        np.full(g.num_in_chunks, 0.5), np.full(g.num_out_chunks, 1.25), None
+      )
+    )
+    report = ke.tflite_tensor_report(ke.export_tflite(model))
+    total = report["conv_macs"] + report["elementwise_muls"]
+    self.assertEqual(total, 8 * 8 * g.macs_per_position()["factored"])
+    self.assertEqual(report["conv_macs"], 8 * 8 * 9 * g.cin_e * g.cout_e)
+
+  def test_feature_learner_exports_moving_map(self):
+    inputs = keras.Input((8, 8, 8))
+    layer = ke.EpitomeConv2D(16, 3, padding="same", compression=4, learner="feature")
+    model = keras.Model(inputs, layer(inputs))
+    x = np.random.default_rng(3).standard_normal((2, 8, 8, 8)).astype(np.float32)
+    model(x, training=True)  # updates the moving routing map
+    y = model(x, training=False).numpy()
+    for form in ("factored", "materialized"):
+      tflite = ke.export_tflite(model, form=form, batch_size=2)
+      self.assertAllClose(ke.run_tflite(tflite, x), y, atol=1e-5 * np.abs(y).max())
+
+  def test_bad_input(self):
+    with self.assertRaisesRegex(ValueError, "form must be one of"):
+      ke.export_tflite(self.model, form="compact")
+    with self.assertRaisesRegex(ValueError, "quantize must be one of"):
+      ke.export_tflite(self.model, quantize="int4")
+    with self.assertRaisesRegex(ValueError, "needs representative_data"):
+      ke.export_tflite(self.model, quantize="int8")
+    inputs = keras.Input((8,))
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(ke.EpitomeDense(8, compression=2))
+    wrapped = keras.Model(inputs, pruned(inputs))
+    for form in ("factored", "materialized"):
+      with self.assertRaisesRegex(ValueError, "strip_pruning"):
+        ke.export_tflite(wrapped, form=form)
+    with self.assertRaisesRegex(ValueError, "multiple of it"):
+      ke.run_tflite(ke.export_tflite(self.model, batch_size=4), self.x[:6])
+
+
+if __name__ == "__main__":
+  tf.test.main()
