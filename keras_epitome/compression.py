@@ -1,0 +1,965 @@
+"""The TF-MOT weight-compression contract, and the wrappers that drive it.
+
+TF-MOT develops a per-weight compression API (``WeightCompressor`` and
+``create_layer_for_training`` / ``create_layer_for_inference``) in its
+repository, under ``tensorflow_model_optimization/python/core/common/keras/
+compression/``, but does not ship it in its wheels, and its wrapper handles only
+``Conv2D`` and ``Dense``. This module implements the same contract (its own
+code) for any layer whose kernel is a weight attribute: ``Conv1D``, ``Conv2D``,
+``Conv3D``, ``DepthwiseConv2D`` (``depthwise_kernel``), ``Dense`` and custom
+layers that follow the ``self.<name> = self.add_weight(name="<name>")``
+convention.
+
+An algorithm describes one compressible weight at a time, as pure functions:
+
+* :meth:`WeightCompressor.init_training_weights` turns the pretrained weight
+  into *training weights* (declared with :meth:`~WeightCompressor.add_training_weight`);
+* :meth:`~WeightCompressor.project_training_weights` computes the weight from
+  them in the training graph (gradients flow through it);
+* :meth:`~WeightCompressor.compress_training_weights` turns the trained
+  training weights into the *compressed weights* stored for inference;
+* :meth:`~WeightCompressor.decompress_weights` rebuilds the weight from them in
+  the inference graph.
+
+The wrappers swap the weight for these computations: the wrapped layer never
+creates the original variable, so neither the training nor the inference model
+stores it. The inference wrapper reads the compressed variables behind a
+data-dependent ``tf.cond`` so that the TFLite converter cannot constant-fold the
+decompression back into a full-size weight (TF-MOT's own workaround).
+
+One addition to TF-MOT's contract: *static* weights
+(:meth:`WeightCompressor.add_static_weight` and :class:`StaticWeight`) are
+small arrays fixed when the graph is built (a kernel shape, a frozen routing
+map). They live in the wrapper's config instead of in variables and reach the
+algorithm as ``tf.constant`` tensors, whose values ``tf.get_static_value``
+returns even inside ``tf.function``; an algorithm can therefore build a graph
+whose structure depends on them (static slices instead of an index tensor).
+
+Example:
+  >>> import keras_epitome as ke
+  >>> from keras_epitome import compression
+  >>> keras = ke.keras
+  >>> model = keras.Sequential([
+  ...     keras.Input((8, 8, 1)),
+  ...     keras.layers.Conv2D(16, 3, activation="relu"),
+  ...     keras.layers.Flatten(),
+  ...     keras.layers.Dense(10),
+  ... ])
+  >>> algorithm = compression.SVDCompressor(rank=2)
+  >>> training_model = compression.compress_model_for_training(model, algorithm)
+  >>> # ... training_model.compile(...); training_model.fit(...)
+  >>> inference_model = compression.compress_model_for_inference(training_model)
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import dataclasses
+import inspect
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from keras_epitome.backend import keras
+
+_PACKAGE = "keras_epitome"
+
+# Names of the kernel-like weight attribute, in the order they are looked for.
+KERNEL_ATTRIBUTES = ("kernel", "depthwise_kernel")
+
+
+class StaticWeight:
+  """A compressed or training weight that is a graph constant, not a variable.
+
+  Return one from :meth:`WeightCompressor.compress_training_weights` for small
+  data that should shape the inference graph (a frozen routing map, a kernel
+  shape). The wrapper stores the value in its config (JSON: keep it small) and
+  passes it to the algorithm as a ``tf.constant``.
+
+  Args:
+    value: array-like of numbers.
+    dtype: NumPy dtype to store it as (default: that of ``value``).
+
+  Example:
+    >>> StaticWeight([3, 3, 16, 32], dtype="int32").value.tolist()
+    [3, 3, 16, 32]
+  """
+
+  def __init__(self, value, dtype=None):
+    self.value = np.asarray(value, dtype=dtype)
+    if self.value.dtype.kind not in "biuf":
+      raise ValueError(
+        f"StaticWeight needs numbers, got an array of dtype {self.value.dtype}"
+      )
+
+  def __repr__(self):
+    return f"StaticWeight({self.value.tolist()!r}, dtype={self.value.dtype.name!r})"
+
+
+@dataclasses.dataclass
+class WeightRepr:
+  """One training weight declared by ``init_training_weights``.
+
+  Either ``add_weight`` arguments (``args``/``kwargs``) for a variable, or a
+  ``static`` value for a :class:`StaticWeight`.
+  """
+
+  args: Tuple[Any, ...] = ()
+  kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  static: Optional[StaticWeight] = None
+  name: str = ""
+
+
+class WeightCompressor(metaclass=abc.ABCMeta):
+  """A weight-compression algorithm, applied one weight at a time.
+
+  The methods are pure functions of tensors: the wrappers hold the variables,
+  call the algorithm inside the layer's forward pass, and keep an algorithm
+  instance free of per-layer state, so one instance can drive every layer of
+  a model. Subclasses that take constructor arguments should return them from
+  :meth:`get_config` and be registered with
+  ``keras.saving.register_keras_serializable`` so wrapped models can be saved
+  and loaded.
+
+  Example:
+    >>> class Halve(WeightCompressor):  # toy: stores the weight / 2
+    ...   def get_compressible_weights(self, layer):
+    ...     return [w for w in [kernel_weight(layer)] if w is not None]
+    ...   def init_training_weights(self, pretrained_weight):
+    ...     self.add_training_weight(
+    ...         name="half", shape=pretrained_weight.shape,
+    ...         initializer=keras.initializers.Constant(pretrained_weight / 2))
+    ...   def project_training_weights(self, half):
+    ...     return 2 * half
+    ...   def decompress_weights(self, half):
+    ...     return 2 * half
+  """
+
+  # --------------------------------------------------------------------------
+  # Declaring weights (called by the algorithm, collected by the wrappers).
+
+  def get_compressible_weights(
+    self, original_layer: keras.layers.Layer
+  ) -> List[tf.Variable]:
+    """The weights of ``original_layer`` this algorithm compresses.
+
+    Args:
+      original_layer: a built layer of the model being compressed.
+
+    Returns:
+      A list of the layer's variables (e.g. ``[layer.kernel]``); empty if the
+      layer is left alone. The default compresses nothing.
+    """
+    del original_layer
+    return []
+
+  @abc.abstractmethod
+  def init_training_weights(self, pretrained_weight: tf.Tensor) -> None:
+    """Declares the training weights of one compressible weight.
+
+    Calls :meth:`add_training_weight` (and :meth:`add_static_weight`) once per
+    training weight; their order is the order of the arguments of
+    :meth:`project_training_weights` and :meth:`compress_training_weights`.
+
+    ``pretrained_weight`` holds the trained values when a layer is wrapped by
+    :func:`create_layer_for_training`, and zeros (only its shape and dtype
+    matter) when a wrapper is rebuilt from its config before its weights are
+    loaded.
+
+    Args:
+      pretrained_weight: the original weight, a tensor.
+    """
+
+  def add_training_weight(self, *args, **kwargs) -> None:
+    """Declares a training weight; arguments go to ``Layer.add_weight``.
+
+    Pass ``name=`` (required), ``shape=``, ``dtype=``, ``initializer=``
+    (e.g. ``keras.initializers.Constant(value)`` to start from a value computed
+    from the pretrained weight) and ``trainable=``.
+    """
+    name = kwargs.get("name", args[0] if args else None)
+    if not isinstance(name, str) or not name:
+      raise ValueError(
+        f"{type(self).__name__}.add_training_weight needs a name= (a "
+        f"non-empty string), got {name!r}"
+      )
+    self._reprs().append(WeightRepr(args=args, kwargs=dict(kwargs), name=name))
+
+  def add_static_weight(self, name: str, value, dtype=None) -> None:
+    """Declares a training weight that is a graph constant (see :class:`StaticWeight`).
+
+    Args:
+      name: its name (unique among this weight's training weights).
+      value: array-like of numbers, fixed for the life of the layer.
+      dtype: optional NumPy dtype.
+    """
+    self._reprs().append(
+      WeightRepr(static=StaticWeight(value, dtype=dtype), name=str(name))
+    )
+
+  def _reprs(self) -> List[WeightRepr]:
+    if getattr(self, "_weight_reprs", None) is None:
+      self._weight_reprs = []
+    return self._weight_reprs
+
+  def _collect_training_weights(self, pretrained_weight) -> List[WeightRepr]:
+    """Runs :meth:`init_training_weights` and returns what it declared."""
+    self._weight_reprs = []
+    try:
+      self.init_training_weights(pretrained_weight)
+      return list(self._weight_reprs)
+    finally:
+      self._weight_reprs = None
+
+  # --------------------------------------------------------------------------
+  # The forward passes.
+
+  @abc.abstractmethod
+  def project_training_weights(self, *training_weights: tf.Tensor) -> tf.Tensor:
+    """The weight, computed from its training weights in the training graph.
+
+    Args:
+      *training_weights: tensors, in the order they were declared.
+
+    Returns:
+      A tensor of the original weight's shape.
+    """
+
+  def update_training_weight(self, training_weight: tf.Tensor, value) -> None:
+    """Assigns ``value`` to a training weight outside the optimizer.
+
+    Call it from :meth:`project_training_weights` with one of the tensors it
+    received. The wrapper assigns the value after the forward pass, in
+    training only (``training=True``), like BatchNorm's moving statistics.
+
+    Args:
+      training_weight: the tensor received by ``project_training_weights``.
+      value: the new value.
+
+    Raises:
+      ValueError: if ``training_weight`` is not one of the tensors received
+        (or is a static weight).
+    """
+    for tensor, variable in getattr(self, "_update_targets", None) or ():
+      if tensor is training_weight:
+        self._pending_updates.append((variable, value))
+        return
+    raise ValueError(
+      f"{type(self).__name__}.update_training_weight: the tensor is not a "
+      "variable training weight passed to project_training_weights in this "
+      "call; pass one of the tensors project_training_weights received"
+    )
+
+  def compress_training_weights(self, *training_weights: tf.Tensor) -> List[Any]:
+    """The compressed form of one weight, from its trained training weights.
+
+    The default stores the training weights as they are.
+
+    Args:
+      *training_weights: tensors, in the order they were declared (static
+        weights as constants).
+
+    Returns:
+      A list of tensors (stored as variables) and :class:`StaticWeight`
+      entries (stored in the config); their order is the order of the
+      arguments of :meth:`decompress_weights`.
+    """
+    return list(training_weights)
+
+  @abc.abstractmethod
+  def decompress_weights(self, *compressed_weights: tf.Tensor) -> tf.Tensor:
+    """Rebuilds the weight from its compressed form in the inference graph.
+
+    Args:
+      *compressed_weights: tensors, in the order
+        :meth:`compress_training_weights` returned them.
+
+    Returns:
+      A tensor of the original weight's shape.
+    """
+
+  # --------------------------------------------------------------------------
+  # Serialization.
+
+  def get_config(self) -> dict:
+    """Constructor arguments (override when ``__init__`` takes any)."""
+    return {}
+
+  @classmethod
+  def from_config(cls, config: dict) -> "WeightCompressor":
+    return cls(**config)
+
+
+# ----------------------------------------------------------------------------
+# Helpers shared by the algorithms and the wrappers.
+
+
+def kernel_weight(layer: keras.layers.Layer) -> Optional[tf.Variable]:
+  """The kernel-like variable of a layer, or ``None``.
+
+  Looks for the attributes ``kernel`` and ``depthwise_kernel`` holding a
+  variable (an epitome layer's ``kernel`` is a computed tensor and is not
+  returned).
+
+  Example:
+    >>> layer = keras.layers.DepthwiseConv2D(3)
+    >>> layer.build((None, 8, 8, 4))
+    >>> kernel_weight(layer).shape
+    TensorShape([3, 3, 4, 1])
+  """
+  for attr in KERNEL_ATTRIBUTES:
+    value = getattr(layer, attr, None)
+    if isinstance(value, tf.Variable):
+      return value
+  return None
+
+
+def _short_name(variable_name: str) -> str:
+  """``"model/conv1/kernel:0"`` -> ``"kernel"``."""
+  return variable_name.split(":")[0].split("/")[-1]
+
+
+@contextlib.contextmanager
+def _deferred_weights(layer, names: Sequence[str], dtypes: Optional[dict] = None):
+  """While building ``layer``, ``add_weight`` for ``names`` returns zeros.
+
+  Yields a dict that receives ``name -> placeholder tensor``; the layer's
+  own ``add_weight`` is restored afterwards.
+  """
+  names = set(names)
+  placeholders: Dict[str, tf.Tensor] = {}
+  original = layer.add_weight
+
+  def add_weight(*args, **kwargs):
+    name = kwargs.get("name", args[0] if args else None)
+    if name not in names:
+      return original(*args, **kwargs)
+    shape = kwargs.get("shape", args[1] if len(args) > 1 else None)
+    dtype = kwargs.get("dtype") or (dtypes or {}).get(name) or layer.dtype
+    with tf.init_scope():
+      placeholders[name] = tf.zeros(shape, dtype=dtype)
+    return placeholders[name]
+
+  layer.add_weight = add_weight
+  try:
+    yield placeholders
+  finally:
+    del layer.add_weight  # the instance attribute; the method shows again
+
+
+def _build_shape(layer):
+  shape = getattr(layer, "_build_input_shape", None)
+  if shape is None:
+    try:
+      shape = layer.input_shape
+    except AttributeError:
+      shape = None
+  if shape is None:
+    raise ValueError(
+      f"{type(layer).__name__} '{layer.name}' must be built (called on an "
+      "input or built with an input shape) before it is wrapped"
+    )
+  return shape
+
+
+def _serialize_layer(layer) -> dict:
+  config = keras.layers.serialize(layer)
+  # The wrapper builds the layer itself (without the compressed variables);
+  # a build config would make Keras build it first, with them.
+  config.pop("build_config", None)
+  return config
+
+
+def _call_accepts(fn, arg: str) -> bool:
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return arg in params or any(
+    p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()
+  )
+
+
+def _static_to_config(static: StaticWeight) -> dict:
+  return {"value": static.value.tolist(), "dtype": static.value.dtype.name}
+
+
+def _static_from_config(config: dict) -> StaticWeight:
+  return StaticWeight(config["value"], dtype=config["dtype"])
+
+
+def _serialize_algorithm(algorithm: WeightCompressor) -> dict:
+  # Our own small format: the same in the .keras and the legacy (.h5,
+  # SavedModel) paths, which serialize nested objects differently.
+  return {
+    "registered_name": keras.saving.get_registered_name(type(algorithm)),
+    "config": algorithm.get_config(),
+  }
+
+
+def _deserialize_algorithm(config: dict, custom_objects=None) -> WeightCompressor:
+  name = config["registered_name"]
+  cls = (custom_objects or {}).get(name) or keras.saving.get_registered_object(
+    name, custom_objects
+  )
+  if cls is None:
+    raise ValueError(
+      f"unknown weight-compression algorithm '{name}': register its class "
+      "with @keras.saving.register_keras_serializable(package=...) or pass "
+      "it in custom_objects"
+    )
+  return cls.from_config(config["config"])
+
+
+class _CompressionWrapper(keras.layers.Wrapper):
+  """What the training and inference wrappers share."""
+
+  def __init__(self, layer, algorithm: WeightCompressor, **kwargs):
+    if not isinstance(algorithm, WeightCompressor):
+      raise ValueError(
+        f"{type(self).__name__}: algorithm must be a WeightCompressor "
+        f"instance, got {algorithm!r}"
+      )
+    kwargs.setdefault("name", layer.name)
+    super().__init__(layer, **kwargs)
+    self.algorithm = algorithm
+    self._placeholders: Dict[str, tf.Tensor] = {}
+    self._attributes: Dict[str, str] = {}
+
+  def _build_inner(self, input_shape, names):
+    with _deferred_weights(self.layer, names) as placeholders:
+      self.layer.build(input_shape)
+    self.layer.built = True
+    missing = [n for n in names if n not in placeholders]
+    if missing:
+      raise ValueError(
+        f"{type(self.layer).__name__} '{self.layer.name}': build() created "
+        f"no weight named {missing}; weights it creates: "
+        f"{[_short_name(w.name) for w in self.layer.weights]}"
+      )
+    self._placeholders = placeholders
+    self._attributes = {}
+    for name, tensor in placeholders.items():
+      attrs = [a for a, v in vars(self.layer).items() if v is tensor]
+      if not attrs:
+        raise ValueError(
+          f"{type(self.layer).__name__} '{self.layer.name}': weight '{name}' "
+          "is not held by an attribute of the layer"
+        )
+      self._attributes[name] = name if name in attrs else attrs[0]
+
+  def _call_inner(self, inputs, weights: Dict[str, tf.Tensor], training, kwargs):
+    for name, tensor in weights.items():
+      object.__setattr__(self.layer, self._attributes[name], tensor)
+    try:
+      if training is not None and _call_accepts(self.layer.call, "training"):
+        kwargs = dict(kwargs, training=training)
+      return self.layer.call(inputs, **kwargs)
+    finally:
+      # Do not leave graph tensors on the layer after the call.
+      for name in weights:
+        object.__setattr__(self.layer, self._attributes[name], self._placeholders[name])
+
+  def compute_output_shape(self, input_shape):
+    return self.layer.compute_output_shape(input_shape)
+
+  def get_config(self):
+    config = super().get_config()
+    config["layer"] = _serialize_layer(self.layer)
+    config["algorithm"] = _serialize_algorithm(self.algorithm)
+    return config
+
+  @classmethod
+  def _pop_parts(cls, config, custom_objects=None):
+    config = copy.deepcopy(config)
+    layer_config = config.pop("layer")
+    layer = keras.layers.deserialize(
+      layer_config,
+      custom_objects=custom_objects,
+      use_legacy_format="module" not in layer_config,
+    )
+    algorithm = _deserialize_algorithm(config.pop("algorithm"), custom_objects)
+    return layer, algorithm, config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CompressionTrainingWrapper(_CompressionWrapper):
+  """A layer whose compressible weights are replaced by training weights.
+
+  Build it with :func:`create_layer_for_training`. ``training`` is passed to
+  the wrapped layer's ``call`` when it takes one.
+
+  Args:
+    layer: the layer to wrap (not built; the wrapper builds it).
+    algorithm: a :class:`WeightCompressor`.
+    weight_names: names of the layer's weights to compress (``"kernel"``).
+    static_weights: static training weight values by weight and name (filled
+      in at build; part of the config).
+    **kwargs: base layer arguments (``name`` defaults to the layer's).
+  """
+
+  def __init__(
+    self,
+    layer,
+    algorithm: WeightCompressor,
+    weight_names: Sequence[str],
+    static_weights: Optional[dict] = None,
+    **kwargs,
+  ):
+    super().__init__(layer, algorithm, **kwargs)
+    self.weight_names = list(weight_names)
+    self.static_weights = copy.deepcopy(static_weights or {})
+    self._pretrained: Dict[str, np.ndarray] = {}
+    self.training_weights: Dict[str, List[Any]] = {}
+
+  def build(self, input_shape):
+    self._build_inner(input_shape, self.weight_names)
+    self.training_weights = {}
+    for name in self.weight_names:
+      placeholder = self._placeholders[name]
+      pretrained = self._pretrained.get(name)
+      value = (
+        placeholder
+        if pretrained is None
+        else tf.constant(pretrained, dtype=placeholder.dtype)
+      )
+      reprs = self.algorithm._collect_training_weights(value)
+      stored = self.static_weights.setdefault(name, {})
+      entries = []
+      for rep in reprs:
+        if rep.static is not None:
+          if rep.name not in stored:
+            stored[rep.name] = _static_to_config(rep.static)
+          entries.append(_static_from_config(stored[rep.name]))
+        else:
+          kwargs = dict(rep.kwargs)
+          args = rep.args[1:] if rep.args else ()
+          kwargs["name"] = f"{name}_{rep.name}"
+          kwargs.setdefault("dtype", placeholder.dtype)
+          entries.append(self.add_weight(*args, **kwargs))
+      self.training_weights[name] = entries
+    self._pretrained = {}
+    super(_CompressionWrapper, self).build(input_shape)
+
+  def training_tensors(self, name: str) -> List[tf.Tensor]:
+    """Current values of one weight's training weights (static ones as constants)."""
+    return [
+      tf.constant(e.value) if isinstance(e, StaticWeight) else tf.identity(e)
+      for e in self.training_weights[name]
+    ]
+
+  def call(self, inputs, training=None, **kwargs):
+    weights = {}
+    updates = []
+    for name in self.weight_names:
+      tensors, targets = [], []
+      for entry in self.training_weights[name]:
+        if isinstance(entry, StaticWeight):
+          tensors.append(tf.constant(entry.value))
+        else:
+          tensor = tf.identity(entry)
+          tensors.append(tensor)
+          targets.append((tensor, entry))
+      algorithm = self.algorithm
+      algorithm._update_targets, algorithm._pending_updates = targets, []
+      try:
+        weights[name] = algorithm.project_training_weights(*tensors)
+        updates.extend(algorithm._pending_updates)
+      finally:
+        algorithm._update_targets = algorithm._pending_updates = None
+    if updates:
+      self._apply_updates(updates, training)
+    return self._call_inner(inputs, weights, training, kwargs)
+
+  def _apply_updates(self, updates, training):
+    def assign():
+      for variable, value in updates:
+        variable.assign(tf.cast(value, variable.dtype))
+      return tf.constant(True)
+
+    if training is None or isinstance(training, bool):
+      if training:
+        assign()
+    else:
+      tf.cond(tf.cast(training, tf.bool), assign, lambda: tf.constant(False))
+
+  def get_config(self):
+    config = super().get_config()
+    config["weight_names"] = list(self.weight_names)
+    config["static_weights"] = copy.deepcopy(self.static_weights)
+    return config
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    layer, algorithm, config = cls._pop_parts(config, custom_objects)
+    return cls(layer, algorithm, **config)
+
+
+def _guard(tensors: List[tf.Tensor], inputs) -> List[tf.Tensor]:
+  """Returns ``tensors`` through a ``tf.cond`` on the data.
+
+  Both branches return the same values, so this is the identity; but the
+  predicate depends on the input, which stops the TFLite converter from
+  constant-folding whatever is computed from the variables (it would store the
+  decompressed, full-size weight). One ``IF`` per layer, whatever the number of
+  compressed weights.
+  """
+  if not tensors:
+    return []
+  probe = tf.nest.flatten(inputs)[0]
+  pred = tf.reduce_sum(tf.cast(probe, tf.float32)) > 0.0
+  tensors = [tf.identity(t) for t in tensors]
+  out = tf.cond(pred, lambda: list(tensors), lambda: list(tensors))
+  return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CompressionInferenceWrapper(_CompressionWrapper):
+  """A layer whose compressible weights are decompressed in its forward pass.
+
+  Build it with :func:`create_layer_for_inference`.
+
+  Args:
+    layer: the layer to wrap (not built).
+    algorithm: a :class:`WeightCompressor`.
+    compressed_specs: per weight name, one dict per compressed weight: either
+      ``{"name", "shape", "dtype"}`` (a variable) or ``{"name", "static"}``
+      (a :class:`StaticWeight` config).
+    **kwargs: base layer arguments.
+  """
+
+  def __init__(
+    self, layer, algorithm: WeightCompressor, compressed_specs: dict, **kwargs
+  ):
+    super().__init__(layer, algorithm, **kwargs)
+    self.compressed_specs = copy.deepcopy(compressed_specs)
+    self.compressed_weights: Dict[str, List[Any]] = {}
+
+  def build(self, input_shape):
+    self._build_inner(input_shape, list(self.compressed_specs))
+    self.compressed_weights = {}
+    for name, specs in self.compressed_specs.items():
+      entries = []
+      for spec in specs:
+        if "static" in spec:
+          entries.append(_static_from_config(spec["static"]))
+          continue
+        dtype = tf.as_dtype(spec["dtype"])
+        entries.append(
+          self.add_weight(
+            name=f"{name}_{spec['name']}",
+            shape=tuple(spec["shape"]),
+            dtype=dtype,
+            initializer="zeros",
+            trainable=dtype.is_floating,
+          )
+        )
+      self.compressed_weights[name] = entries
+    super(_CompressionWrapper, self).build(input_shape)
+
+  def call(self, inputs, training=None, **kwargs):
+    variables = [
+      e
+      for name in self.compressed_specs
+      for e in self.compressed_weights[name]
+      if not isinstance(e, StaticWeight)
+    ]
+    guarded = iter(_guard([v.read_value() for v in variables], inputs))
+    weights = {}
+    for name in self.compressed_specs:
+      tensors = [
+        tf.constant(e.value) if isinstance(e, StaticWeight) else next(guarded)
+        for e in self.compressed_weights[name]
+      ]
+      weights[name] = self.algorithm.decompress_weights(*tensors)
+    return self._call_inner(inputs, weights, training, kwargs)
+
+  def get_config(self):
+    config = super().get_config()
+    config["compressed_specs"] = copy.deepcopy(self.compressed_specs)
+    return config
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    layer, algorithm, config = cls._pop_parts(config, custom_objects)
+    return cls(layer, algorithm, **config)
+
+
+# ----------------------------------------------------------------------------
+# Layer-level API.
+
+
+def _weights_without(layer, names: Sequence[str]) -> List[tf.Variable]:
+  return [w for w in layer.weights if _short_name(w.name) not in set(names)]
+
+
+def _copy_other_weights(source_layer, target_layer, names, context: str):
+  """Copies the weights that are not compressed, in creation order."""
+  src = _weights_without(source_layer, names)
+  dst = target_layer.weights
+  if len(src) != len(dst):
+    raise ValueError(
+      f"{context}: '{source_layer.name}' has {len(src)} uncompressed "
+      f"weights but the wrapped copy has {len(dst)}"
+    )
+  for s, d in zip(src, dst, strict=True):
+    if tuple(s.shape) != tuple(d.shape):
+      raise ValueError(
+        f"{context}: '{source_layer.name}' weight '{s.name}' has shape "
+        f"{tuple(s.shape)}, its copy '{d.name}' {tuple(d.shape)}"
+      )
+    d.assign(s)
+
+
+def create_layer_for_training(
+  layer: keras.layers.Layer, algorithm: WeightCompressor
+) -> keras.layers.Layer:
+  """Wraps a built layer so that ``algorithm`` compresses its weights in training.
+
+  The layer is copied (through its config); the copy never creates the
+  compressible weights, whose training weights are initialized from the
+  layer's trained values by ``algorithm.init_training_weights``. The other
+  weights (bias, ...) are copied. A layer with nothing to compress is returned
+  as a plain copy.
+
+  Args:
+    layer: a built layer (e.g. ``Conv2D``, ``DepthwiseConv2D``, ``Dense``).
+    algorithm: a :class:`WeightCompressor` instance.
+
+  Returns:
+    A built :class:`CompressionTrainingWrapper` with the layer's name.
+
+  Raises:
+    ValueError: if ``algorithm`` is not an instance or the layer is not built.
+
+  Example:
+    >>> dense = keras.layers.Dense(8)
+    >>> dense.build((None, 16))
+    >>> wrapped = create_layer_for_training(dense, SVDCompressor(rank=2))
+    >>> sorted(w.name.split("/")[-1] for w in wrapped.weights)
+    ['bias:0', 'kernel_sv:0', 'kernel_u:0']
+  """
+  if not isinstance(algorithm, WeightCompressor):
+    raise ValueError(
+      "create_layer_for_training: algorithm must be a WeightCompressor "
+      f"instance (not the class), got {algorithm!r}"
+    )
+  if not layer.built:
+    raise ValueError(
+      f"create_layer_for_training: {type(layer).__name__} '{layer.name}' "
+      "must be built so that its trained weights can initialize the "
+      "training weights"
+    )
+  compressible = algorithm.get_compressible_weights(layer)
+  clone = layer.__class__.from_config(layer.get_config())
+  input_shape = _build_shape(layer)
+  if not compressible:
+    clone.build(input_shape)
+    clone.set_weights(layer.get_weights())
+    return clone
+  # The wrapper matches a weight by the name its layer gives ``add_weight``
+  # and finds the attribute holding it after build.
+  weight_names = [_short_name(w.name) for w in compressible]
+  wrapper = CompressionTrainingWrapper(clone, algorithm, weight_names)
+  wrapper._pretrained = {
+    n: w.numpy() for n, w in zip(weight_names, compressible, strict=True)
+  }
+  wrapper.build(input_shape)
+  _copy_other_weights(layer, wrapper.layer, weight_names, "create_layer_for_training")
+  return wrapper
+
+
+def create_layer_for_inference(
+  training_layer: keras.layers.Layer,
+  algorithm: Optional[WeightCompressor] = None,
+) -> keras.layers.Layer:
+  """Turns a trained training wrapper into its compressed inference form.
+
+  Calls ``algorithm.compress_training_weights`` on the trained training
+  weights; the results become the wrapper's variables (tensors) or config
+  (:class:`StaticWeight`), and ``decompress_weights`` rebuilds the weight in
+  the forward pass. A layer that is not a training wrapper is returned as a
+  plain copy.
+
+  Args:
+    training_layer: a :class:`CompressionTrainingWrapper` (built).
+    algorithm: the algorithm; default the one the wrapper was built with.
+
+  Returns:
+    A built :class:`CompressionInferenceWrapper`.
+
+  Raises:
+    ValueError: if the layer is not built or a compressed weight is neither a
+      tensor nor a :class:`StaticWeight`.
+
+  Example:
+    >>> dense = keras.layers.Dense(8)
+    >>> dense.build((None, 16))
+    >>> training = create_layer_for_training(dense, SVDCompressor(rank=2))
+    >>> inference = create_layer_for_inference(training)
+    >>> inference(tf.ones((1, 16))).shape
+    TensorShape([1, 8])
+  """
+  if not training_layer.built:
+    raise ValueError(
+      f"create_layer_for_inference: {type(training_layer).__name__} "
+      f"'{training_layer.name}' must be built"
+    )
+  if not isinstance(training_layer, CompressionTrainingWrapper):
+    clone = training_layer.__class__.from_config(training_layer.get_config())
+    clone.build(_build_shape(training_layer))
+    clone.set_weights(training_layer.get_weights())
+    return clone
+  algorithm = algorithm or training_layer.algorithm
+  if not isinstance(algorithm, WeightCompressor):
+    raise ValueError(
+      "create_layer_for_inference: algorithm must be a WeightCompressor "
+      f"instance, got {algorithm!r}"
+    )
+  specs, values = {}, {}
+  for name in training_layer.weight_names:
+    compressed = algorithm.compress_training_weights(
+      *training_layer.training_tensors(name)
+    )
+    specs[name], values[name] = [], []
+    for i, c in enumerate(compressed):
+      if isinstance(c, StaticWeight):
+        specs[name].append({"name": str(i), "static": _static_to_config(c)})
+        continue
+      if not isinstance(c, (tf.Tensor, tf.Variable, np.ndarray)):
+        raise ValueError(
+          f"{type(algorithm).__name__}.compress_training_weights returned "
+          f"{type(c).__name__} for '{training_layer.name}/{name}' (item {i}); "
+          "expected tensors or StaticWeight"
+        )
+      c = tf.convert_to_tensor(c)
+      specs[name].append(
+        {"name": str(i), "shape": list(c.shape), "dtype": c.dtype.name}
+      )
+      values[name].append(c)
+  inner = training_layer.layer
+  clone = inner.__class__.from_config(inner.get_config())
+  wrapper = CompressionInferenceWrapper(
+    clone, algorithm, specs, name=training_layer.name
+  )
+  wrapper.build(_build_shape(training_layer))
+  for name in training_layer.weight_names:
+    variables = [
+      e for e in wrapper.compressed_weights[name] if not isinstance(e, StaticWeight)
+    ]
+    for variable, value in zip(variables, values[name], strict=True):
+      variable.assign(value)
+  src, dst = inner.weights, wrapper.layer.weights
+  if len(src) != len(dst):
+    raise ValueError(
+      f"create_layer_for_inference: '{training_layer.name}' has {len(src)} "
+      f"uncompressed weights, its inference copy {len(dst)}"
+    )
+  for s, d in zip(src, dst, strict=True):
+    d.assign(s)
+  return wrapper
+
+
+# ----------------------------------------------------------------------------
+# Model-level API.
+
+
+def _clone_model(model, transform):
+  if not isinstance(model, keras.Model) or not (
+    isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False)
+  ):
+    raise ValueError(
+      f"expected a built Sequential or functional keras Model, got "
+      f"{type(model).__name__} '{getattr(model, 'name', model)}'"
+    )
+  if not model.built:
+    raise ValueError(
+      f"model '{model.name}' must be built (give it an Input) so its trained "
+      "weights can be read"
+    )
+
+  def clone_function(layer):
+    if isinstance(layer, keras.Model):
+      return _clone_model(layer, transform)
+    return transform(layer)
+
+  return keras.models.clone_model(model, clone_function=clone_function)
+
+
+def compress_model_for_training(
+  model: keras.Model, algorithm: WeightCompressor
+) -> keras.Model:
+  """Wraps every layer the algorithm compresses (``clone_model``).
+
+  Like TF-MOT's ``prune_low_magnitude``: the result is a new model (nested
+  Sequential/functional models are transformed too) whose compressible layers
+  are :class:`CompressionTrainingWrapper`; other layers are copies with the
+  same weights. Compile and fit it as usual.
+
+  Args:
+    model: a built Sequential or functional model (e.g. trained).
+    algorithm: a :class:`WeightCompressor` instance.
+
+  Returns:
+    The training model.
+
+  Raises:
+    ValueError: for a subclassed or unbuilt model.
+
+  Example:
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8)])
+    >>> training = compress_model_for_training(model, SVDCompressor(rank=2))
+    >>> type(training.layers[0]).__name__
+    'CompressionTrainingWrapper'
+  """
+  return _clone_model(model, lambda layer: create_layer_for_training(layer, algorithm))
+
+
+def compress_model_for_inference(
+  training_model: keras.Model, algorithm: Optional[WeightCompressor] = None
+) -> keras.Model:
+  """Turns every training wrapper of a model into its inference form.
+
+  Args:
+    training_model: a model from :func:`compress_model_for_training`
+      (trained, or loaded from a file).
+    algorithm: optional; default each wrapper's own algorithm.
+
+  Returns:
+    The inference model: the compressed weights are its variables, and
+    ``tf.lite.TFLiteConverter.from_keras_model`` keeps them compressed.
+
+  Example:
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8)])
+    >>> training = compress_model_for_training(model, SVDCompressor(rank=2))
+    >>> inference = compress_model_for_inference(training)
+    >>> inference(tf.ones((1, 16))).shape
+    TensorShape([1, 8])
+  """
+  return _clone_model(
+    training_model, lambda layer: create_layer_for_inference(layer, algorithm)
+  )
+
+
+def custom_objects() -> dict:
+  """The classes of this module, for ``keras.utils.custom_object_scope``."""
+  from keras_epitome import compression_algorithms
+
+  return {
+    "CompressionTrainingWrapper": CompressionTrainingWrapper,
+    "CompressionInferenceWrapper": CompressionInferenceWrapper,
+    "EpitomeCompressor": compression_algorithms.EpitomeCompressor,
+    "SVDCompressor": compression_algorithms.SVDCompressor,
+  }
+
+
+def __getattr__(name):
+  # The algorithms live in compression_algorithms (they import this module).
+  if name in ("EpitomeCompressor", "SVDCompressor"):
+    from keras_epitome import compression_algorithms
+
+    return getattr(compression_algorithms, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,274 @@
+"""Weight-compression algorithms for :mod:`keras_epitome.compression`.
+
+* :class:`EpitomeCompressor`: a kernel becomes an epitome plus a routing map
+  (Neural Epitome Search). Training samples the kernel with the package's
+  differentiable sampler, so the epitome and the offsets are fine-tuned
+  together; inference stores the epitome and rebuilds the kernel from it with
+  static slices at the frozen routing map.
+* :class:`SVDCompressor`: a toy low-rank factorization, here to show that the
+  wrappers know nothing about epitomes (training and inference graphs are the
+  same, as in TF-MOT's SVD example).
+
+Example:
+  >>> import keras_epitome as ke
+  >>> from keras_epitome import compression
+  >>> keras = ke.keras
+  >>> model = keras.Sequential([
+  ...     keras.Input((8, 8, 1)),
+  ...     keras.layers.Conv2D(32, 3, activation="relu"),
+  ...     keras.layers.Conv2D(64, 3, activation="relu"),
+  ...     keras.layers.Flatten(),
+  ...     keras.layers.Dense(10),
+  ... ])
+  >>> algorithm = EpitomeCompressor(compression=4)
+  >>> training_model = compression.compress_model_for_training(model, algorithm)
+  >>> # ... fine-tune training_model ...
+  >>> inference_model = compression.compress_model_for_inference(training_model)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import numpy as np
+import tensorflow as tf
+
+from keras_epitome import sampling
+from keras_epitome.backend import keras
+from keras_epitome.compression import (
+  StaticWeight,
+  WeightCompressor,
+  kernel_weight,
+)
+
+_PACKAGE = "keras_epitome"
+
+
+def _static_value(tensor, what: str):
+  value = tf.get_static_value(tensor)
+  if value is None:
+    raise ValueError(
+      f"{what} must be a static weight (a constant when the graph is built); "
+      "got a tensor whose value is only known at run time"
+    )
+  return value
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class EpitomeCompressor(WeightCompressor):
+  """Compresses kernels into neural epitomes (the TF-MOT contract).
+
+  Per compressible kernel ``(*S, Cin, Cout)`` (``kernel`` or
+  ``depthwise_kernel`` of ``Conv1D``, ``Conv2D``, ``Conv3D``,
+  ``DepthwiseConv2D``, ``Dense``, ...):
+
+  * ``init_training_weights``: the epitome shape follows the ratio rule of
+    :func:`~keras_epitome.sampling.epitome_shape_for_ratio`; the routing map
+    starts as :func:`~keras_epitome.sampling.fixed_routing`, and the epitome
+    is the closed-form least-squares fit of the pretrained kernel
+    (:func:`~keras_epitome.sampling.fit_epitome`), so the wrapped model starts
+    from the trained model's best epitome approximation. Training weights:
+    the kernel shape (static), the epitome, the input-chunk, output-chunk and
+    (when the epitome has spatial slack) spatial offsets.
+  * ``project_training_weights``: :func:`~keras_epitome.sampling.sample_kernel`
+    (differentiable in the epitome and the offsets).
+  * ``compress_training_weights``: freezes the routing map (channel offsets
+    wrapped, spatial offsets clipped) into static weights; only the epitome
+    stays a variable.
+  * ``decompress_weights``: :func:`~keras_epitome.sampling.sample_kernel_frozen`
+    (static slices and concats, no index tensor).
+
+  Args:
+    compression: target ratio of each kernel (``>= 1``).
+    learn_offsets: train the routing map's offsets along with the epitome
+      (NES); ``False`` keeps the fixed (WSNet) routing.
+    min_kernel_size: kernels with fewer entries are left alone.
+
+  Raises:
+    ValueError: for a ratio below 1 or a negative minimum size.
+
+  Example:
+    >>> dense = keras.layers.Dense(64)
+    >>> dense.build((None, 64))
+    >>> algorithm = EpitomeCompressor(compression=4)
+    >>> from keras_epitome.compression import create_layer_for_training
+    >>> wrapped = create_layer_for_training(dense, algorithm)
+    >>> wrapped.training_weights["kernel"][1].shape
+    TensorShape([32, 32])
+  """
+
+  def __init__(
+    self,
+    compression: float = 4.0,
+    learn_offsets: bool = True,
+    min_kernel_size: int = 0,
+  ):
+    if not (
+      isinstance(compression, (int, float, np.number))
+      and math.isfinite(float(compression))
+      and float(compression) >= 1
+    ):
+      raise ValueError(
+        f"EpitomeCompressor: compression must be a finite number >= 1, got "
+        f"{compression!r}"
+      )
+    if int(min_kernel_size) < 0:
+      raise ValueError(
+        f"EpitomeCompressor: min_kernel_size must be >= 0, got {min_kernel_size!r}"
+      )
+    self.compression = float(compression)
+    self.learn_offsets = bool(learn_offsets)
+    self.min_kernel_size = int(min_kernel_size)
+
+  def geometry_for(self, kernel_shape) -> sampling.EpitomeGeometry:
+    """The epitome geometry this algorithm gives a kernel of ``kernel_shape``."""
+    kernel_shape = tuple(int(d) for d in kernel_shape)
+    return sampling.EpitomeGeometry(
+      kernel_shape, sampling.epitome_shape_for_ratio(kernel_shape, self.compression)
+    )
+
+  def get_compressible_weights(self, original_layer) -> List[tf.Variable]:
+    kernel = kernel_weight(original_layer)
+    if kernel is None or int(np.prod(kernel.shape)) < self.min_kernel_size:
+      return []
+    try:
+      self.geometry_for(kernel.shape)
+    except ValueError:  # ratio too large for this kernel: leave it alone
+      return []
+    return [kernel]
+
+  def init_training_weights(self, pretrained_weight):
+    g = self.geometry_for(pretrained_weight.shape)
+    routing = sampling.fixed_routing(g)
+    kernel = np.asarray(pretrained_weight)
+    if np.any(kernel):
+      epitome = sampling.fit_epitome(kernel, routing, g)
+    else:
+      # A zero placeholder (a wrapper rebuilt from its config): its fit is
+      # zero. Skipping it also matters because Keras may build layers under
+      # tf.init_scope, where the gradient tape fit_epitome uses is paused.
+      epitome = np.zeros(g.epitome_shape, kernel.dtype)
+    dtype = pretrained_weight.dtype
+    self.add_static_weight("kernel_shape", g.kernel_shape, dtype="int64")
+    self.add_training_weight(
+      name="epitome",
+      shape=g.epitome_shape,
+      dtype=dtype,
+      initializer=keras.initializers.Constant(epitome),
+    )
+    offsets = [("in_offsets", routing.in_offsets), ("out_offsets", routing.out_offsets)]
+    if g.slack_axes:
+      offsets.append(("spatial_offsets", routing.spatial_offsets))
+    for name, value in offsets:
+      self.add_training_weight(
+        name=name,
+        shape=value.shape,
+        dtype=dtype,
+        initializer=keras.initializers.Constant(value),
+        trainable=self.learn_offsets,
+      )
+
+  def _geometry(self, kernel_shape, epitome) -> sampling.EpitomeGeometry:
+    shape = _static_value(kernel_shape, "EpitomeCompressor: kernel_shape")
+    return sampling.EpitomeGeometry(tuple(shape), tuple(epitome.shape))
+
+  def project_training_weights(
+    self, kernel_shape, epitome, in_offsets, out_offsets, *spatial_offsets
+  ):
+    g = self._geometry(kernel_shape, epitome)
+    spatial = spatial_offsets[0] if spatial_offsets else None
+    return sampling.sample_kernel(epitome, in_offsets, out_offsets, spatial, g)
+
+  def compress_training_weights(
+    self, kernel_shape, epitome, in_offsets, out_offsets, *spatial_offsets
+  ):
+    g = self._geometry(kernel_shape, epitome)
+    routing = [
+      StaticWeight(g.kernel_shape, dtype="int64"),
+      tf.convert_to_tensor(epitome),
+      StaticWeight(np.mod(np.asarray(in_offsets, np.float64), g.cin_e)),
+      StaticWeight(np.mod(np.asarray(out_offsets, np.float64), g.cout_e)),
+    ]
+    if spatial_offsets:
+      slack = np.asarray(g.slack, np.float64)[np.newaxis]
+      routing.append(
+        StaticWeight(np.clip(np.asarray(spatial_offsets[0], np.float64), 0, slack))
+      )
+    return routing
+
+  def decompress_weights(
+    self, kernel_shape, epitome, in_offsets, out_offsets, *spatial_offsets
+  ):
+    g = self._geometry(kernel_shape, epitome)
+    what = "EpitomeCompressor.decompress_weights: the routing map"
+    spatial = (
+      _static_value(spatial_offsets[0], what)
+      if spatial_offsets
+      else np.zeros((g.num_out_chunks, g.rank))
+    )
+    routing = sampling.RoutingMap(
+      _static_value(in_offsets, what), _static_value(out_offsets, what), spatial
+    )
+    return sampling.sample_kernel_frozen(epitome, routing, g)
+
+  def get_config(self) -> dict:
+    return {
+      "compression": self.compression,
+      "learn_offsets": self.learn_offsets,
+      "min_kernel_size": self.min_kernel_size,
+    }
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SVDCompressor(WeightCompressor):
+  """Toy low-rank algorithm: ``K[s] = U[s] @ SV[s]`` per spatial tap.
+
+  The kernel's last two axes are factored by a truncated SVD, separately for
+  each spatial tap (as in TF-MOT's SVD example), for any kernel rank. Training
+  and inference use the same two factors.
+
+  Args:
+    rank: the number of singular values kept (kernels whose channel sides are
+      not both larger are left alone).
+
+  Example:
+    >>> dense = keras.layers.Dense(8)
+    >>> dense.build((None, 16))
+    >>> algorithm = SVDCompressor(rank=2)
+    >>> [w.shape for w in algorithm.get_compressible_weights(dense)]
+    [TensorShape([16, 8])]
+  """
+
+  def __init__(self, rank: int = 8):
+    if int(rank) < 1:
+      raise ValueError(f"SVDCompressor: rank must be >= 1, got {rank!r}")
+    self.rank = int(rank)
+
+  def get_compressible_weights(self, original_layer) -> List[tf.Variable]:
+    kernel = kernel_weight(original_layer)
+    if kernel is None or min(kernel.shape[-2:]) <= self.rank:
+      return []
+    return [kernel]
+
+  def init_training_weights(self, pretrained_weight):
+    s, u, v = tf.linalg.svd(tf.convert_to_tensor(pretrained_weight))
+    r = self.rank
+    u = u[..., :r]
+    sv = s[..., :r, tf.newaxis] * tf.linalg.matrix_transpose(v[..., :r])
+    for name, value in (("u", u), ("sv", sv)):
+      self.add_training_weight(
+        name=name,
+        shape=value.shape,
+        dtype=value.dtype,
+        initializer=keras.initializers.Constant(value.numpy()),
+      )
+
+  def project_training_weights(self, u, sv):
+    return tf.matmul(u, sv)
+
+  def decompress_weights(self, u, sv):
+    return tf.matmul(u, sv)
+
+  def get_config(self) -> dict:
+    return {"rank": self.rank}
