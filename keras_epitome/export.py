@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import tensorflow as tf
 
-from keras_epitome import factored
+from keras_epitome import factored, transform
 from keras_epitome.backend import keras
 from keras_epitome.layers import EpitomeMixin
 
@@ -47,9 +47,8 @@ QUANTIZATIONS = (None, "dynamic", "int8")
 def materialize(model):
   """The materialized form: every epitome layer replaced by its stock layer.
 
-  Uses :func:`keras_epitome.transform.strip_epitome` when that module is
-  available; otherwise the same clone-and-copy (kernel = the layer's sampled
-  kernel with its inference routing map).
+  :func:`keras_epitome.transform.strip_epitome`, after checking that no
+  epitome layer is unbuilt or inside a training wrapper.
 
   Args:
     model: a built Keras model.
@@ -63,16 +62,8 @@ def materialize(model):
   Example:
     >>> plain = ke.export.materialize(model)
   """
-  try:
-    from keras_epitome import transform  # noqa: PLC0415
-  except ImportError:
-    transform = None
-  if transform is not None and hasattr(transform, "strip_epitome"):
-    _check_layers(model)
-    return transform.strip_epitome(model)
-  return factored._transform(  # noqa: SLF001
-    model, lambda layer, bn: factored._materialize_layer(layer), False, None
-  )
+  _check_layers(model)
+  return transform.strip_epitome(model)
 
 
 def _check_layers(model):

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from keras_epitome import sampling
+from keras_epitome import sampling, transform
 from keras_epitome.backend import keras
 from keras_epitome.layers import EpitomeMixin
 
@@ -640,34 +640,8 @@ def _factored_class(layer):
 
 def _materialize_layer(layer):
   """A stock layer holding ``layer``'s sampled kernel (the materialized form)."""
-  try:
-    from keras_epitome import transform  # noqa: PLC0415
-  except ImportError:
-    transform = None
-  if transform is not None and hasattr(transform, "materialize_layer"):
-    return transform.materialize_layer(layer)
   _check_training_state(layer)
-  config = layer.get_config()
-  for key in (
-    "compression",
-    "epitome_shape",
-    "sampler",
-    "learner",
-    "spatial_stride",
-    "offset_scale",
-    "routing_momentum",
-  ):
-    config.pop(key, None)
-  stock = layer._stock_class.from_config(config)
-  kernel = layer.kernel.numpy()
-  stock.build(
-    tf.TensorShape(
-      [None] * (kernel.ndim - 1)
-      + [layer.epitome_geometry.cin * getattr(layer, "groups", 1)]
-    )
-  )
-  stock.set_weights([kernel] + ([layer.bias.numpy()] if layer.use_bias else []))
-  return stock
+  return transform.materialize_layer(layer)
 
 
 def _check_training_state(layer):

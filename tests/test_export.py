@@ -168,6 +168,8 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     report = ke.tflite_tensor_report(ke.export_tflite(model))
     total = report["conv_macs"] + report["elementwise_muls"]
     self.assertEqual(total, 8 * 8 * g.macs_per_position()["factored"])
+    summary = ke.summarize(model, print_fn=None)
+    self.assertEqual(total, summary.macs_factored)
     self.assertEqual(report["conv_macs"], 8 * 8 * 9 * g.cin_e * g.cout_e)
 
   def test_feature_learner_exports_moving_map(self):
