@@ -77,6 +77,9 @@ flags.DEFINE_bool(
   "tflite", True, "Measure .tflite bytes (factored form for epitome models)."
 )
 flags.DEFINE_integer("verbose", 0, "Keras fit verbosity.")
+flags.DEFINE_bool(
+  "report_only", False, "Print the tables of the runs in --out; train nothing."
+)
 
 
 def load_data():
@@ -200,6 +203,44 @@ def summarize(records):
   return rows
 
 
+def margins(records):
+  """Rows of accuracy differences (points) between NES and each baseline, per ratio.
+
+  ``±`` is the standard error of the difference of the two means.
+  """
+  groups = collections.defaultdict(list)
+  for r in records:
+    groups[(r["ratio"], r["method"])].append(100 * r["accuracy"])
+  rows = []
+  for ratio in sorted({r for r, _ in groups}):
+    if ratio == 1:
+      continue
+    row = {"ratio": f"{ratio:g}"}
+    for nes in ("nes_param", "nes_feature"):
+      for base in ("wsnet", "thinner", "pruning"):
+        a, b = groups.get((ratio, nes)), groups.get((ratio, base))
+        if not a or not b:
+          continue
+        se = np.sqrt(
+          (np.var(a, ddof=1) / len(a) if len(a) > 1 else 0)
+          + (np.var(b, ddof=1) / len(b) if len(b) > 1 else 0)
+        )
+        row[f"{nes} - {base}"] = f"{np.mean(a) - np.mean(b):+.2f} ± {se:.2f}"
+    rows.append(row)
+  return rows
+
+
+def print_tables(records):
+  rows = summarize(records)
+  print()
+  print(C.format_table(rows, list(rows[0].keys())))
+  rows = margins(records)
+  if rows:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    print("\nAccuracy margins (points; ± = standard error of the difference):")
+    print(C.format_table(rows, columns))
+
+
 def main(argv):
   del argv
   out = FLAGS.out or os.path.join(
@@ -207,6 +248,10 @@ def main(argv):
   )
   done = set()
   records = []
+  if FLAGS.report_only:
+    with open(out) as f:
+      print_tables([json.loads(line) for line in f])
+    return
   if FLAGS.resume and os.path.exists(out):
     with open(out) as f:
       for line in f:
@@ -243,9 +288,7 @@ def main(argv):
       f"tflite {record.get('tflite_bytes', '-')} ({record['train_seconds']} s)",
       flush=True,
     )
-  rows = summarize(records)
-  print()
-  print(C.format_table(rows, list(rows[0].keys())))
+  print_tables(records)
 
 
 if __name__ == "__main__":

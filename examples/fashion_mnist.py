@@ -48,7 +48,7 @@ flags.DEFINE_enum(
   "learner", "param", ["param", "feature"], "Offset learner (learned only)."
 )
 flags.DEFINE_bool(
-  "spread_init", True, "Start from spread channel offsets (see common.py)."
+  "spread_init", False, "Start from spread channel offsets (see common.py)."
 )
 flags.DEFINE_integer("tflite_eval", 1000, "Test images run through each .tflite file.")
 flags.DEFINE_string("out", "example_output", "Folder for the .tflite files.")
