@@ -391,7 +391,7 @@ def epitomize(
       copies.append((layer, new))
       return new
     try:
-      new = epitome_cls.from_config(_epitome_config(layer, kwargs))
+      new = epitome_cls(**_epitome_config(layer, kwargs))
     except ValueError as e:
       raise ValueError(f"epitomize: layer '{layer.name}': {e}") from None
     converted.append((layer, new))
