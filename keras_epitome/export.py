@@ -77,13 +77,17 @@ def _check_layers(model):
       factored._check_training_state(layer)  # noqa: SLF001
 
 
-def inference_model(model, form: str = "factored", *, fold_batchnorm: bool = True):
+def inference_model(
+  model, form: str = "factored", *, fold_batchnorm: bool = True, remix: str = "slices"
+):
   """The Keras model that :func:`export_tflite` converts, in the given form.
 
   Args:
     model: a built Keras model (epitome layers anywhere, nested models too).
     form: ``"factored"`` or ``"materialized"``.
     fold_batchnorm: for ``"factored"``, fold following BatchNorms.
+    remix: for ``"factored"``: ``"slices"`` or ``"matmul"`` (see
+      :func:`keras_epitome.factored.factorize`).
 
   Returns:
     A new Keras model.
@@ -94,7 +98,7 @@ def inference_model(model, form: str = "factored", *, fold_batchnorm: bool = Tru
   if form not in FORMS:
     raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
   if form == "factored":
-    return factored.factorize(model, fold_batchnorm=fold_batchnorm)
+    return factored.factorize(model, fold_batchnorm=fold_batchnorm, remix=remix)
   return materialize(model)
 
 
@@ -130,6 +134,7 @@ def export_tflite(
   representative_data=None,
   batch_size: Optional[int] = 1,
   fold_batchnorm: bool = True,
+  remix: str = "slices",
 ) -> bytes:
   """Converts an epitome model to a TFLite flatbuffer.
 
@@ -146,6 +151,9 @@ def export_tflite(
     batch_size: static batch size of the exported model (``None``: dynamic;
       static shapes run faster on LiteRT).
     fold_batchnorm: fold BatchNorms into factored layers.
+    remix: for ``"factored"``: ``"slices"`` (default; the smallest file) or
+      ``"matmul"`` (channel remixes as 1x1 convolutions: fewer ops, faster on
+      narrow layers, a larger file).
 
   Returns:
     The ``.tflite`` bytes.
@@ -172,7 +180,7 @@ def export_tflite(
       f"model '{model.name}' must be built with known inputs (a functional or "
       "Sequential model with an Input) to be exported"
     )
-  inf = inference_model(model, form, fold_batchnorm=fold_batchnorm)
+  inf = inference_model(model, form, fold_batchnorm=fold_batchnorm, remix=remix)
   specs = [
     tf.TensorSpec([batch_size] + list(t.shape[1:]), tf.float32, name=f"input_{i}")
     for i, t in enumerate(inf.inputs)

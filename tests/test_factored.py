@@ -146,12 +146,13 @@ class FactoredLayerTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(
     [
-      (f"{name}_{mode}", kind, kwargs, shape, mode)
+      (f"{name}_{mode}_{remix}", kind, kwargs, shape, mode, remix)
       for name, kind, kwargs, shape in CASES
       for mode in ("integer", "fractional")
+      for remix in ("slices", "matmul")
     ]
   )
-  def test_factored_equals_layer(self, kind, kwargs, shape, mode):
+  def test_factored_equals_layer(self, kind, kwargs, shape, mode, remix):
     """Factored form == layer inference output, and == the materialized form."""
     model, layer = _model(kind, kwargs, shape)
     rng = np.random.default_rng(1)
@@ -160,8 +161,9 @@ class FactoredLayerTest(tf.test.TestCase, parameterized.TestCase):
     elif mode == "fractional":
       self.skipTest("the fixed sampler has integer offsets")
     x = rng.standard_normal(shape).astype(np.float32)
-    fast = ke.factorize(model)
+    fast = ke.factorize(model, remix=remix)
     self.assertIsInstance(fast.layers[-1], ke.FACTORED_LAYERS)
+    self.assertEqual(fast.layers[-1].remix, remix)
     y = model(x, training=False)
     self._assert_same(fast(x), y)
     # The materialized form (stock layer holding the sampled kernel) agrees too.

@@ -1,0 +1,238 @@
+"""Inference benchmark: stock vs materialized vs factored epitome models on LiteRT.
+
+For a conv-heavy image model (a small ResNet at 32x32) and a 1D audio CNN
+(M5-style, 1 s of 8 kHz audio), at each compression ratio, exports three
+``.tflite`` files per precision (float32 and full int8):
+
+* ``stock``: the same architecture with stock layers;
+* ``materialized``: the epitome model with sampled full-size kernels;
+* ``factored``: the epitome model in the factored form (DESIGN.md 4.2).
+
+and reports file size, analytic multiply-adds (from the converted graph's
+shapes: convolution and fully connected MACs plus the blends' multiplies) and
+LiteRT latency at 1 and 2 threads. Latency is measured interleaved (one
+invoke of each file in turn, the order rotating every round) so that a busy
+machine slows every variant alike, and the median is reported. Ratios are
+against the stock model measured in the same run.
+
+Epitome layers get random fractional routing maps (the general case a trained
+NES model ends in: every chunk needs both rolls and blends); pass
+``--offsets=integer`` for WSNet-style integer maps.
+
+Usage:
+  PYTHONPATH=. python benchmarks/inference.py --iterations=200
+  PYTHONPATH=. python benchmarks/inference.py --models=resnet --compressions=4
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import time
+
+import numpy as np
+from absl import app, flags
+
+import keras_epitome as ke
+from keras_epitome import export, sampling
+
+keras = ke.keras
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["resnet", "audio"], "Models: resnet, audio.")
+flags.DEFINE_list("compressions", ["2", "4", "8"], "Compression ratios.")
+flags.DEFINE_list("precisions", ["float", "int8"], "float and/or int8.")
+flags.DEFINE_list("threads", ["1", "2"], "LiteRT thread counts.")
+flags.DEFINE_integer("iterations", 200, "Timed invokes per file and thread count.")
+flags.DEFINE_integer("warmup", 10, "Untimed invokes per file first.")
+flags.DEFINE_enum("offsets", "fractional", ["fractional", "integer"], "Routing maps.")
+flags.DEFINE_string("json_out", None, "Optional path for the results as JSON lines.")
+flags.DEFINE_integer("seed", 0, "Seed for weights, routing maps and inputs.")
+flags.DEFINE_list("remix", ["slices", "matmul"], "Factored remix variants.")
+flags.DEFINE_integer("width", 32, "ResNet base width (stages w, 2w, 4w).")
+
+
+def resnet(conv, width=32):
+  """ResNet-style net at 32x32: stem + 3 stages of 2 basic blocks (w, 2w, 4w)."""
+  inputs = keras.Input((32, 32, 3))
+  x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False)(inputs)
+  x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+  channels = width
+  for stage, filters in enumerate((width, 2 * width, 4 * width)):
+    for block in range(2):
+      stride = 2 if stage and not block else 1
+      h = conv(filters, 3, strides=stride, padding="same", use_bias=False)(x)
+      h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+      h = conv(filters, 3, padding="same", use_bias=False)(h)
+      h = keras.layers.BatchNormalization()(h)
+      if stride != 1 or channels != filters:
+        x = conv(filters, 1, strides=stride, use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+      x = keras.layers.ReLU()(keras.layers.Add()([h, x]))
+      channels = filters
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  return keras.Model(inputs, keras.layers.Dense(10)(x), name="resnet")
+
+
+def audio_cnn(conv, width=64):
+  """M5-style 1D CNN on 8000 samples: a stock stem, then epitome convs."""
+  inputs = keras.Input((8000, 1))
+  x = keras.layers.Conv1D(width, 80, strides=4, padding="same", use_bias=False)(inputs)
+  x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+  x = keras.layers.MaxPooling1D(4)(x)
+  for filters in (width, 2 * width, 2 * width, 4 * width):
+    x = conv(filters, 3, padding="same", use_bias=False)(x)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    if filters != 4 * width:
+      x = keras.layers.MaxPooling1D(2)(x)
+  x = keras.layers.GlobalAveragePooling1D()(x)
+  return keras.Model(inputs, keras.layers.Dense(10)(x), name="audio")
+
+
+MODELS = {
+  "resnet": (resnet, keras.layers.Conv2D, ke.EpitomeConv2D, (32, 32, 3)),
+  "audio": (audio_cnn, keras.layers.Conv1D, ke.EpitomeConv1D, (8000, 1)),
+}
+
+
+def _randomize(model, rng, fractional):
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      gamma, beta, mean, var = layer.get_weights()
+      layer.set_weights(
+        [
+          rng.uniform(0.5, 1.5, gamma.shape),
+          rng.normal(0, 0.1, beta.shape),
+          rng.normal(0, 0.1, mean.shape),
+          rng.uniform(0.5, 1.5, var.shape),
+        ]
+      )
+  for layer in export.epitome_layers(model):
+    g = layer.epitome_geometry
+    routing = sampling.RoutingMap(
+      rng.uniform(0, g.cin_e, g.num_in_chunks),
+      rng.uniform(0, g.cout_e, g.num_out_chunks),
+      rng.uniform(0, 1, (g.num_out_chunks, g.rank)) * np.asarray(g.slack, float),
+    )
+    if not fractional:
+      routing = sampling.RoutingMap(*(np.floor(r) for r in routing))
+    layer.set_routing_map(routing)
+
+
+def _latencies(files, threads, iterations, warmup, x):
+  """Median ms per invoke of each file, measured interleaved."""
+  runners = {name: export.LiteRTRunner(b, threads) for name, b in files.items()}
+  for runner in runners.values():
+    runner.set_inputs(x)
+    for _ in range(warmup):
+      runner.invoke()
+  times = {name: [] for name in runners}
+  names = list(runners)
+  for i in range(iterations):
+    order = names[i % len(names) :] + names[: i % len(names)]
+    for name in order:
+      start = time.perf_counter()
+      runners[name].invoke()
+      times[name].append(time.perf_counter() - start)
+  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def _macs(tflite):
+  report = export.tflite_tensor_report(tflite)
+  return report["conv_macs"] + report["elementwise_muls"]
+
+
+def main(argv):
+  del argv
+  rng = np.random.default_rng(FLAGS.seed)
+  rows = []
+  threads = [int(t) for t in FLAGS.threads]
+  print(
+    f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+    f"{platform.processor() or platform.machine()}, "
+    f"offsets={FLAGS.offsets}, iterations={FLAGS.iterations}"
+  )
+  for model_name in FLAGS.models:
+    build, stock_cls, epitome_cls, shape = MODELS[model_name]
+    data = rng.uniform(-1, 1, (16,) + shape).astype(np.float32)
+    if model_name == "resnet":
+      build = functools.partial(resnet, width=FLAGS.width)
+    stock = build(stock_cls)
+    _randomize(stock, rng, True)
+    stock_files = {}
+    for precision in FLAGS.precisions:
+      quantize = None if precision == "float" else "int8"
+      stock_files[precision] = export.export_tflite(
+        stock, quantize=quantize, representative_data=data
+      )
+    for c in (float(c) for c in FLAGS.compressions):
+
+      def conv(*args, c=c, cls=epitome_cls, **kwargs):
+        return cls(*args, compression=c, **kwargs)
+
+      model = build(conv)
+      _randomize(model, rng, FLAGS.offsets == "fractional")
+      summary = ke.summarize(model, print_fn=None)
+      for precision in FLAGS.precisions:
+        quantize = None if precision == "float" else "int8"
+        files = {"stock": stock_files[precision]}
+        files["materialized"] = export.export_tflite(
+          model, form="materialized", quantize=quantize, representative_data=data
+        )
+        for remix in FLAGS.remix:
+          name = "factored" if remix == "slices" else f"factored/{remix}"
+          files[name] = export.export_tflite(
+            model, quantize=quantize, representative_data=data, remix=remix
+          )
+        # Parity of the factored file against the Keras model, for the record.
+        y = model(data[:2], training=False).numpy()
+        err = np.abs(export.run_tflite(files["factored"], data[:2]) - y).max()
+        err /= np.abs(y).max()
+        lat = {
+          t: _latencies(files, t, FLAGS.iterations, FLAGS.warmup, data[:1])
+          for t in threads
+        }
+        for form, tflite in files.items():
+          row = dict(
+            model=model_name,
+            compression=c,
+            params_ratio=summary.compression_ratio,
+            precision=precision,
+            form=form,
+            bytes=len(tflite),
+            macs=_macs(tflite),
+            factored_rel_err=float(err),
+          )
+          for t in threads:
+            row[f"ms_{t}t"] = lat[t][form]
+          rows.append(row)
+          stock_row = next(
+            r
+            for r in rows
+            if r["model"] == model_name
+            and r["compression"] == c
+            and r["precision"] == precision
+            and r["form"] == "stock"
+          )
+          ratios = [
+            f"{row['bytes'] / 1024:8.1f} KB ({row['bytes'] / stock_row['bytes']:.3f})",
+            f"{row['macs'] / 1e6:8.2f} M ({row['macs'] / stock_row['macs']:.3f})",
+          ] + [
+            f"{row[f'ms_{t}t']:7.3f} ms ({row[f'ms_{t}t'] / stock_row[f'ms_{t}t']:.2f})"
+            for t in threads
+          ]
+          print(
+            f"| {model_name} | {c:g} | {precision} | {form} | "
+            + " | ".join(ratios)
+            + " |",
+            flush=True,
+          )
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
