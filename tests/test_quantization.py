@@ -1,0 +1,182 @@
+"""Quantization-aware training (TF-MOT) of epitome models.
+
+Forms checked: the Keras QAT model (training-time layers under
+``QuantizeWrapperV2``) against its TFLite conversion run by the LiteRT
+interpreter, and against itself after ``.h5``/SavedModel round trips.
+"""
+
+import os
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+from absl.testing import parameterized
+
+import keras_epitome as ke
+from keras_epitome import quantization
+
+keras = ke.keras
+tfq = tfmot.quantization.keras
+
+
+def _model():
+  x = keras.Input((8, 8, 1))
+  h = keras.layers.Conv2D(8, 3, activation="relu")(x)
+  h = ke.EpitomeConv2D(16, 3, activation="relu", compression=4, name="econv")(h)
+  h = keras.layers.Flatten()(h)
+  y = ke.EpitomeDense(10, compression=4, name="edense")(h)
+  return keras.Model(x, y)
+
+
+def _data(n=32):
+  rng = np.random.RandomState(0)
+  return rng.rand(n, 8, 8, 1).astype("float32"), rng.randint(0, 10, n)
+
+
+def _compile(model):
+  model.compile(
+    keras.optimizers.Adam(1e-2),
+    keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
+  return model
+
+
+class QuantizeTest(tf.test.TestCase, parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    keras.utils.set_random_seed(0)
+
+  def test_plain_tfmot_quantize_model_needs_the_scheme(self):
+    # TF-MOT's own quantize_model has no `scheme` argument, so it cannot know
+    # epitome layers; ke.quantize_model is the documented replacement.
+    with self.assertRaisesRegex(RuntimeError, "not supported"):
+      tfq.quantize_model(_model())
+
+  def test_quantize_model_wraps_epitome_layers(self):
+    qat = ke.quantize_model(_model())
+    wrappers = {
+      layer.layer.name: layer
+      for layer in qat.layers
+      if isinstance(layer, tfq.QuantizeWrapperV2)
+    }
+    for name in ("econv", "edense"):
+      self.assertIsInstance(wrappers[name].quantize_config, ke.EpitomeQuantizeConfig)
+    self.assertNotIsInstance(
+      wrappers["conv2d"].quantize_config, ke.EpitomeQuantizeConfig
+    )
+
+  def test_annotate_layer_and_apply_with_scheme(self):
+    base = _model()
+
+    def annotate(layer):
+      if isinstance(layer, ke.EpitomeDense):
+        return tfq.quantize_annotate_layer(layer)  # config from the scheme
+      if isinstance(layer, ke.EpitomeConv2D):
+        return tfq.quantize_annotate_layer(layer, ke.EpitomeQuantizeConfig())
+      return layer
+
+    annotated = keras.models.clone_model(base, clone_function=annotate)
+    with ke.quantize_scope():
+      qat = tfq.quantize_apply(annotated, scheme=ke.EpitomeQuantizeScheme())
+    for name in ("quant_econv", "quant_edense"):
+      self.assertIsInstance(
+        qat.get_layer(name).quantize_config, ke.EpitomeQuantizeConfig
+      )
+
+  def test_fake_quantized_epitome_and_gradients(self):
+    model = _model()
+    before = model.get_layer("econv").in_offsets.numpy().copy()
+    qat = _compile(ke.quantize_model(model))
+    x, y = _data()
+    qat.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    after = qat.get_layer("quant_econv").layer.in_offsets.numpy()
+    self.assertGreater(np.abs(after - before).max(), 1e-4)
+    # Gradients reach the epitome and every learned offset.
+    with tf.GradientTape() as tape:
+      loss = qat.compiled_loss(tf.constant(y), qat(x, training=True))
+    names = [w.name for w in qat.trainable_weights]
+    grads = dict(zip(names, tape.gradient(loss, qat.trainable_weights), strict=True))
+    for layer in ("econv", "edense"):
+      for weight in ("epitome", "in_offsets", "out_offsets"):
+        (key,) = [n for n in names if n.startswith(f"{layer}/{weight}")]
+        self.assertIsNotNone(grads[key], key)
+        self.assertGreater(float(tf.reduce_max(tf.abs(grads[key]))), 0.0, key)
+    # The wrapped layer samples from an 8-bit epitome: at most 255 levels.
+    wrapper = qat.get_layer("quant_econv")
+    wrapper(tf.zeros([1, 6, 6, 8]), training=False)  # eager call
+    epitome = wrapper.layer.epitome
+    self.assertNotIsInstance(epitome, tf.Variable)
+    self.assertLessEqual(np.unique(epitome.numpy()).size, 255)
+    self.assertGreater(np.unique(epitome.numpy()).size, 16)
+
+  def test_tflite_conversion_matches(self):
+    qat = _compile(ke.quantize_model(_model()))
+    x, y = _data()
+    qat.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    expected = qat.predict(x, verbose=0)
+    converter = tf.lite.TFLiteConverter.from_keras_model(qat)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    flatbuffer = converter.convert()
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    got = []
+    for i in range(len(x)):
+      interpreter.set_tensor(inp["index"], x[i : i + 1])
+      interpreter.invoke()
+      got.append(interpreter.get_tensor(out["index"])[0])
+    got = np.stack(got)
+    # Within int8 tolerance: a few quantization steps of the output range.
+    step = (expected.max() - expected.min()) / 255.0
+    self.assertLess(np.abs(got - expected).max(), 4 * step)
+    self.assertEqual((got.argmax(-1) == expected.argmax(-1)).mean(), 1.0)
+    # The epitome is stored as an int8 tensor of its own size in the file.
+    epitome_size = qat.get_layer("quant_econv").layer.epitome_geometry.epitome_size
+    int8_sizes = {
+      int(np.prod(d["shape"]))
+      for d in interpreter.get_tensor_details()
+      if d["dtype"] == np.int8
+    }
+    self.assertIn(epitome_size, int8_sizes)
+
+  @parameterized.parameters("h5", "savedmodel")
+  def test_save_and_load(self, fmt):
+    qat = _compile(ke.quantize_model(_model()))
+    x, y = _data()
+    qat.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    expected = qat.predict(x, verbose=0)
+    path = os.path.join(tempfile.mkdtemp(), "qat.h5" if fmt == "h5" else "qat")
+    qat.save(path)
+    with ke.quantize_scope():
+      loaded = keras.models.load_model(path)
+    self.assertAllClose(loaded.predict(x, verbose=0), expected, atol=1e-6)
+    if fmt == "h5":
+      loaded.fit(x, y, epochs=1, batch_size=8, verbose=0)  # training continues
+
+  def test_keras_format_fails_in_tfmot_0_8_1(self):
+    # Documented limitation of TF-MOT 0.8.1 (not of the epitome layers): a QAT
+    # model saved as .keras does not load. If this starts passing, update the
+    # docs (quantization module docstring, docs/transform.md).
+    qat = ke.quantize_model(_model())
+    path = os.path.join(tempfile.mkdtemp(), "qat.keras")
+    qat.save(path)
+    with self.assertRaisesRegex(ValueError, "variables"):
+      with ke.quantize_scope():
+        keras.models.load_model(path)
+
+  def test_config_round_trip_and_errors(self):
+    config = ke.EpitomeQuantizeConfig(num_bits=4)
+    self.assertEqual(ke.EpitomeQuantizeConfig.from_config(config.get_config()), config)
+    with self.assertRaisesRegex(ValueError, "for epitome layers.*Dense 'plain'"):
+      config.get_weights_and_quantizers(keras.layers.Dense(3, name="plain"))
+    registry = quantization.EpitomeQuantizeRegistry()
+    self.assertTrue(registry.supports(ke.EpitomeConv1D(4, 3, compression=2)))
+    self.assertTrue(registry.supports(keras.layers.Dense(3)))
+
+
+if __name__ == "__main__":
+  tf.test.main()
