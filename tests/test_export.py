@@ -104,6 +104,19 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     report = ke.tflite_tensor_report(tflite)
     self.assertNotIn("GATHER", [op["name"] for op in report["ops"]])
 
+  def test_matmul_remix(self):
+    """remix='matmul': three convolutions per epitome layer, same outputs."""
+    for quantize in (None, "int8"):
+      tflite = ke.export_tflite(
+        self.model, quantize=quantize, representative_data=self.x[:4], remix="matmul"
+      )
+      y = ke.run_tflite(tflite, self.x[:4])
+      err = float(np.abs(y - self.y[:4]).max()) / float(np.abs(self.y).max())
+      self.assertLess(err, TOLERANCE[quantize], f"matmul {quantize}: {err}")
+    ops = [op["name"] for op in ke.tflite_tensor_report(tflite)["ops"]]
+    self.assertEqual(ops.count("CONV_2D"), 1 + 3 * 3)
+    self.assertNotIn("STRIDED_SLICE", ops)
+
   def test_audio_conv1d_dense(self):
     model = _audio()
     x = np.random.default_rng(2).standard_normal((3, 400, 1)).astype(np.float32)
