@@ -391,6 +391,16 @@ def _static_from_config(config: dict) -> StaticWeight:
   return StaticWeight(config["value"], dtype=config["dtype"])
 
 
+def _untracked(obj, name: str, value):
+  """Sets plain bookkeeping (dicts of names, specs) without Keras tracking.
+
+  Keras wraps dict and list attributes for checkpointing and refuses to save
+  a SavedModel when they change after assignment; these hold no variables of
+  their own (the variables are tracked through ``add_weight``).
+  """
+  object.__setattr__(obj, name, value)
+
+
 def _serialize_algorithm(algorithm: WeightCompressor) -> dict:
   # Our own small format: the same in the .keras and the legacy (.h5,
   # SavedModel) paths, which serialize nested objects differently.
@@ -426,8 +436,8 @@ class _CompressionWrapper(keras.layers.Wrapper):
     kwargs.setdefault("name", layer.name)
     super().__init__(layer, **kwargs)
     self.algorithm = algorithm
-    self._placeholders: Dict[str, tf.Tensor] = {}
-    self._attributes: Dict[str, str] = {}
+    _untracked(self, "_placeholders", {})
+    _untracked(self, "_attributes", {})
 
   def _build_inner(self, input_shape, names):
     with _deferred_weights(self.layer, names) as placeholders:
@@ -440,8 +450,8 @@ class _CompressionWrapper(keras.layers.Wrapper):
         f"no weight named {missing}; weights it creates: "
         f"{[_short_name(w.name) for w in self.layer.weights]}"
       )
-    self._placeholders = placeholders
-    self._attributes = {}
+    _untracked(self, "_placeholders", placeholders)
+    _untracked(self, "_attributes", {})
     for name, tensor in placeholders.items():
       attrs = [a for a, v in vars(self.layer).items() if v is tensor]
       if not attrs:
@@ -510,14 +520,14 @@ class CompressionTrainingWrapper(_CompressionWrapper):
     **kwargs,
   ):
     super().__init__(layer, algorithm, **kwargs)
-    self.weight_names = list(weight_names)
-    self.static_weights = copy.deepcopy(static_weights or {})
-    self._pretrained: Dict[str, np.ndarray] = {}
-    self.training_weights: Dict[str, List[Any]] = {}
+    _untracked(self, "weight_names", list(weight_names))
+    _untracked(self, "static_weights", copy.deepcopy(static_weights or {}))
+    _untracked(self, "_pretrained", {})
+    _untracked(self, "training_weights", {})
 
   def build(self, input_shape):
     self._build_inner(input_shape, self.weight_names)
-    self.training_weights = {}
+    _untracked(self, "training_weights", {})
     for name in self.weight_names:
       placeholder = self._placeholders[name]
       pretrained = self._pretrained.get(name)
@@ -541,7 +551,7 @@ class CompressionTrainingWrapper(_CompressionWrapper):
           kwargs.setdefault("dtype", placeholder.dtype)
           entries.append(self.add_weight(*args, **kwargs))
       self.training_weights[name] = entries
-    self._pretrained = {}
+    _untracked(self, "_pretrained", {})
     super(_CompressionWrapper, self).build(input_shape)
 
   def training_tensors(self, name: str) -> List[tf.Tensor]:
@@ -635,12 +645,12 @@ class CompressionInferenceWrapper(_CompressionWrapper):
     self, layer, algorithm: WeightCompressor, compressed_specs: dict, **kwargs
   ):
     super().__init__(layer, algorithm, **kwargs)
-    self.compressed_specs = copy.deepcopy(compressed_specs)
-    self.compressed_weights: Dict[str, List[Any]] = {}
+    _untracked(self, "compressed_specs", copy.deepcopy(compressed_specs))
+    _untracked(self, "compressed_weights", {})
 
   def build(self, input_shape):
     self._build_inner(input_shape, list(self.compressed_specs))
-    self.compressed_weights = {}
+    _untracked(self, "compressed_weights", {})
     for name, specs in self.compressed_specs.items():
       entries = []
       for spec in specs:
@@ -764,9 +774,11 @@ def create_layer_for_training(
   # and finds the attribute holding it after build.
   weight_names = [_short_name(w.name) for w in compressible]
   wrapper = CompressionTrainingWrapper(clone, algorithm, weight_names)
-  wrapper._pretrained = {
-    n: w.numpy() for n, w in zip(weight_names, compressible, strict=True)
-  }
+  _untracked(
+    wrapper,
+    "_pretrained",
+    {n: w.numpy() for n, w in zip(weight_names, compressible, strict=True)},
+  )
   wrapper.build(input_shape)
   _copy_other_weights(layer, wrapper.layer, weight_names, "create_layer_for_training")
   return wrapper

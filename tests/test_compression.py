@@ -507,7 +507,7 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
     )
     self.assertLess(_max_diff(inference_model(x), training_model(x)), 1e-5)
 
-  @parameterized.parameters(".keras", ".h5")
+  @parameterized.parameters(".keras", ".h5", "_savedmodel")
   def test_save_and_load(self, extension):
     model = self._model()
     # The toy algorithm's wrappers round-trip their configs in WrapperTest.
@@ -522,7 +522,7 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
     x = _random_input((8, 8, 1))
     for m in (training_model, inference_model):
       path = os.path.join(tempfile.mkdtemp(), "model" + extension)
-      m.save(path)
+      m.save(path, save_format="tf" if extension == "_savedmodel" else None)
       loaded = keras.models.load_model(path)
       self.assertLess(_max_diff(loaded(x), m(x)), 1e-6)
       # Training continues after loading.
