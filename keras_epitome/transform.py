@@ -157,8 +157,11 @@ def _copy_weights(pairs):
       new.set_weights(old.get_weights())
 
 
-def _all_layers(model):
-  """Leaf layers of a model, nested models expanded, each once."""
+def _all_layers(model, with_owner=False):
+  """Leaf layers of a model, nested models expanded, each once.
+
+  With ``with_owner``, yields ``(layer, owning_model)`` pairs.
+  """
   out, seen = [], set()
 
   def visit(m):
@@ -169,7 +172,7 @@ def _all_layers(model):
       if isinstance(layer, keras.Model):
         visit(layer)
       else:
-        out.append(layer)
+        out.append((layer, m) if with_owner else layer)
 
   visit(model)
   return out
@@ -287,7 +290,8 @@ def epitomize(
      stock (a policy entry overrides this), the others get ``compression``.
 
   Layers with a kernel that are left alone (skipped, too small, unsupported
-  types such as ``DepthwiseConv2D``) are logged (absl ``logging.info``) and
+  types such as ``DepthwiseConv2D``) are printed (``verbose``) or logged
+  (absl ``logging.info``) and
   listed in the returned model's ``epitome_report`` attribute (an
   :class:`EpitomeReport`), which also gives each converted layer's achieved
   ratio and, for ``init="fit"``, its relative reconstruction error.
@@ -307,7 +311,7 @@ def epitomize(
       ``"fit"`` for a built model, ``"random"`` otherwise.
     spatial_stride: the epitome layers' ``spatial_stride``.
     offset_scale: the epitome layers' ``offset_scale``.
-    verbose: print the report (it is always logged).
+    verbose: print the report; otherwise it is logged at INFO level.
 
   Returns:
     A new Keras model of the same kind with an ``epitome_report`` attribute.
@@ -414,9 +418,10 @@ def epitomize(
         record.init = "random"
     report.converted.append(record)
   new_model.epitome_report = report
-  logging.info("%s", report)
   if verbose:
     print(report)
+  else:
+    logging.info("%s", report)
   return new_model
 
 
@@ -581,9 +586,17 @@ class ModelSummary:
   macs_factored: int
 
 
-def _output_positions(layer) -> int:
+def _output_positions(layer, owner) -> int:
+  """Output positions per example, summed over the layer's call sites in ``owner``.
+
+  Nodes the layer has in other models (e.g. wrappers TF-MOT built around the
+  same layer object) are not counted.
+  """
+  network_nodes = getattr(owner, "_network_nodes", None)
   total = 0
-  for node in getattr(layer, "_inbound_nodes", []):
+  for index, node in enumerate(getattr(layer, "_inbound_nodes", [])):
+    if network_nodes is not None and (f"{layer.name}_ib-{index}" not in network_nodes):
+      continue
     shapes = node.output_shapes
     if isinstance(shapes, list):
       shapes = shapes[0]
@@ -634,14 +647,14 @@ def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelS
   records = []
   total = int(model.count_params())
   stock_params = total
-  for layer in _all_layers(model):
+  for layer, owner in _all_layers(model, with_owner=True):
     if isinstance(layer, epitome_layers.EPITOME_LAYERS):
       g = layer.epitome_geometry
       sampler = layer.sampler
       if sampler == "learned":
         sampler += "/" + layer.learner
       macs = g.macs_per_position()
-      positions = _output_positions(layer)
+      positions = _output_positions(layer, owner)
       stored = g.epitome_size + g.routing_size
       record = LayerSummary(
         layer.name,
@@ -663,7 +676,7 @@ def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelS
     elif type(layer) in epitome_layers.STOCK_TO_EPITOME and layer.built:
       shape = _kernel_shape(layer)
       size = int(np.prod(shape))
-      positions = _output_positions(layer)
+      positions = _output_positions(layer, owner)
       record = LayerSummary(
         layer.name,
         type(layer).__name__,
