@@ -51,6 +51,14 @@ flags.DEFINE_string("json_out", None, "Optional path for the results as JSON lin
 flags.DEFINE_integer("seed", 0, "Seed for weights, routing maps and inputs.")
 flags.DEFINE_list("remix", ["slices", "matmul"], "Factored remix variants.")
 flags.DEFINE_integer("width", 32, "ResNet base width (stages w, 2w, 4w).")
+flags.DEFINE_bool(
+  "profile",
+  False,
+  "Instead of the table: one 3x3 conv layer (+BN+ReLU) at --profile_widths and "
+  "32x32, timed as stock, epitome-sized conv alone, factored (integer and "
+  "fractional offsets) and factored/matmul, with the op list of each.",
+)
+flags.DEFINE_list("profile_widths", ["32", "64", "128"], "Channel counts to profile.")
 
 
 def resnet(conv, width=32):
@@ -143,8 +151,76 @@ def _macs(tflite):
   return report["conv_macs"] + report["elementwise_muls"]
 
 
+def _profile_layer(width, compression, rng, iterations, threads):
+  """Latency of one conv layer in each form, and the ops each runs."""
+  shape = (32, 32, width)
+
+  def export_one(make, routing=None, remix="slices"):
+    inputs = keras.Input(shape)
+    layer = make()
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(layer(inputs)))
+    model = keras.Model(inputs, h)
+    _randomize(model, rng, True)
+    if routing == "integer":
+      r = layer.routing_map
+      layer.set_routing_map(sampling.RoutingMap(*(np.floor(a) for a in r)))
+    return export.export_tflite(model, remix=remix)
+
+  def epi():
+    return ke.EpitomeConv2D(
+      width, 3, padding="same", use_bias=False, compression=compression
+    )
+
+  cin_e, cout_e = sampling.epitome_shape_for_ratio((3, 3, width, width), compression)[
+    2:
+  ]
+  files = {
+    "stock": export_one(
+      lambda: keras.layers.Conv2D(width, 3, padding="same", use_bias=False)
+    ),
+    "epitome conv alone": _export_conv_alone(cin_e, cout_e),
+    "factored, integer offsets": export_one(epi, "integer"),
+    "factored, fractional": export_one(epi),
+    "factored/matmul, fractional": export_one(epi, remix="matmul"),
+  }
+  x = rng.uniform(-1, 1, (1,) + shape).astype(np.float32)
+  lat = _latencies(files, threads, iterations, FLAGS.warmup, x)
+  lat["epitome conv alone"] = _latencies(
+    {"c": files["epitome conv alone"]},
+    threads,
+    iterations,
+    FLAGS.warmup,
+    x[..., :cin_e],
+  )["c"]
+  for name, tflite in files.items():
+    ops = [op["name"] for op in export.tflite_tensor_report(tflite)["ops"]]
+    counts = {o: ops.count(o) for o in sorted(set(ops))}
+    print(
+      f"| {width} | {name} | {lat[name] * 1e3:7.1f} us ({lat[name] / lat['stock']:.2f}) "
+      f"| {len(ops)} | {counts} |",
+      flush=True,
+    )
+
+
+def _export_conv_alone(cin_e, cout_e):
+  inputs = keras.Input((32, 32, cin_e))
+  out = keras.layers.Conv2D(cout_e, 3, padding="same", use_bias=False)(inputs)
+  return export.export_tflite(keras.Model(inputs, out))
+
+
 def main(argv):
   del argv
+  if FLAGS.profile:
+    rng = np.random.default_rng(FLAGS.seed)
+    for t in (int(t) for t in FLAGS.threads):
+      print(
+        f"# profile, {t} thread(s), compression 4, 32x32, median of {FLAGS.iterations}"
+      )
+      print("| width | form | latency (vs stock) | ops | op counts |")
+      print("|---|---|---|---|---|")
+      for width in (int(w) for w in FLAGS.profile_widths):
+        _profile_layer(width, 4.0, rng, FLAGS.iterations, t)
+    return
   rng = np.random.default_rng(FLAGS.seed)
   rows = []
   threads = [int(t) for t in FLAGS.threads]

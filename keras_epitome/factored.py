@@ -306,7 +306,10 @@ class FactoredMixin:
       y = y + self.bias
     return y
 
-  def call(self, inputs):
+  # Static Python over the frozen plan; nothing for AutoGraph to convert.
+  @tf.autograph.experimental.do_not_convert
+  def call(self, inputs, training=None, mask=None):
+    del training, mask  # inference only
     x = self._remix_in(tf.convert_to_tensor(inputs, self.dtype))
     y = self._remix_out(self._conv(x))
     return self.activation(y)
