@@ -746,6 +746,7 @@ def create_layer_for_training(
     ValueError: if ``algorithm`` is not an instance or the layer is not built.
 
   Example:
+    >>> from keras_epitome.compression_algorithms import SVDCompressor
     >>> dense = keras.layers.Dense(8)
     >>> dense.build((None, 16))
     >>> wrapped = create_layer_for_training(dense, SVDCompressor(rank=2))
@@ -808,6 +809,7 @@ def create_layer_for_inference(
       tensor nor a :class:`StaticWeight`.
 
   Example:
+    >>> from keras_epitome.compression_algorithms import SVDCompressor
     >>> dense = keras.layers.Dense(8)
     >>> dense.build((None, 16))
     >>> training = create_layer_for_training(dense, SVDCompressor(rank=2))
@@ -922,6 +924,7 @@ def compress_model_for_training(
     ValueError: for a subclassed or unbuilt model.
 
   Example:
+    >>> from keras_epitome.compression_algorithms import SVDCompressor
     >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8)])
     >>> training = compress_model_for_training(model, SVDCompressor(rank=2))
     >>> type(training.layers[0]).__name__
@@ -945,6 +948,7 @@ def compress_model_for_inference(
     ``tf.lite.TFLiteConverter.from_keras_model`` keeps them compressed.
 
   Example:
+    >>> from keras_epitome.compression_algorithms import SVDCompressor
     >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8)])
     >>> training = compress_model_for_training(model, SVDCompressor(rank=2))
     >>> inference = compress_model_for_inference(training)
