@@ -13,13 +13,16 @@ epitome ``E`` of shape ``(*S_E, Cin_E, Cout_E)`` through a *routing map*:
   axis. Channel offsets wrap around; spatial offsets are clipped to
   ``[0, S_E - S]``.
 
-The training-time sampler (:func:`sample_kernel`) is separable: it gathers
-along the output-channel axis, then each spatial axis, then the input-channel
-axis, so each stage costs the size of its output. Every stage is a
-:func:`_lerp_gather` under ``tf.custom_gradient``: the epitome gradient is an
-``unsorted_segment_sum`` of the interpolation-weighted kernel gradient, and the
-gradient of each interpolation weight is ``sum(dK * (E[hi] - E[lo]))``, from
-which TensorFlow chains to the offsets.
+The training-time sampler (:func:`sample_kernel`) is separable: it expands
+the output-channel axis, then each spatial axis, then the input-channel axis,
+so each stage costs the size of its output. Every stage is a
+:func:`_window_lerp` under ``tf.custom_gradient``: each chunk reads one
+contiguous window (a dynamic slice; channel axes are doubled so windows wrap)
+and blends its two neighbouring views. The epitome gradient is the segment sum
+of the interpolation-weighted kernel gradient; because each chunk's read is a
+shift, that sum is computed as shifts back (dynamic slices) summed over chunks,
+with no scatter. The gradient of each chunk's interpolation weight is
+``sum(dK * (E[hi] - E[lo]))``, from which TensorFlow chains to the offsets.
 
 The same module provides what the other forms need: the closed-form epitome
 fit (:func:`fit_epitome`), the channel remix coefficients of the factored
@@ -290,60 +293,142 @@ def _split_spatial_offset(offsets, slack: int):
 
 
 # ----------------------------------------------------------------------------
-# The gather primitive.
+# The sampling primitive: windows read by dynamic slices.
+#
+# A chunk's channel offset rolls the epitome's channel axis (wrapping), and a
+# spatial offset moves a window along a spatial axis (no wrapping). Either way
+# a chunk reads a contiguous window of ``length + 1`` entries of the (doubled,
+# for wrapping) axis and blends its two overlapping views ``[0, length)`` and
+# ``[1, length + 1)``. So the forward pass is one dynamic slice per chunk plus
+# dense elementwise work, and the backward pass, the segment sum of the
+# interpolation-weighted kernel gradient, is its transpose: blend the gradient
+# with itself rolled by one, then roll it back by each chunk's offset (again
+# one dynamic slice per chunk) and sum. No gather, no scatter, no transpose of
+# a kernel-sized tensor: scatters run single-threaded on CPU and XLA fuses
+# transposes into strided reads.
 
 
-def _lerp_gather(x, lo, hi, w):
-  """Batched linear-interpolation gather with a closed-form gradient.
+def _axis_vectors(rank: int, axis: int, values):
+  """``(N, rank)`` int32 slice begins: ``values`` at ``axis``, zeros elsewhere."""
+  unit = np.zeros(rank, np.int32)
+  unit[axis] = 1
+  return tf.cast(values, tf.int32)[:, tf.newaxis] * unit
+
+
+def _static_slice(x, axis: int, start: int, stop: int):
+  index = [slice(None)] * x.shape.rank
+  index[axis] = slice(start, stop)
+  return x[tuple(index)]
+
+
+def _roll_by_one(x, axis: int):
+  """``y[t] = x[t - 1]`` along ``axis``, wrapping."""
+  n = x.shape[axis]
+  if n == 1:
+    return x
+  return tf.concat(
+      [_static_slice(x, axis, n - 1, n), _static_slice(x, axis, 0, n - 1)], axis
+  )
+
+
+def _window_lerp(x, starts, frac, axis: int, length: int, batch_axis, wrap: bool):
+  """Per-chunk interpolated windows along one axis.
+
+  For chunk ``b`` with start ``n_b`` and fraction ``f_b``:
+  ``y_b[j] = (1 - f_b) * x_b[n_b + j] + f_b * x_b[n_b + j + 1]`` for
+  ``j < length``, indices taken mod ``L = x.shape[axis]`` when ``wrap``.
 
   Args:
-    x: ``(N, L, R)`` float tensor.
-    lo: ``(N, M)`` int32 indices into axis 1.
-    hi: ``(N, M)`` int32 indices into axis 1.
-    w: ``(N, M)`` interpolation weights of ``hi``.
+    x: input tensor.
+    starts: ``(B,)`` int32 window starts, in ``[0, L)`` when ``wrap``, else
+      with ``start + length + 1 <= L``.
+    frac: ``(B,)`` float weights of the second view.
+    axis: the axis the windows run along.
+    length: window length (``<= L``).
+    batch_axis: ``None``: every chunk reads all of ``x``, and the chunks are
+      stacked on a new axis just before ``axis``. An int: ``x`` has ``B``
+      entries along ``batch_axis`` and chunk ``b`` reads entry ``b``.
+    wrap: channel wrapping (read the axis as a circle).
 
   Returns:
-    ``y[n, m, r] = (1 - w[n, m]) * x[n, lo[n, m], r] + w[n, m] * x[n, hi[n, m], r]``.
+    The windows; ``axis`` has length ``length`` (and, for ``batch_axis=None``,
+    the new chunk axis sits at ``axis`` and the window axis at ``axis + 1``).
   """
+  num = int(starts.shape[0])
+  big = x.shape[axis]
+  rank = x.shape.rank
+  stacked = batch_axis is None
+  out_axis = axis + 1 if stacked else axis
+  chunk_axis = axis if stacked else batch_axis
+  w_shape = [1] * (rank + int(stacked))
+  w_shape[chunk_axis] = num
 
   @tf.custom_gradient
-  def _fn(x, lo, hi, w):
-    x_lo = tf.gather(x, lo, batch_dims=1)
-    x_hi = tf.gather(x, hi, batch_dims=1)
-    diff = x_hi - x_lo
-    w3 = tf.cast(w, x.dtype)[..., tf.newaxis]
-    y = x_lo + w3 * diff
+  def _fn(x, frac):
+    xx = tf.concat([x, x], axis) if wrap else x
+    size = xx.shape.as_list()
+    size[axis] = length + 1
+    if not stacked:
+      size[batch_axis] = 1
+    sources = [xx] * num if stacked else tf.split(xx, num, axis=batch_axis)
+    begins = tf.unstack(_axis_vectors(rank, axis, starts), num=num)
+    pieces = [tf.slice(src, begin, size) for src, begin in zip(sources, begins, strict=True)]
+    win = tf.stack(pieces, axis) if stacked else tf.concat(pieces, batch_axis)
+    lo = _static_slice(win, out_axis, 0, length)
+    diff = _static_slice(win, out_axis, 1, length + 1) - lo
+    w = tf.reshape(tf.cast(frac, x.dtype), w_shape)
+    y = lo + w * diff
 
     def grad(dy):
-      shape = tf.shape(x)
-      n, length = shape[0], shape[1]
-      row = tf.range(n, dtype=lo.dtype)[:, tf.newaxis] * length
-      ids = tf.concat([lo + row, hi + row], axis=1)  # (N, 2M)
-      vals = tf.concat([dy - w3 * dy, w3 * dy], axis=1)  # (N, 2M, R)
-      dx = tf.math.unsorted_segment_sum(
-          tf.reshape(vals, [-1, shape[2]]), tf.reshape(ids, [-1]), n * length
+      if length < big:  # entries no window position reads as "lo" get zeros
+        pads = [[0, 0]] * dy.shape.rank
+        pads[out_axis] = [0, big - length]
+        d = tf.pad(dy, pads)
+      else:
+        d = dy
+      # x entry t is "lo" of position t - n and "hi" of position t - n - 1.
+      a = d - w * d + w * _roll_by_one(d, out_axis)
+      aa = tf.concat([a, a], out_axis)
+      size = aa.shape.as_list()
+      size[out_axis] = big
+      size[chunk_axis] = 1
+      sources = tf.split(aa, num, axis=chunk_axis) if num > 1 else [aa]
+      begins = tf.unstack(
+          _axis_vectors(rank + int(stacked), out_axis, big - starts), num=num
       )
-      dx = tf.reshape(dx, shape)
-      dw = tf.cast(tf.reduce_sum(dy * diff, axis=-1), w.dtype)
-      return dx, None, None, dw
+      dxs = [tf.slice(src, begin, size) for src, begin in zip(sources, begins, strict=True)]
+      if stacked:
+        dx = tf.squeeze(tf.add_n(dxs), axis=chunk_axis)
+      else:
+        dx = tf.concat(dxs, batch_axis)
+      sum_axes = [i for i in range(dy.shape.rank) if i != chunk_axis]
+      dfrac = tf.reduce_sum(dy * diff, axis=sum_axes)
+      return dx, tf.cast(dfrac, frac.dtype)
 
     return y, grad
 
-  return _fn(x, lo, hi, w)
+  return _fn(x, frac)
+
+
+def _expand_channels(x, offsets, size: int, chunk: int, axis: int):
+  """Expands channel ``axis`` of ``x`` from ``chunk`` to ``size`` entries.
+
+  Output channel ``b*chunk + v`` reads epitome channel ``(v + o_b) mod chunk``
+  (interpolated); chunk ``b``'s offset is ``offsets[b]``.
+  """
+  n, frac = _split_channel_offset(offsets, chunk)
+  y = _window_lerp(x, n, frac, axis, chunk, batch_axis=None, wrap=True)
+  shape = x.shape.as_list()
+  shape[axis] = -1
+  y = tf.reshape(y, shape)  # merge (B, chunk) -> B*chunk
+  num = int(n.shape[0])
+  if num * chunk > size:  # partial last chunk
+    y = _static_slice(y, axis, 0, size)
+  return y
 
 
 # ----------------------------------------------------------------------------
 # Training-time sampler.
-
-
-def _chunk_gather_indices(offsets, size: int, chunk: int):
-  """Per-channel (lo, hi, weight) for channel offsets with wrapping."""
-  chunk_of, pos = _chunk_tables(size, chunk)
-  n, frac = _split_channel_offset(offsets, chunk)
-  n_c = tf.gather(n, chunk_of)
-  lo = tf.math.floormod(pos + n_c, chunk)
-  hi = tf.math.floormod(lo + 1, chunk)
-  return lo, hi, tf.gather(frac, chunk_of)
 
 
 def sample_kernel(
@@ -378,54 +463,37 @@ def sample_kernel(
   epitome = tf.convert_to_tensor(epitome)
   dtype = epitome.dtype
   rank = g.rank
-  # Layout during sampling: (Cout-ish, *spatial, Cin-ish).
-  perm = [rank + 1] + list(range(rank)) + [rank]
-  x = tf.transpose(epitome, perm)  # (Cout_E, *S_E, Cin_E)
+  b = g.num_out_chunks
+  if g.slack_axes and spatial_offsets is None:
+    raise ValueError(
+        f"geometry {g.kernel_shape} <- {g.epitome_shape} has spatial slack "
+        f"{g.slack} and needs spatial offsets"
+    )
 
-  # Stage 1: output channels.
-  lo, hi, w = _chunk_gather_indices(
-      tf.cast(out_offsets, dtype), g.cout, g.cout_e
+  # Stage 1: output channels, kept as (*S_E, Cin_E, B, Cout_E) so that the
+  # spatial stage can give each output chunk its own window.
+  n, frac = _split_channel_offset(tf.cast(out_offsets, dtype), g.cout_e)
+  x = _window_lerp(
+      epitome, n, frac, rank + 1, g.cout_e, batch_axis=None, wrap=True
   )
-  x = tf.reshape(x, [1, g.cout_e, -1])
-  x = _lerp_gather(x, lo[tf.newaxis], hi[tf.newaxis], w[tf.newaxis])
-  cur = [g.cout] + list(g.spatial_e) + [g.cin_e]
 
-  # Stage 2: spatial axes with slack, each offset per output chunk.
+  # Stage 2: spatial axes with slack, one window per output chunk.
   if g.slack_axes:
-    if spatial_offsets is None:
-      raise ValueError(
-          f"geometry {g.kernel_shape} <- {g.epitome_shape} has spatial slack "
-          f"{g.slack} and needs spatial offsets"
-      )
     spatial_offsets = tf.cast(spatial_offsets, dtype)
-    chunk_of, _ = _chunk_tables(g.cout, g.cout_e)
     for d in g.slack_axes:
       start, frac = _split_spatial_offset(spatial_offsets[:, d], g.slack[d])
-      start_c = tf.gather(start, chunk_of)  # (Cout,)
-      frac_c = tf.gather(frac, chunk_of)
-      lead = int(np.prod(cur[1 : 1 + d]))  # spatial axes before d (already S)
-      start_r = tf.repeat(start_c, lead)  # (Cout*lead,)
-      frac_r = tf.repeat(frac_c, lead)
-      s = tf.range(g.spatial[d], dtype=tf.int32)[tf.newaxis]
-      lo = start_r[:, tf.newaxis] + s
-      w = tf.tile(frac_r[:, tf.newaxis], [1, g.spatial[d]])
-      x = tf.reshape(x, [g.cout * lead, g.spatial_e[d], -1])
-      x = _lerp_gather(x, lo, lo + 1, w)
-      cur[1 + d] = g.spatial[d]
+      x = _window_lerp(
+          x, start, frac, d, g.spatial[d], batch_axis=rank + 1, wrap=False
+      )
   # Spatial axes without slack: S_E == S, nothing to do.
+  x = tf.reshape(x, list(g.spatial) + [g.cin_e, b * g.cout_e])
+  if b * g.cout_e > g.cout:
+    x = x[..., : g.cout]
 
-  # Stage 3: input channels. Bring Cin_E to the front: (Cin_E, Cout * |S|).
-  x = tf.reshape(x, [-1, g.cin_e])
-  x = tf.transpose(x)[tf.newaxis]
-  lo, hi, w = _chunk_gather_indices(
-      tf.cast(in_offsets, dtype), g.cin, g.cin_e
+  # Stage 3: input channels, (*S, Cin_E, Cout) -> (*S, Cin, Cout).
+  return _expand_channels(
+      x, tf.cast(in_offsets, dtype), g.cin, g.cin_e, axis=rank
   )
-  x = _lerp_gather(x, lo[tf.newaxis], hi[tf.newaxis], w[tf.newaxis])
-  # (1, Cin, Cout * |S|) -> (Cin, Cout, *S) -> (*S, Cin, Cout)
-  x = tf.reshape(x, [g.cin, g.cout] + list(g.spatial))
-  if rank:
-    x = tf.transpose(x, list(range(2, rank + 2)) + [0, 1])
-  return x
 
 
 def sample_kernel_numpy(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
