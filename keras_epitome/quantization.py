@@ -216,10 +216,10 @@ def quantize_model(model, quantized_layer_name_prefix: str = "quant_"):
 
   Example:
     >>> model = keras.Sequential([keras.Input((4,)),
-    ...                           ke.EpitomeDense(8, compression=2)])
+    ...                           ke.EpitomeDense(8, compression=2, name="fc")])
     >>> qat = quantize_model(model)
     >>> qat.layers[-1].name
-    'quant_epitome_dense'
+    'quant_fc'
   """
   with quantize_scope():
     annotated = _tfq.quantize_annotate_model(model)
