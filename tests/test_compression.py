@@ -4,7 +4,7 @@ Modelled on TF-MOT's algorithm tests (``common/keras/compression/algorithms/
 *_test.py``): train through the wrappers on real data (scikit-learn's digits),
 convert the inference model to TFLite, and compare its size and accuracy with
 the stock model's. Every wrapper test runs over both algorithms (the epitome
-and a toy SVD) and over Conv1D, Conv2D, DepthwiseConv2D and Dense, so the
+and a toy SVD) and over Conv1D, Conv2D, DepthwiseConv2D, Dense and Conv3D, so the
 wrappers are shown to be generic.
 
 Forms checked: *training* (``project_training_weights``, the differentiable
@@ -44,6 +44,7 @@ LAYERS = {
     (6, 6, 8),
   ),
   "dense": (lambda: keras.layers.Dense(12, name="dense"), (8,)),
+  "conv3d": (lambda: keras.layers.Conv3D(12, 3, name="conv3d"), (4, 4, 4, 6)),
 }
 
 CASES = [
