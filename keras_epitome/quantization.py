@@ -25,7 +25,9 @@ Why per-tensor on the epitome: the TFLite converter rejects a per-channel
 quantized tensor that is transposed on its way to the convolution (the
 sampler's gathers do that: "tfl.transpose op has mismatched quantized axes").
 With a per-tensor scale the converted model stores the epitome as int8 and
-samples the kernel at run time; its outputs match the Keras QAT model.
+samples the kernel at run time, or constant-folds the sampler into an int8
+materialized kernel (the converter's choice; both were seen); its outputs match
+the Keras QAT model within int8 tolerance.
 
 Saving: a QAT model saves and loads as ``.h5`` and as a SavedModel (load both
 under :func:`quantize_scope`). The ``.keras`` format fails to load QAT models in
