@@ -235,6 +235,22 @@ def _epitome_config(layer, kwargs) -> Dict[str, Any]:
   return config
 
 
+def _check_geometry(kernel_shape, kwargs):
+  """Raises the ValueError the epitome layer's build would raise, if any."""
+  if kwargs.get("epitome_shape") is not None:
+    epitome_shape = tuple(int(d) for d in kwargs["epitome_shape"])
+  else:
+    epitome_shape = sampling.epitome_shape_for_ratio(
+      kernel_shape, kwargs["compression"]
+    )
+  geometry = sampling.EpitomeGeometry(kernel_shape, epitome_shape)
+  if geometry.compression_ratio < 1 and epitome_shape != tuple(kernel_shape):
+    raise ValueError(
+      f"epitome shape {epitome_shape} plus its routing map is larger than "
+      f"the kernel {tuple(kernel_shape)}"
+    )
+
+
 def _fit_layer(old, new) -> float:
   """Sets ``new``'s epitome to the least-squares fit of ``old``'s kernel."""
   kernel = old.kernel.numpy()
@@ -398,8 +414,18 @@ def epitomize(
       return new
     try:
       new = epitome_cls(**_epitome_config(layer, kwargs))
+      if layer.built:
+        # Build errors (a ratio too large for the kernel...) surface here,
+        # not deep inside clone_model.
+        _check_geometry(_kernel_shape(layer), kwargs)
     except ValueError as e:
-      raise ValueError(f"epitomize: layer '{layer.name}': {e}") from None
+      if explicit:
+        raise ValueError(f"epitomize: layer '{layer.name}': {e}") from None
+      # The global settings do not fit this layer: keep it, say why.
+      report.kept.append(KeptLayer(layer.name, type(layer).__name__, str(e)))
+      new = _clone_layer(layer)
+      copies.append((layer, new))
+      return new
     converted.append((layer, new))
     return new
 

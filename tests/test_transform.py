@@ -218,6 +218,26 @@ class EpitomizeTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "layer 'dense'.*sampler"):
       ke.epitomize(model, policy={"dense": {"sampler": "magic"}}, verbose=False)
 
+  def test_layers_the_global_settings_do_not_fit_stay_stock(self):
+    model = keras.Sequential(
+      [
+        keras.Input((8, 8, 4)),
+        keras.layers.Conv2D(64, 3, name="nchw", data_format="channels_first"),
+        keras.layers.GlobalAveragePooling2D(data_format="channels_first"),
+        keras.layers.Dense(1, name="tiny"),
+      ]
+    )
+    small = ke.epitomize(model, 200.0, min_params=0, verbose=False)
+    kept = {k.name: k.reason for k in small.epitome_report.kept}
+    self.assertIn("data_format", kept["nchw"])
+    self.assertIn("too large", kept["tiny"])
+    self.assertEmpty(small.epitome_report.converted)
+    x = np.random.rand(2, 8, 8, 4).astype("float32")
+    self.assertAllClose(model(x), small(x))
+    # Named explicitly by the policy: an error that names the layer.
+    with self.assertRaisesRegex(ValueError, "layer 'tiny'.*too large"):
+      ke.epitomize(model, policy={"tiny": 200.0}, verbose=False)
+
   def test_subclassed_model_error(self):
     class Net(keras.Model):
       def __init__(self):
