@@ -143,6 +143,18 @@ class EpitomizeTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(small(self.x, training=False), stock(self.x), atol=1e-5)
     self.assertEqual(stock.count_params(), model.count_params())
 
+  @parameterized.parameters("model.keras", "model.h5", "saved_model")
+  def test_epitomized_model_saves_and_loads(self, filename):
+    import os
+    import tempfile
+
+    small = ke.epitomize(_cnn(), 4.0, verbose=False)
+    path = os.path.join(tempfile.mkdtemp(), filename)
+    small.save(path)
+    loaded = keras.models.load_model(path)
+    self.assertIsInstance(loaded.get_layer("conv2d_1"), ke.EpitomeConv2D)
+    self.assertAllClose(loaded(self.x), small(self.x), atol=1e-6)
+
   @parameterized.parameters("param", "feature")
   def test_learners_and_samplers(self, learner):
     model = _cnn()
