@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional, Sequence, Union
 
@@ -521,6 +522,36 @@ class EpitomeDense(EpitomeMixin, keras.layers.Dense):
 
 
 EPITOME_LAYERS = (EpitomeConv1D, EpitomeConv2D, EpitomeDense)
+
+
+def _merged_signature(layer_cls) -> inspect.Signature:
+  """The stock layer's signature plus the epitome keyword arguments.
+
+  ``EpitomeMixin.__init__`` forwards ``*args, **kwargs`` to the stock layer, so
+  the layer accepts exactly this; publishing it lets ``inspect.signature`` (and
+  IDEs, and the parity test) see every stock argument with its default.
+  """
+  stock = inspect.signature(layer_cls._stock_class.__init__)
+  extra = inspect.signature(EpitomeMixin.__init__)
+  params = [
+      p
+      for p in stock.parameters.values()
+      if p.name != "self" and p.kind != inspect.Parameter.VAR_KEYWORD
+  ]
+  params += [
+      p
+      for p in extra.parameters.values()
+      if p.kind == inspect.Parameter.KEYWORD_ONLY
+  ]
+  params += [
+      p for p in stock.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD
+  ]
+  return stock.replace(parameters=params)
+
+
+for _cls in EPITOME_LAYERS:
+  _cls.__signature__ = _merged_signature(_cls)
+del _cls
 STOCK_TO_EPITOME = {
     keras.layers.Conv1D: EpitomeConv1D,
     keras.layers.Conv2D: EpitomeConv2D,
