@@ -21,13 +21,16 @@ what its extension points need for epitome layers:
 * :func:`quantize_scope`: TF-MOT's ``quantize_scope`` plus this package's
   classes, for loading saved QAT models.
 
-Why per-tensor on the epitome: the TFLite converter rejects a per-channel
-quantized tensor that is transposed on its way to the convolution (the
-sampler's gathers do that: "tfl.transpose op has mismatched quantized axes").
-With a per-tensor scale the converted model stores the epitome as int8 and
-samples the kernel at run time, or constant-folds the sampler into an int8
-materialized kernel (the converter's choice; both were seen); its outputs match
-the Keras QAT model within int8 tolerance.
+What the TFLite converter makes of it depends on whether it constant-folds
+the sampler. With the slice-based sampler it does: the converted model holds
+the materialized kernel in int8 and runs an int8 convolution, with
+per-channel scales the converter derives from the folded kernel (so outputs
+differ from the Keras QAT model by about one 8-bit step on average); for a
+small file export the factored form instead. With the earlier gather-based
+sampler the converter kept the int8 epitome and sampled the kernel at run
+time. Per-tensor quantization of the epitome converts in both cases; a
+per-channel epitome quantizer did not convert with the gather-based sampler
+("tfl.transpose op has mismatched quantized axes").
 
 Saving: a QAT model saves and loads as ``.h5`` and as a SavedModel (load both
 under :func:`quantize_scope`). The ``.keras`` format fails to load QAT models in
