@@ -143,9 +143,10 @@ class QuantizeTest(tf.test.TestCase, parameterized.TestCase):
     step = (expected.max() - expected.min()) / 255.0
     self.assertLess(np.abs(got - expected).mean(), 2 * step)
     self.assertGreaterEqual((got.argmax(-1) == expected.argmax(-1)).mean(), 0.9)
-    # The layer's weight is stored in int8: the epitome (kernel sampled at run
-    # time) or, when the converter constant-folds the sampler, the
-    # materialized kernel. Which one the converter picks varies between runs.
+    # The layer's weight is stored in int8: the materialized kernel when the
+    # converter constant-folds the sampler (the slice-based sampler), or the
+    # epitome with the kernel sampled at run time (seen with a gather-based
+    # sampler).
     geometry = qat.get_layer("quant_econv").layer.epitome_geometry
     int8_sizes = {
       int(np.prod(d["shape"]))
