@@ -303,7 +303,10 @@ def epitomize(
      :data:`POLICY_KEYS`; missing ones take this function's arguments), or
      ``None`` to keep the layer stock;
   3. otherwise layers whose kernel has fewer than ``min_params`` entries stay
-     stock (a policy entry overrides this), the others get ``compression``.
+     stock (a policy entry overrides this), the others get ``compression``;
+  4. a layer the settings cannot serve (``data_format="channels_first"``, a
+     ratio too large for its kernel) stays stock with the reason, or raises a
+     ``ValueError`` naming it when the policy asked for it explicitly.
 
   Layers with a kernel that are left alone (skipped, too small, unsupported
   types such as ``DepthwiseConv2D``) are printed (``verbose``) or logged
@@ -334,8 +337,9 @@ def epitomize(
 
   Raises:
     ValueError: for a subclassed model, an unknown ``init``, a policy or skip
-      entry naming no layer of the model, a malformed policy value, or
-      ``init="fit"`` on a model that is not built.
+      entry naming no layer of the model, a malformed policy value, epitome
+      arguments that do not fit a layer the policy names, or ``init="fit"``
+      on a model that is not built.
 
   Example:
     >>> model = keras.Sequential([
