@@ -131,8 +131,8 @@ def _randomize(model, rng, fractional):
 def _latencies(files, threads, iterations, warmup, x):
   """Median ms per invoke of each file, measured interleaved."""
   runners = {name: export.LiteRTRunner(b, threads) for name, b in files.items()}
-  for runner in runners.values():
-    runner.set_inputs(x)
+  for name, runner in runners.items():
+    runner.set_inputs(x[name] if isinstance(x, dict) else x)
     for _ in range(warmup):
       runner.invoke()
   times = {name: [] for name in runners}
@@ -184,14 +184,9 @@ def _profile_layer(width, compression, rng, iterations, threads):
     "factored/matmul, fractional": export_one(epi, remix="matmul"),
   }
   x = rng.uniform(-1, 1, (1,) + shape).astype(np.float32)
-  lat = _latencies(files, threads, iterations, FLAGS.warmup, x)
-  lat["epitome conv alone"] = _latencies(
-    {"c": files["epitome conv alone"]},
-    threads,
-    iterations,
-    FLAGS.warmup,
-    x[..., :cin_e],
-  )["c"]
+  xs = {name: x for name in files}
+  xs["epitome conv alone"] = x[..., :cin_e]
+  lat = _latencies(files, threads, iterations, FLAGS.warmup, xs)
   for name, tflite in files.items():
     ops = [op["name"] for op in export.tflite_tensor_report(tflite)["ops"]]
     counts = {o: ops.count(o) for o in sorted(set(ops))}
