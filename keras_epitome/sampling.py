@@ -17,11 +17,11 @@ The training-time sampler (:func:`sample_kernel`) is separable: it expands
 the output-channel axis, then each spatial axis, then the input-channel axis,
 so each stage costs the size of its output. Every stage is a
 :func:`_window_lerp` under ``tf.custom_gradient``: each chunk reads one
-contiguous window (a dynamic slice; channel axes are doubled so windows wrap)
-and blends its two neighbouring views. The epitome gradient is the segment sum
-of the interpolation-weighted kernel gradient; because each chunk's read is a
-shift, that sum is computed as shifts back (dynamic slices) summed over chunks,
-with no scatter. The gradient of each chunk's interpolation weight is
+contiguous window (a gather of consecutive indices; channel axes are doubled
+so windows wrap) and blends its two neighbouring views. The epitome gradient
+is the segment sum of the interpolation-weighted kernel gradient; because each
+chunk's read is a shift, that sum is computed as shifts back (again contiguous
+gathers) summed over chunks, with no scatter. The gradient of each chunk's interpolation weight is
 ``sum(dK * (E[hi] - E[lo]))``, from which TensorFlow chains to the offsets.
 
 The same module provides what the other forms need: the closed-form epitome
@@ -293,26 +293,19 @@ def _split_spatial_offset(offsets, slack: int):
 
 
 # ----------------------------------------------------------------------------
-# The sampling primitive: windows read by dynamic slices.
+# The sampling primitive: interpolated windows.
 #
 # A chunk's channel offset rolls the epitome's channel axis (wrapping), and a
 # spatial offset moves a window along a spatial axis (no wrapping). Either way
 # a chunk reads a contiguous window of ``length + 1`` entries of the (doubled,
 # for wrapping) axis and blends its two overlapping views ``[0, length)`` and
-# ``[1, length + 1)``. So the forward pass is one dynamic slice per chunk plus
+# ``[1, length + 1)``. So the forward pass is one contiguous read per chunk plus
 # dense elementwise work, and the backward pass, the segment sum of the
 # interpolation-weighted kernel gradient, is its transpose: blend the gradient
 # with itself rolled by one, then roll it back by each chunk's offset (again
-# one dynamic slice per chunk) and sum. No gather, no scatter, no transpose of
+# one contiguous read per chunk) and sum. No scatter, no transpose of
 # a kernel-sized tensor: scatters run single-threaded on CPU and XLA fuses
 # transposes into strided reads.
-
-
-def _axis_vectors(rank: int, axis: int, values):
-  """``(N, rank)`` int32 slice begins: ``values`` at ``axis``, zeros elsewhere."""
-  unit = np.zeros(rank, np.int32)
-  unit[axis] = 1
-  return tf.cast(values, tf.int32)[:, tf.newaxis] * unit
 
 
 def _static_slice(x, axis: int, start: int, stop: int):
@@ -363,17 +356,21 @@ def _window_lerp(x, starts, frac, axis: int, length: int, batch_axis, wrap: bool
   w_shape = [1] * (rank + int(stacked))
   w_shape[chunk_axis] = num
 
+  # Reads are gathers of contiguous indices, not tf.slice: XLA takes a slice's
+  # begin as a compile-time constant and would recompile whenever an offset
+  # changes (every training step).
+  reads = starts[:, tf.newaxis] + np.arange(length + 1, dtype=np.int32)
+  back = (big - starts)[:, tf.newaxis] + np.arange(big, dtype=np.int32)
+
   @tf.custom_gradient
   def _fn(x, frac):
     xx = tf.concat([x, x], axis) if wrap else x
-    size = xx.shape.as_list()
-    size[axis] = length + 1
-    if not stacked:
-      size[batch_axis] = 1
-    sources = [xx] * num if stacked else tf.split(xx, num, axis=batch_axis)
-    begins = tf.unstack(_axis_vectors(rank, axis, starts), num=num)
-    pieces = [tf.slice(src, begin, size) for src, begin in zip(sources, begins, strict=True)]
-    win = tf.stack(pieces, axis) if stacked else tf.concat(pieces, batch_axis)
+    if stacked:
+      win = tf.gather(xx, reads, axis=axis)  # (.., B, length + 1, ..)
+    else:
+      sources = tf.split(xx, num, axis=batch_axis) if num > 1 else [xx]
+      pieces = [tf.gather(src, reads[b], axis=axis) for b, src in enumerate(sources)]
+      win = tf.concat(pieces, batch_axis) if num > 1 else pieces[0]
     lo = _static_slice(win, out_axis, 0, length)
     diff = _static_slice(win, out_axis, 1, length + 1) - lo
     w = tf.reshape(tf.cast(frac, x.dtype), w_shape)
@@ -386,21 +383,20 @@ def _window_lerp(x, starts, frac, axis: int, length: int, batch_axis, wrap: bool
         d = tf.pad(dy, pads)
       else:
         d = dy
-      # x entry t is "lo" of position t - n and "hi" of position t - n - 1.
+      # x entry t is "lo" of position t - n and "hi" of position t - n - 1:
+      # blend, then shift each chunk back by its start (and sum the chunks).
       a = d - w * d + w * _roll_by_one(d, out_axis)
       aa = tf.concat([a, a], out_axis)
-      size = aa.shape.as_list()
-      size[out_axis] = big
-      size[chunk_axis] = 1
-      sources = tf.split(aa, num, axis=chunk_axis) if num > 1 else [aa]
-      begins = tf.unstack(
-          _axis_vectors(rank + int(stacked), out_axis, big - starts), num=num
-      )
-      dxs = [tf.slice(src, begin, size) for src, begin in zip(sources, begins, strict=True)]
       if stacked:
-        dx = tf.squeeze(tf.add_n(dxs), axis=chunk_axis)
+        shape = aa.shape.as_list()
+        merged = shape[:chunk_axis] + [num * 2 * big] + shape[out_axis + 1 :]
+        flat = back + (2 * big * np.arange(num, dtype=np.int32))[:, tf.newaxis]
+        dxs = tf.gather(tf.reshape(aa, merged), flat, axis=chunk_axis)
+        dx = tf.reduce_sum(dxs, axis=chunk_axis)
       else:
-        dx = tf.concat(dxs, batch_axis)
+        sources = tf.split(aa, num, axis=chunk_axis) if num > 1 else [aa]
+        dxs = [tf.gather(src, back[b], axis=out_axis) for b, src in enumerate(sources)]
+        dx = tf.concat(dxs, batch_axis) if num > 1 else dxs[0]
       sum_axes = [i for i in range(dy.shape.rank) if i != chunk_axis]
       dfrac = tf.reduce_sum(dy * diff, axis=sum_axes)
       return dx, tf.cast(dfrac, frac.dtype)
