@@ -4,8 +4,9 @@ Parity tolerances, as a fraction of the Keras output's largest magnitude:
 
 * float32 (both forms): 1e-5;
 * dynamic range (int8 weights, float activations): 2e-2;
-* full int8 (representative dataset of the test inputs): 6e-2 (a few
-  quantization steps of the output's 8-bit range after several layers).
+* full int8 (representative dataset of the test inputs): 6e-2 (observed
+  0.5-2% with seeded weights: every conv, blend and concat requantizes to
+  8 bits, and the errors add up over five layers).
 """
 
 import os
@@ -64,6 +65,7 @@ def _fractional(model, seed=0):
 
 
 def _audio(seed=0):
+  keras.utils.set_random_seed(seed)
   inputs = keras.Input((400, 1))
   h = keras.layers.Conv1D(32, 9, strides=4, padding="causal", activation="relu")(inputs)
   h = ke.EpitomeConv1D(
@@ -85,6 +87,9 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
+    # Fixed weights: int8 error depends on them (0.5-2% of max |y| for seeds
+    # 0-3 in both forms; the tolerance leaves a 3x margin).
+    keras.utils.set_random_seed(0)
     cls.model = _cnn()
     _fractional(cls.model)
     cls.x = np.random.default_rng(1).uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32)
@@ -135,6 +140,7 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     """At 4x: file <= 1/3.5 of stock, epitome-sized conv, no full-size kernel."""
     # 4 blocks of 128 channels: large enough that the file's fixed overhead
     # (about 16 KB of metadata, the same in both files) does not dominate.
+    keras.utils.set_random_seed(1)
     stock = _cnn(epitome=False, channels=128, size=8, blocks=4)
     model = _cnn(epitome=True, channels=128, size=8, blocks=4)
     x = self.x[:4, :8, :8]
