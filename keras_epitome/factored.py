@@ -22,6 +22,17 @@ The index math (which slices, which weights) comes from
 
 :func:`factorize` swaps every epitome layer of a model for its factored layer.
 
+``remix="matmul"`` runs ``R_in`` and ``R_out`` as two 1x1 convolutions
+holding the same linear maps instead: 3 ops per layer instead of up to ~30
+(fractional offsets, 2x2 chunks), with the BatchNorm scale, bias and activation
+fused into the second, at the cost of storing ``Cin * Cin_E + Cout_E * Cout``
+more weights. Measured on LiteRT (``benchmarks/RESULTS.md``): the slices form
+gives the smallest file and is fast on wide layers (a 128-channel 3x3 layer at
+4x: 0.46x stock latency), while each of its elementwise ops is a full pass
+over the activations, which costs more than the convolution saves on narrow
+layers (32 channels: 1.25x stock) and in int8; the matmul form is faster there
+(0.48x).
+
 Example:
   >>> import keras_epitome as ke
   >>> keras = ke.keras
