@@ -425,7 +425,7 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllClose(compiled(x), eager, atol=1e-5)
       optimizer = keras.optimizers.SGD(0.01)
 
-      def train_step(m=model, opt=optimizer):
+      def train_step(m=model, opt=optimizer, x=x):
         with tf.GradientTape() as tape:
           loss = tf.reduce_mean(tf.square(m(x, training=True)))
         grads = tape.gradient(loss, m.trainable_variables)
