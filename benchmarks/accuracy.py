@@ -69,6 +69,12 @@ flags.DEFINE_string(
   "FSDD recordings folder.",
 )
 flags.DEFINE_integer("audio_length", 8000, "FSDD samples per example.")
+flags.DEFINE_enum(
+  "audio_first_layer",
+  "wsnet",
+  ["wsnet", "channels"],
+  "FSDD first layer's epitome: WSNet's condensed filter or the channel rule.",
+)
 flags.DEFINE_string(
   "out", None, "JSON-lines file (default benchmarks/results_DATASET.jsonl)."
 )
@@ -101,7 +107,13 @@ def builder(data, method="stock", ratio=1.0):
     length = data[0][0].shape[1]
 
     def build(width=1.0):
-      return C.audio_cnn(length=length, width=width, make=make, ratio=ratio)
+      return C.audio_cnn(
+        length=length,
+        width=width,
+        make=make,
+        ratio=ratio,
+        first_epitome=FLAGS.audio_first_layer,
+      )
 
   else:
     shape = data[0][0].shape[1:]
@@ -131,6 +143,8 @@ def run_one(data, method, ratio, seed):
   record.update(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size)
   if method in C.EPITOME_METHODS:
     record.update(offset_scale=FLAGS.offset_scale, spread_init=FLAGS.spread_init)
+  if FLAGS.dataset == "fsdd":
+    record.update(audio_first_layer=FLAGS.audio_first_layer)
   kw = dict(
     epochs=FLAGS.epochs,
     batch_size=FLAGS.batch_size,

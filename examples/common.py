@@ -137,21 +137,29 @@ def audio_cnn(
   channels=(32, 32, 64, 64),
   first_kernel: int = 80,
   first_stride: int = 4,
+  first_epitome: str = "wsnet",
 ) -> keras.Model:
   """A WSNet-style 1D CNN on raw audio (after Dai et al.'s M5).
 
   A long strided first filter bank, three 3-tap convolutions, max pooling by
   4 after each, BatchNorm, global average pooling. Every convolution goes
   through ``make``; the first one uses WSNet's condensed-filter epitome
-  (:func:`wsnet_first_filter_shape`), the others the default channel rule.
+  (:func:`wsnet_first_filter_shape`) when ``first_epitome="wsnet"``, or the
+  default channel rule like the others when ``first_epitome="channels"``.
   """
+  if first_epitome not in ("wsnet", "channels"):
+    raise ValueError(
+      f"audio_cnn: first_epitome must be 'wsnet' or 'channels', got {first_epitome!r}"
+    )
   make = make or conv_factory("stock", 1)
   c = [_width(ch, width) for ch in channels]
   conv = keras.layers.Conv1D
   x = inputs = keras.Input((length, 1))
   for i, ch in enumerate(c):
     if i == 0:
-      shape = wsnet_first_filter_shape(first_kernel, ch, ratio) if ratio > 1 else None
+      shape = None
+      if ratio > 1 and first_epitome == "wsnet":
+        shape = wsnet_first_filter_shape(first_kernel, ch, ratio)
       x = make(
         conv,
         ch,
