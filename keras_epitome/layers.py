@@ -50,7 +50,7 @@ def _as_int_tuple(value, what, layer_desc):
     return tuple(int(v) for v in value)
   except (TypeError, ValueError):
     raise ValueError(
-        f"{layer_desc}: {what} must be an int or a tuple of ints, got {value!r}"
+      f"{layer_desc}: {what} must be an int or a tuple of ints, got {value!r}"
     ) from None
 
 
@@ -84,40 +84,39 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
   _stock_class = None  # set by each concrete layer
 
   def __init__(
-      self,
-      *args,
-      compression: Optional[float] = None,
-      epitome_shape: Optional[Sequence[int]] = None,
-      sampler: str = "learned",
-      learner: str = "param",
-      spatial_stride: Union[None, int, Sequence[int]] = None,
-      offset_scale: float = 1.0,
-      routing_momentum: float = 0.99,
-      **kwargs,
+    self,
+    *args,
+    compression: Optional[float] = None,
+    epitome_shape: Optional[Sequence[int]] = None,
+    sampler: str = "learned",
+    learner: str = "param",
+    spatial_stride: Union[None, int, Sequence[int]] = None,
+    offset_scale: float = 1.0,
+    routing_momentum: float = 0.99,
+    **kwargs,
   ):
     super().__init__(*args, **kwargs)
     desc = self._desc()
     if compression is None and epitome_shape is None:
       raise ValueError(
-          f"{desc}: give compression= (a ratio >= 1) or epitome_shape= "
-          "(*S_E, Cin_E, Cout_E)"
+        f"{desc}: give compression= (a ratio >= 1) or epitome_shape= "
+        "(*S_E, Cin_E, Cout_E)"
       )
     if compression is not None and epitome_shape is not None:
       raise ValueError(
-          f"{desc}: give compression= or epitome_shape=, not both (got "
-          f"compression={compression!r}, epitome_shape={epitome_shape!r})"
+        f"{desc}: give compression= or epitome_shape=, not both (got "
+        f"compression={compression!r}, epitome_shape={epitome_shape!r})"
       )
     if compression is not None:
       if isinstance(compression, bool) or not isinstance(
-          compression, (int, float, np.number)
+        compression, (int, float, np.number)
       ):
         raise ValueError(
-            f"{desc}: compression must be a number >= 1, got {compression!r}"
+          f"{desc}: compression must be a number >= 1, got {compression!r}"
         )
       if not math.isfinite(float(compression)) or float(compression) < 1:
         raise ValueError(
-            f"{desc}: compression must be a finite number >= 1, got "
-            f"{compression!r}"
+          f"{desc}: compression must be a finite number >= 1, got {compression!r}"
         )
       compression = float(compression)
     if epitome_shape is not None:
@@ -125,25 +124,25 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       expected = self._kernel_rank() + 2
       if len(epitome_shape) != expected:
         raise ValueError(
-            f"{desc}: epitome_shape {epitome_shape} must have {expected} "
-            f"entries ({'S_E..., ' if expected > 2 else ''}Cin_E, Cout_E)"
+          f"{desc}: epitome_shape {epitome_shape} must have {expected} "
+          f"entries ({'S_E..., ' if expected > 2 else ''}Cin_E, Cout_E)"
         )
       if any(d <= 0 for d in epitome_shape):
         raise ValueError(
-            f"{desc}: epitome_shape {epitome_shape} must have positive sizes"
+          f"{desc}: epitome_shape {epitome_shape} must have positive sizes"
         )
     if sampler not in SAMPLERS:
       raise ValueError(
-          f"{desc}: unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}"
+        f"{desc}: unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}"
       )
     if learner not in LEARNERS:
       raise ValueError(
-          f"{desc}: unknown learner {learner!r}; valid: {', '.join(LEARNERS)}"
+        f"{desc}: unknown learner {learner!r}; valid: {', '.join(LEARNERS)}"
       )
     if sampler == "fixed" and learner != "param":
       raise ValueError(
-          f"{desc}: learner={learner!r} needs sampler='learned'; the fixed "
-          "sampler has no learner (leave learner='param')"
+        f"{desc}: learner={learner!r} needs sampler='learned'; the fixed "
+        "sampler has no learner (leave learner='param')"
       )
     if spatial_stride is not None:
       spatial_stride = _as_int_tuple(spatial_stride, "spatial_stride", desc)
@@ -151,8 +150,8 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         spatial_stride = spatial_stride * max(self._kernel_rank(), 1)
       if len(spatial_stride) != self._kernel_rank():
         raise ValueError(
-            f"{desc}: spatial_stride {spatial_stride} must have one entry per "
-            f"spatial axis ({self._kernel_rank()})"
+          f"{desc}: spatial_stride {spatial_stride} must have one entry per "
+          f"spatial axis ({self._kernel_rank()})"
         )
       if any(s < 0 for s in spatial_stride):
         raise ValueError(f"{desc}: spatial_stride {spatial_stride} must be >= 0")
@@ -160,12 +159,12 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       raise ValueError(f"{desc}: offset_scale must be > 0, got {offset_scale!r}")
     if not (0.0 <= float(routing_momentum) < 1.0):
       raise ValueError(
-          f"{desc}: routing_momentum must be in [0, 1), got {routing_momentum!r}"
+        f"{desc}: routing_momentum must be in [0, 1), got {routing_momentum!r}"
       )
     if getattr(self, "data_format", "channels_last") != "channels_last":
       raise ValueError(
-          f"{desc}: data_format={self.data_format!r} is not supported; "
-          "epitome layers take channels_last inputs"
+        f"{desc}: data_format={self.data_format!r} is not supported; "
+        "epitome layers take channels_last inputs"
       )
     self.compression = compression
     self.epitome_shape = epitome_shape
@@ -219,17 +218,15 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       if self.epitome_shape is not None:
         epitome_shape = tuple(self.epitome_shape)
       else:
-        epitome_shape = sampling.epitome_shape_for_ratio(
-            kernel_shape, self.compression
-        )
+        epitome_shape = sampling.epitome_shape_for_ratio(kernel_shape, self.compression)
       geometry = sampling.EpitomeGeometry(kernel_shape, epitome_shape)
       # An epitome as large as the kernel (compression=1) is allowed: only
       # its routing map makes it larger, and it reproduces the kernel exactly.
       if geometry.compression_ratio < 1 and epitome_shape != kernel_shape:
         raise ValueError(
-            f"epitome shape {epitome_shape} plus its routing map "
-            f"({geometry.routing_size} offsets) is larger than the kernel "
-            f"{kernel_shape} (ratio {geometry.compression_ratio:.3f} < 1)"
+          f"epitome shape {epitome_shape} plus its routing map "
+          f"({geometry.routing_size} offsets) is larger than the kernel "
+          f"{kernel_shape} (ratio {geometry.compression_ratio:.3f} < 1)"
         )
       routing = sampling.fixed_routing(geometry, self.spatial_stride)
     except ValueError as e:
@@ -245,29 +242,29 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       return tf.reshape(flat, shape)
 
     self.epitome = super().add_weight(
-        "epitome",
-        shape=epitome_shape,
-        initializer=epitome_initializer,
-        regularizer=self.kernel_regularizer,
-        constraint=self.kernel_constraint,
-        trainable=True,
-        dtype=dtype,
+      "epitome",
+      shape=epitome_shape,
+      initializer=epitome_initializer,
+      regularizer=self.kernel_regularizer,
+      constraint=self.kernel_constraint,
+      trainable=True,
+      dtype=dtype,
     )
     trainable = self.sampler == "learned"
     scale = self.offset_scale
     self.in_offsets = super().add_weight(
-        "in_offsets",
-        shape=(geometry.num_in_chunks,),
-        initializer=keras.initializers.Constant(routing.in_offsets / scale),
-        trainable=trainable,
-        dtype=dtype,
+      "in_offsets",
+      shape=(geometry.num_in_chunks,),
+      initializer=keras.initializers.Constant(routing.in_offsets / scale),
+      trainable=trainable,
+      dtype=dtype,
     )
     self.out_offsets = super().add_weight(
-        "out_offsets",
-        shape=(geometry.num_out_chunks,),
-        initializer=keras.initializers.Constant(routing.out_offsets / scale),
-        trainable=trainable,
-        dtype=dtype,
+      "out_offsets",
+      shape=(geometry.num_out_chunks,),
+      initializer=keras.initializers.Constant(routing.out_offsets / scale),
+      trainable=trainable,
+      dtype=dtype,
     )
     if geometry.slack_axes:
       limit = np.asarray(geometry.slack, np.float32) / scale
@@ -276,30 +273,30 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         return tf.clip_by_value(v, 0.0, tf.constant(limit, v.dtype))
 
       self.spatial_offsets = super().add_weight(
-          "spatial_offsets",
-          shape=(geometry.num_out_chunks, geometry.rank),
-          initializer=keras.initializers.Constant(routing.spatial_offsets / scale),
-          constraint=clip_spatial,
-          trainable=trainable,
-          dtype=dtype,
+        "spatial_offsets",
+        shape=(geometry.num_out_chunks, geometry.rank),
+        initializer=keras.initializers.Constant(routing.spatial_offsets / scale),
+        constraint=clip_spatial,
+        trainable=trainable,
+        dtype=dtype,
       )
     if self.sampler == "learned" and self.learner == "feature":
       n = self._num_offsets()
       self.offset_learner = FeatureOffsetLearner(
-          n, geometry.rank, name="offset_learner"
+        n, geometry.rank, name="offset_learner"
       )
       self.moving_offsets = super().add_weight(
-          "moving_offsets",
-          shape=(n,),
-          initializer=keras.initializers.Constant(
-              self._pack_offsets(
-                  routing.in_offsets, routing.out_offsets, routing.spatial_offsets
-              )
-          ),
-          trainable=False,
-          synchronization=tf.VariableSynchronization.ON_READ,
-          aggregation=tf.VariableAggregation.MEAN,
-          dtype=dtype,
+        "moving_offsets",
+        shape=(n,),
+        initializer=keras.initializers.Constant(
+          self._pack_offsets(
+            routing.in_offsets, routing.out_offsets, routing.spatial_offsets
+          )
+        ),
+        trainable=False,
+        synchronization=tf.VariableSynchronization.ON_READ,
+        aggregation=tf.VariableAggregation.MEAN,
+        dtype=dtype,
       )
 
   def build(self, input_shape):
@@ -317,11 +314,11 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
   def _pack_offsets(self, in_o, out_o, sp_o):
     g = self._geometry
     return np.concatenate(
-        [
-            np.asarray(in_o, np.float32).reshape(-1),
-            np.asarray(out_o, np.float32).reshape(-1),
-            np.asarray(sp_o, np.float32).reshape(g.num_out_chunks * g.rank),
-        ]
+      [
+        np.asarray(in_o, np.float32).reshape(-1),
+        np.asarray(out_o, np.float32).reshape(-1),
+        np.asarray(sp_o, np.float32).reshape(g.num_out_chunks * g.rank),
+      ]
     )
 
   def _unpack_offsets(self, packed):
@@ -352,7 +349,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
   def _sample(self, in_o, out_o, sp_o):
     g = self.epitome_geometry
     return sampling.sample_kernel(
-        self.epitome, in_o, out_o, sp_o if g.slack_axes else None, g
+      self.epitome, in_o, out_o, sp_o if g.slack_axes else None, g
     )
 
   @property
@@ -364,9 +361,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     g = self.epitome_geometry
     in_o, out_o, sp_o = (np.asarray(t, np.float64) for t in self._inference_offsets())
     sp_o = np.clip(sp_o, 0.0, np.asarray(g.slack, np.float64)[np.newaxis])
-    return sampling.RoutingMap(
-        np.mod(in_o, g.cin_e), np.mod(out_o, g.cout_e), sp_o
-    )
+    return sampling.RoutingMap(np.mod(in_o, g.cin_e), np.mod(out_o, g.cout_e), sp_o)
 
   def set_routing_map(self, routing: sampling.RoutingMap):
     """Assigns a routing map (and the moving map of the ``feature`` learner).
@@ -384,14 +379,13 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     if sp_o.size == g.num_out_chunks * g.rank:  # also (B, 0) for Dense
       sp_o = sp_o.reshape(g.num_out_chunks, g.rank)
     for name, arr, want in (
-        ("in_offsets", in_o, (g.num_in_chunks,)),
-        ("out_offsets", out_o, (g.num_out_chunks,)),
-        ("spatial_offsets", sp_o, (g.num_out_chunks, g.rank)),
+      ("in_offsets", in_o, (g.num_in_chunks,)),
+      ("out_offsets", out_o, (g.num_out_chunks,)),
+      ("spatial_offsets", sp_o, (g.num_out_chunks, g.rank)),
     ):
       if arr.shape != want and not (name == "spatial_offsets" and not g.slack_axes):
         raise ValueError(
-            f"{self._desc()}: routing map {name} has shape {arr.shape}, "
-            f"expected {want}"
+          f"{self._desc()}: routing map {name} has shape {arr.shape}, expected {want}"
         )
     s = self.offset_scale
     self.in_offsets.assign(in_o / s)
@@ -419,8 +413,8 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     # The stock build assigns the result of add_weight("kernel") (None here).
     if value is not None:
       raise AttributeError(
-          f"{self._desc()}: the kernel is sampled from the epitome and cannot be "
-          "assigned; assign layer.epitome and the routing map instead"
+        f"{self._desc()}: the kernel is sampled from the epitome and cannot be "
+        "assigned; assign layer.epitome and the routing map instead"
       )
 
   def _training_offsets(self, inputs, training):
@@ -431,7 +425,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     packed = tf.concat([tf.reshape(o, [-1]) for o in offsets], axis=0)
     m = self.routing_momentum
     new_moving = m * tf.convert_to_tensor(self.moving_offsets) + (
-        1.0 - m
+      1.0 - m
     ) * tf.stop_gradient(packed)
     self.moving_offsets.assign(new_moving)
     return offsets
@@ -448,9 +442,9 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         kernel = self._sample(*offsets)
       else:
         kernel = tf.cond(
-            tf.cast(training, tf.bool),
-            lambda: self._sample(*self._training_offsets(inputs, True)),
-            lambda: self._sample(*self._inference_offsets()),
+          tf.cast(training, tf.bool),
+          lambda: self._sample(*self._training_offsets(inputs, True)),
+          lambda: self._sample(*self._inference_offsets()),
         )
     else:
       kernel = self._sample(*self._base_offsets())
@@ -471,13 +465,13 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
   def get_config(self):
     config = super().get_config()
     config.update(
-        compression=self.compression,
-        epitome_shape=list(self.epitome_shape) if self.epitome_shape else None,
-        sampler=self.sampler,
-        learner=self.learner,
-        spatial_stride=list(self.spatial_stride) if self.spatial_stride else None,
-        offset_scale=self.offset_scale,
-        routing_momentum=self.routing_momentum,
+      compression=self.compression,
+      epitome_shape=list(self.epitome_shape) if self.epitome_shape else None,
+      sampler=self.sampler,
+      learner=self.learner,
+      spatial_stride=list(self.spatial_stride) if self.spatial_stride else None,
+      offset_scale=self.offset_scale,
+      routing_momentum=self.routing_momentum,
     )
     return config
 
@@ -534,17 +528,15 @@ def _merged_signature(layer_cls) -> inspect.Signature:
   stock = inspect.signature(layer_cls._stock_class.__init__)
   extra = inspect.signature(EpitomeMixin.__init__)
   params = [
-      p
-      for p in stock.parameters.values()
-      if p.name != "self" and p.kind != inspect.Parameter.VAR_KEYWORD
+    p
+    for p in stock.parameters.values()
+    if p.name != "self" and p.kind != inspect.Parameter.VAR_KEYWORD
   ]
   params += [
-      p
-      for p in extra.parameters.values()
-      if p.kind == inspect.Parameter.KEYWORD_ONLY
+    p for p in extra.parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY
   ]
   params += [
-      p for p in stock.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD
+    p for p in stock.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD
   ]
   return stock.replace(parameters=params)
 
@@ -553,7 +545,7 @@ for _cls in EPITOME_LAYERS:
   _cls.__signature__ = _merged_signature(_cls)
 del _cls
 STOCK_TO_EPITOME = {
-    keras.layers.Conv1D: EpitomeConv1D,
-    keras.layers.Conv2D: EpitomeConv2D,
-    keras.layers.Dense: EpitomeDense,
+  keras.layers.Conv1D: EpitomeConv1D,
+  keras.layers.Conv2D: EpitomeConv2D,
+  keras.layers.Dense: EpitomeDense,
 }

@@ -44,15 +44,15 @@ class FeatureOffsetLearner(keras.layers.Layer):
     if self.rank == 0:
       self.features = keras.layers.Dense(self.hidden, name="features")
       self.predict_offsets = keras.layers.Dense(
-          self.num_offsets, kernel_initializer="zeros", name="offsets"
+        self.num_offsets, kernel_initializer="zeros", name="offsets"
       )
     else:
       conv = keras.layers.Conv1D if self.rank == 1 else keras.layers.Conv2D
       self.features = conv(
-          self.hidden, 3, strides=self.stride, padding="same", name="features"
+        self.hidden, 3, strides=self.stride, padding="same", name="features"
       )
       self.predict_offsets = conv(
-          self.num_offsets, 1, kernel_initializer="zeros", name="offsets"
+        self.num_offsets, 1, kernel_initializer="zeros", name="offsets"
       )
     self.norm = keras.layers.BatchNormalization(synchronized=True, name="norm")
 
@@ -84,9 +84,9 @@ class FeatureOffsetLearner(keras.layers.Layer):
   def get_config(self):
     config = super().get_config()
     config.update(
-        num_offsets=self.num_offsets,
-        rank=self.rank,
-        hidden=self.hidden,
-        stride=self.stride,
+      num_offsets=self.num_offsets,
+      rank=self.rank,
+      hidden=self.hidden,
+      stride=self.stride,
     )
     return config

@@ -89,8 +89,8 @@ class EpitomeGeometry:
       raise ValueError(f"kernel shape {k} must have at least 2 axes (Cin, Cout)")
     if len(e) != len(k):
       raise ValueError(
-          f"epitome shape {e} must have the kernel's rank {len(k)} "
-          f"(kernel shape {k}: {len(k) - 2} spatial axes, then Cin, Cout)"
+        f"epitome shape {e} must have the kernel's rank {len(k)} "
+        f"(kernel shape {k}: {len(k) - 2} spatial axes, then Cin, Cout)"
       )
     if any(d < 1 for d in k):
       raise ValueError(f"kernel shape {k} must have positive sizes")
@@ -99,18 +99,15 @@ class EpitomeGeometry:
     for i, (kd, ed) in enumerate(zip(k[:-2], e[:-2], strict=True)):
       if ed < kd:
         raise ValueError(
-            f"epitome spatial size {ed} on axis {i} must be at least the "
-            f"kernel's {kd}"
+          f"epitome spatial size {ed} on axis {i} must be at least the kernel's {kd}"
         )
     if e[-2] > k[-2]:
       raise ValueError(
-          f"epitome input channels ({e[-2]}) must not exceed the kernel's "
-          f"({k[-2]})"
+        f"epitome input channels ({e[-2]}) must not exceed the kernel's ({k[-2]})"
       )
     if e[-1] > k[-1]:
       raise ValueError(
-          f"epitome output channels ({e[-1]}) must not exceed the kernel's "
-          f"({k[-1]})"
+        f"epitome output channels ({e[-1]}) must not exceed the kernel's ({k[-1]})"
       )
 
   @property
@@ -200,7 +197,7 @@ class EpitomeGeometry:
 
 
 def epitome_shape_for_ratio(
-    kernel_shape: Sequence[int], compression: float
+  kernel_shape: Sequence[int], compression: float
 ) -> Tuple[int, ...]:
   """Turns a compression ratio into an epitome shape (the default rule).
 
@@ -229,8 +226,10 @@ def epitome_shape_for_ratio(
     (3, 3, 16, 16)
   """
   kernel_shape = tuple(int(d) for d in kernel_shape)
-  if not (isinstance(compression, (int, float, np.number)) and
-          math.isfinite(float(compression))):
+  if not (
+    isinstance(compression, (int, float, np.number))
+    and math.isfinite(float(compression))
+  ):
     raise ValueError(f"compression must be a finite number >= 1, got {compression!r}")
   compression = float(compression)
   if compression < 1:
@@ -248,9 +247,9 @@ def epitome_shape_for_ratio(
     large_e = min(small, math.floor(budget / max(side, 1) + 1e-9))
   if small_e < 1 or large_e < 1:
     raise ValueError(
-        f"compression {compression:g} is too large for kernel shape "
-        f"{kernel_shape}: at most {cin * cout} (one input and one output "
-        "channel in the epitome)"
+      f"compression {compression:g} is too large for kernel shape "
+      f"{kernel_shape}: at most {cin * cout} (one input and one output "
+      "channel in the epitome)"
     )
   if cout >= cin:
     cin_e, cout_e = small_e, large_e
@@ -320,7 +319,7 @@ def _roll_by_one(x, axis: int):
   if n == 1:
     return x
   return tf.concat(
-      [_static_slice(x, axis, n - 1, n), _static_slice(x, axis, 0, n - 1)], axis
+    [_static_slice(x, axis, n - 1, n), _static_slice(x, axis, 0, n - 1)], axis
   )
 
 
@@ -428,11 +427,11 @@ def _expand_channels(x, offsets, size: int, chunk: int, axis: int):
 
 
 def sample_kernel(
-    epitome,
-    in_offsets,
-    out_offsets,
-    spatial_offsets,
-    geometry: EpitomeGeometry,
+  epitome,
+  in_offsets,
+  out_offsets,
+  spatial_offsets,
+  geometry: EpitomeGeometry,
 ):
   """Samples the full kernel from an epitome and a routing map.
 
@@ -462,34 +461,28 @@ def sample_kernel(
   b = g.num_out_chunks
   if g.slack_axes and spatial_offsets is None:
     raise ValueError(
-        f"geometry {g.kernel_shape} <- {g.epitome_shape} has spatial slack "
-        f"{g.slack} and needs spatial offsets"
+      f"geometry {g.kernel_shape} <- {g.epitome_shape} has spatial slack "
+      f"{g.slack} and needs spatial offsets"
     )
 
   # Stage 1: output channels, kept as (*S_E, Cin_E, B, Cout_E) so that the
   # spatial stage can give each output chunk its own window.
   n, frac = _split_channel_offset(tf.cast(out_offsets, dtype), g.cout_e)
-  x = _window_lerp(
-      epitome, n, frac, rank + 1, g.cout_e, batch_axis=None, wrap=True
-  )
+  x = _window_lerp(epitome, n, frac, rank + 1, g.cout_e, batch_axis=None, wrap=True)
 
   # Stage 2: spatial axes with slack, one window per output chunk.
   if g.slack_axes:
     spatial_offsets = tf.cast(spatial_offsets, dtype)
     for d in g.slack_axes:
       start, frac = _split_spatial_offset(spatial_offsets[:, d], g.slack[d])
-      x = _window_lerp(
-          x, start, frac, d, g.spatial[d], batch_axis=rank + 1, wrap=False
-      )
+      x = _window_lerp(x, start, frac, d, g.spatial[d], batch_axis=rank + 1, wrap=False)
   # Spatial axes without slack: S_E == S, nothing to do.
   x = tf.reshape(x, list(g.spatial) + [g.cin_e, b * g.cout_e])
   if b * g.cout_e > g.cout:
     x = x[..., : g.cout]
 
   # Stage 3: input channels, (*S, Cin_E, Cout) -> (*S, Cin, Cout).
-  return _expand_channels(
-      x, tf.cast(in_offsets, dtype), g.cin, g.cin_e, axis=rank
-  )
+  return _expand_channels(x, tf.cast(in_offsets, dtype), g.cin, g.cin_e, axis=rank)
 
 
 def sample_kernel_numpy(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
@@ -522,13 +515,13 @@ def sample_kernel_numpy(epitome, routing: RoutingMap, geometry: EpitomeGeometry)
     in_taps = channel_taps_1(float(routing.in_offsets[a]), u, g.cin_e)
     out_taps = channel_taps_1(float(routing.out_offsets[b]), v, g.cout_e)
     sp_taps = [
-        spatial_taps_1(
-            routing.spatial_offsets[b][d] if g.slack[d] else 0.0, s[d], g.slack[d]
-        )
-        for d in range(g.rank)
+      spatial_taps_1(
+        routing.spatial_offsets[b][d] if g.slack[d] else 0.0, s[d], g.slack[d]
+      )
+      for d in range(g.rank)
     ]
     total = 0.0
-    for sp in (np.ndindex(*([2] * g.rank)) if g.rank else [()]):
+    for sp in np.ndindex(*([2] * g.rank)) if g.rank else [()]:
       sw = 1.0
       sidx = []
       for d, t in enumerate(sp):
@@ -552,7 +545,7 @@ def sample_kernel_numpy(epitome, routing: RoutingMap, geometry: EpitomeGeometry)
 
 
 def fixed_routing(
-    geometry: EpitomeGeometry, spatial_stride: Optional[Sequence[int]] = None
+  geometry: EpitomeGeometry, spatial_stride: Optional[Sequence[int]] = None
 ) -> RoutingMap:
   """WSNet's hand-set sampling: channels tiled, filters strided in space.
 
@@ -580,25 +573,25 @@ def fixed_routing(
   spatial_stride = [int(s) for s in spatial_stride]
   if len(spatial_stride) != g.rank:
     raise ValueError(
-        f"spatial stride {tuple(spatial_stride)} must have one entry per "
-        f"spatial axis ({g.rank})"
+      f"spatial stride {tuple(spatial_stride)} must have one entry per "
+      f"spatial axis ({g.rank})"
     )
   for d, st in enumerate(spatial_stride):
     if st < 0:
       raise ValueError(f"spatial stride {st} on axis {d} must be >= 0")
     if (b - 1) * st > g.slack[d]:
       raise ValueError(
-          f"spatial stride {st} on axis {d} does not fit: {b} output chunks "
-          f"need (B - 1) * stride = {(b - 1) * st} <= S_E - S = {g.slack[d]}; "
-          f"use a stride <= {g.slack[d] // max(b - 1, 1)} or a longer epitome"
+        f"spatial stride {st} on axis {d} does not fit: {b} output chunks "
+        f"need (B - 1) * stride = {(b - 1) * st} <= S_E - S = {g.slack[d]}; "
+        f"use a stride <= {g.slack[d] // max(b - 1, 1)} or a longer epitome"
       )
   spatial = np.zeros((b, g.rank), np.float32)
   for d, st in enumerate(spatial_stride):
     spatial[:, d] = np.arange(b) * st
   return RoutingMap(
-      np.zeros(g.num_in_chunks, np.float32),
-      np.zeros(b, np.float32),
-      spatial,
+    np.zeros(g.num_in_chunks, np.float32),
+    np.zeros(b, np.float32),
+    spatial,
   )
 
 
@@ -607,7 +600,7 @@ def fixed_routing(
 
 
 def fit_epitome(
-    kernel, routing: RoutingMap, geometry: EpitomeGeometry, fill=None
+  kernel, routing: RoutingMap, geometry: EpitomeGeometry, fill=None
 ) -> np.ndarray:
   """Least-squares epitome for a kernel under an integer routing map.
 
@@ -640,24 +633,24 @@ def fit_epitome(
   kernel = np.asarray(kernel)
   if tuple(kernel.shape) != g.kernel_shape:
     raise ValueError(
-        f"kernel shape {tuple(kernel.shape)} does not match the geometry's "
-        f"{g.kernel_shape}"
+      f"kernel shape {tuple(kernel.shape)} does not match the geometry's "
+      f"{g.kernel_shape}"
     )
   for name, arr in zip(RoutingMap._fields, routing, strict=True):
     arr = np.asarray(arr, np.float64)
     if arr.size and not np.allclose(arr, np.round(arr)):
       raise ValueError(
-          f"fit_epitome needs integer offsets; {name} has fractional values "
-          f"{arr[np.abs(arr - np.round(arr)) > 1e-9][:4]}"
+        f"fit_epitome needs integer offsets; {name} has fractional values "
+        f"{arr[np.abs(arr - np.round(arr)) > 1e-9][:4]}"
       )
   dtype = kernel.dtype if kernel.dtype.kind == "f" else np.float32
   e0 = tf.zeros(g.epitome_shape, tf.float64)
   args = (
-      tf.constant(np.round(routing.in_offsets), tf.float64),
-      tf.constant(np.round(routing.out_offsets), tf.float64),
-      tf.constant(np.round(routing.spatial_offsets), tf.float64)
-      if g.slack_axes
-      else None,
+    tf.constant(np.round(routing.in_offsets), tf.float64),
+    tf.constant(np.round(routing.out_offsets), tf.float64),
+    tf.constant(np.round(routing.spatial_offsets), tf.float64)
+    if g.slack_axes
+    else None,
   )
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(e0)
@@ -717,9 +710,7 @@ def epitome_windows(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
   if not g.slack_axes:
     return e[np.newaxis], np.zeros(g.num_out_chunks, np.int64)
   sp = np.asarray(routing.spatial_offsets, np.float64)
-  keys, window_of_chunk = np.unique(
-      np.round(sp, 9), axis=0, return_inverse=True
-  )
+  keys, window_of_chunk = np.unique(np.round(sp, 9), axis=0, return_inverse=True)
   windows = []
   for key in keys:
     w = e
@@ -817,12 +808,12 @@ def factored_plan(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
   # E'[e, v] = E[(e + n0) mod Cin_E, (v + m0) mod Cout_E].
   windows = np.roll(windows, (-n0, -m0), axis=(-2, -1))
   return FactoredPlan(
-      windows,
-      window_of_chunk,
-      np.mod(n - n0, g.cin_e),
-      f,
-      np.mod(m - m0, g.cout_e),
-      h,
+    windows,
+    window_of_chunk,
+    np.mod(n - n0, g.cin_e),
+    f,
+    np.mod(m - m0, g.cout_e),
+    h,
   )
 
 
@@ -866,17 +857,17 @@ def sample_kernel_frozen(epitome, routing: RoutingMap, geometry: EpitomeGeometry
   out_o = np.asarray(routing.out_offsets, np.float64).reshape(-1)
   if in_o.size != g.num_in_chunks or out_o.size != g.num_out_chunks:
     raise ValueError(
-        f"routing map has {in_o.size} input and {out_o.size} output offsets; "
-        f"geometry {g.kernel_shape} <- {g.epitome_shape} needs "
-        f"{g.num_in_chunks} and {g.num_out_chunks}"
+      f"routing map has {in_o.size} input and {out_o.size} output offsets; "
+      f"geometry {g.kernel_shape} <- {g.epitome_shape} needs "
+      f"{g.num_in_chunks} and {g.num_out_chunks}"
     )
   if g.slack_axes:
     sp = np.asarray(routing.spatial_offsets, np.float64)
     if sp.shape != (g.num_out_chunks, g.rank):
       raise ValueError(
-          f"spatial offsets of shape {sp.shape} do not match "
-          f"({g.num_out_chunks}, {g.rank}) for geometry {g.kernel_shape} <- "
-          f"{g.epitome_shape}"
+        f"spatial offsets of shape {sp.shape} do not match "
+        f"({g.num_out_chunks}, {g.rank}) for geometry {g.kernel_shape} <- "
+        f"{g.epitome_shape}"
       )
   cin_axis, cout_axis = g.rank, g.rank + 1
 
@@ -912,8 +903,13 @@ def sample_kernel_frozen(epitome, routing: RoutingMap, geometry: EpitomeGeometry
   blocks = []
   for b in range(g.num_out_chunks):
     length = min(g.cout_e, g.cout - b * g.cout_e)
-    key = (int(out_shift[b]), float(out_frac[b]), length,
-           tuple(starts[b]), tuple(fracs[b]))
+    key = (
+      int(out_shift[b]),
+      float(out_frac[b]),
+      length,
+      tuple(starts[b]),
+      tuple(fracs[b]),
+    )
     if key not in cache:
       block = channel_read(x, cout_axis, key[0], key[1], length)
       for d in g.slack_axes:
