@@ -15,10 +15,10 @@ import sys
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
+from layer_test_util import randomize_routing, run_layer_test
 
 import keras_epitome as ke
 from keras_epitome import sampling
-from tests.layer_test_util import randomize_routing, run_layer_test
 
 keras = ke.keras
 
