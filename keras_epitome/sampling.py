@@ -644,21 +644,27 @@ def fit_epitome(
         f"{arr[np.abs(arr - np.round(arr)) > 1e-9][:4]}"
       )
   dtype = kernel.dtype if kernel.dtype.kind == "f" else np.float32
-  e0 = tf.zeros(g.epitome_shape, tf.float64)
-  args = (
-    tf.constant(np.round(routing.in_offsets), tf.float64),
-    tf.constant(np.round(routing.out_offsets), tf.float64),
-    tf.constant(np.round(routing.spatial_offsets), tf.float64)
-    if g.slack_axes
-    else None,
-  )
-  with tf.GradientTape(persistent=True) as tape:
-    tape.watch(e0)
-    k = sample_kernel(e0, *args, g)
-  sums = tape.gradient(k, e0, output_gradients=tf.constant(kernel, tf.float64))
-  counts = tape.gradient(k, e0, output_gradients=tf.ones_like(k))
-  del tape
-  sums, counts = sums.numpy(), counts.numpy()
+  # With integer offsets every kernel entry reads exactly one epitome entry:
+  # sampling an epitome that holds its own flat indices gives, per kernel
+  # entry, the entry it reads (exactly: the interpolation weights are 0).
+  # Eager under init_scope, so this also works while a graph is being built
+  # and without a gradient tape (Keras builds layers with tapes paused).
+  with tf.init_scope():
+    ids = tf.reshape(tf.range(g.epitome_size, dtype=tf.float64), g.epitome_shape)
+    k = sample_kernel(
+      ids,
+      tf.constant(np.round(routing.in_offsets), tf.float64),
+      tf.constant(np.round(routing.out_offsets), tf.float64),
+      tf.constant(np.round(routing.spatial_offsets), tf.float64)
+      if g.slack_axes
+      else None,
+      g,
+    )
+    reads = np.rint(k.numpy()).astype(np.int64).reshape(-1)
+  sums = np.bincount(
+    reads, weights=kernel.astype(np.float64).reshape(-1), minlength=g.epitome_size
+  ).reshape(g.epitome_shape)
+  counts = np.bincount(reads, minlength=g.epitome_size).reshape(g.epitome_shape)
   out = np.zeros(g.epitome_shape) if fill is None else np.array(fill, np.float64)
   read = counts > 0
   out[read] = sums[read] / counts[read]
