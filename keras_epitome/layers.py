@@ -267,15 +267,19 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       dtype=dtype,
     )
     if geometry.slack_axes:
-      limit = np.asarray(geometry.slack, np.float32) / scale
+      # One column per spatial axis with slack; axes with S_E == S store none.
+      limit = np.asarray([geometry.slack[d] for d in geometry.slack_axes], np.float32)
+      limit = limit / scale
 
       def clip_spatial(v):
         return tf.clip_by_value(v, 0.0, tf.constant(limit, v.dtype))
 
       self.spatial_offsets = super().add_weight(
         "spatial_offsets",
-        shape=(geometry.num_out_chunks, geometry.rank),
-        initializer=keras.initializers.Constant(routing.spatial_offsets / scale),
+        shape=(geometry.num_out_chunks, len(geometry.slack_axes)),
+        initializer=keras.initializers.Constant(
+          routing.spatial_offsets[:, list(geometry.slack_axes)] / scale
+        ),
         constraint=clip_spatial,
         trainable=trainable,
         dtype=dtype,
@@ -309,15 +313,27 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
 
   def _num_offsets(self) -> int:
     g = self._geometry
-    return g.num_in_chunks + g.num_out_chunks * (1 + g.rank)
+    return g.routing_size
+
+  def _full_spatial(self, columns):
+    """``(B, len(slack_axes))`` stored columns -> ``(B, rank)`` offsets."""
+    g = self._geometry
+    b = g.num_out_chunks
+    zeros = tf.zeros([b], columns.dtype)
+    by_axis = dict(zip(g.slack_axes, tf.unstack(columns, axis=1), strict=True))
+    if not g.rank:
+      return tf.zeros([b, 0], columns.dtype)
+    return tf.stack([by_axis.get(d, zeros) for d in range(g.rank)], axis=1)
 
   def _pack_offsets(self, in_o, out_o, sp_o):
+    """Packs offsets (``sp_o`` as ``(B, rank)``) into the routing-map vector."""
     g = self._geometry
+    sp_o = np.asarray(sp_o, np.float32).reshape(g.num_out_chunks, g.rank)
     return np.concatenate(
       [
         np.asarray(in_o, np.float32).reshape(-1),
         np.asarray(out_o, np.float32).reshape(-1),
-        np.asarray(sp_o, np.float32).reshape(g.num_out_chunks * g.rank),
+        sp_o[:, list(g.slack_axes)].reshape(-1),
       ]
     )
 
@@ -326,7 +342,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     a, b = g.num_in_chunks, g.num_out_chunks
     in_o = packed[:a]
     out_o = packed[a : a + b]
-    sp_o = tf.reshape(packed[a + b :], [b, g.rank])
+    sp_o = self._full_spatial(tf.reshape(packed[a + b :], [b, len(g.slack_axes)]))
     return in_o, out_o, sp_o
 
   def _base_offsets(self):
@@ -336,7 +352,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     in_o = self.in_offsets * s
     out_o = self.out_offsets * s
     if self.spatial_offsets is not None:
-      sp_o = self.spatial_offsets * s
+      sp_o = self._full_spatial(self.spatial_offsets * s)
     else:
       sp_o = tf.zeros([g.num_out_chunks, g.rank], self.epitome.dtype)
     return in_o, out_o, sp_o
@@ -391,7 +407,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     self.in_offsets.assign(in_o / s)
     self.out_offsets.assign(out_o / s)
     if self.spatial_offsets is not None:
-      self.spatial_offsets.assign(sp_o / s)
+      self.spatial_offsets.assign(sp_o[:, list(g.slack_axes)] / s)
     if self.moving_offsets is not None:
       if not g.slack_axes:
         sp_o = np.zeros((g.num_out_chunks, g.rank), np.float32)
@@ -422,7 +438,15 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     delta = self.offset_learner(inputs, training=True)
     in_d, out_d, sp_d = self._unpack_offsets(delta)
     offsets = (base[0] + in_d, base[1] + out_d, base[2] + sp_d)
-    packed = tf.concat([tf.reshape(o, [-1]) for o in offsets], axis=0)
+    slack = list(self._geometry.slack_axes)
+    packed = tf.concat(
+      [
+        offsets[0],
+        offsets[1],
+        tf.reshape(tf.gather(offsets[2], tf.constant(slack, tf.int32), axis=1), [-1]),
+      ],
+      axis=0,
+    )
     m = self.routing_momentum
     new_moving = m * tf.convert_to_tensor(self.moving_offsets) + (
       1.0 - m

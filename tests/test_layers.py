@@ -224,11 +224,10 @@ class LayerTest(tf.test.TestCase, parameterized.TestCase):
     stored = 4 * 3 * 3 * 4 + 3 + 3 * (1 + 1)  # slack only along the first axis
     self.assertEqual(g.routing_size, 3 + 3 * 2)
     self.assertAlmostEqual(layer.compression_ratio, 3 * 3 * 7 * 10 / stored)
-    counted = sum(
-      int(np.prod(v.shape))
-      for v in (layer.epitome, layer.in_offsets, layer.out_offsets)
-    ) + g.num_out_chunks * len(g.slack_axes)
-    self.assertEqual(counted, stored)
+    # The layer stores exactly that (spatial offsets only along axes with
+    # slack), plus the bias.
+    self.assertEqual(layer.spatial_offsets.shape, (3, 1))
+    self.assertEqual(layer.count_params(), stored + 10)
     self.assertEqual(layer.get_prunable_weights(), [layer.epitome])
     with self.assertRaises(AttributeError):  # the kernel is derived, read-only
       layer.kernel = tf.zeros(layer.kernel.shape)
