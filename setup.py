@@ -9,35 +9,35 @@ HERE = pathlib.Path(__file__).parent
 # Versions that work together (checked: TF-MOT 0.8.1 needs Keras 2 = tf-keras,
 # and tf-keras depends on the package named "tensorflow").
 INSTALL_REQUIRES = [
-    "tensorflow==2.21.*",
-    "tf-keras==2.21.*",
-    "tensorflow-model-optimization==0.8.1",
-    "numpy>=1.26,<3",
-    "absl-py~=1.2",
-    "ai-edge-litert>=2.0",
+  "tensorflow==2.21.*",
+  "tf-keras==2.21.*",
+  "tensorflow-model-optimization==0.8.1",
+  "numpy>=1.26,<3",
+  "absl-py~=1.2",
+  "ai-edge-litert>=2.0",
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "ruff>=0.6"],
-    "examples": ["scikit-learn>=1.3", "matplotlib>=3.7"],
+  "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "ruff>=0.6"],
+  "examples": ["scikit-learn>=1.3", "matplotlib>=3.7"],
 }
 
 setup(
-    name="keras-epitome",
-    version="0.1.0",
-    description=(
-        "Neural Epitome Search (NES) for Keras: compress Conv1D, Conv2D and "
-        "Dense layers with learned weight sampling; TF-MOT and TFLite ready."
-    ),
-    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    packages=find_packages(include=["keras_epitome", "keras_epitome.*"]),
-    python_requires=">=3.10",
-    install_requires=INSTALL_REQUIRES,
-    extras_require=EXTRAS,
-    classifiers=[
-        "Programming Language :: Python :: 3",
-        "Topic :: Scientific/Engineering :: Artificial Intelligence",
-    ],
+  name="keras-epitome",
+  version="0.1.0",
+  description=(
+    "Neural Epitome Search (NES) for Keras: compress Conv1D, Conv2D and "
+    "Dense layers with learned weight sampling; TF-MOT and TFLite ready."
+  ),
+  long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+  long_description_content_type="text/markdown",
+  license="Apache-2.0",
+  packages=find_packages(include=["keras_epitome", "keras_epitome.*"]),
+  python_requires=">=3.10",
+  install_requires=INSTALL_REQUIRES,
+  extras_require=EXTRAS,
+  classifiers=[
+    "Programming Language :: Python :: 3",
+    "Topic :: Scientific/Engineering :: Artificial Intelligence",
+  ],
 )

@@ -14,44 +14,44 @@ _LEGACY_VALUES = ("1", "true", "True", "TRUE", "yes")
 
 
 def _keras_version_of_tf_keras(tf) -> str:
-    try:
-        return str(tf.keras.__version__)
-    except Exception:  # pragma: no cover - very old/odd TF builds
-        return "unknown"
+  try:
+    return str(tf.keras.__version__)
+  except Exception:  # pragma: no cover - very old/odd TF builds
+    return "unknown"
 
 
 def setup_keras():
-    """Selects Keras 2 (``tf_keras``) for TensorFlow and returns that module.
+  """Selects Keras 2 (``tf_keras``) for TensorFlow and returns that module.
 
-    Returns:
-      The ``tf_keras`` module.
+  Returns:
+    The ``tf_keras`` module.
 
-    Raises:
-      ImportError: if TensorFlow was already imported and ``tf.keras`` already
-        resolved to Keras 3, or if ``tf_keras`` is not installed.
-    """
-    tf_already_imported = "tensorflow" in sys.modules
-    was_set = os.environ.get("TF_USE_LEGACY_KERAS") in _LEGACY_VALUES
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    try:
-        import tf_keras
-    except ImportError as e:  # pragma: no cover - install problem
-        raise ImportError(
-            "keras_epitome needs Keras 2 from the 'tf-keras' package "
-            "(pip install 'tf-keras==2.21.*'); it could not be imported: " + str(e)
-        ) from e
-    if tf_already_imported and not was_set:
-        import tensorflow as tf
+  Raises:
+    ImportError: if TensorFlow was already imported and ``tf.keras`` already
+      resolved to Keras 3, or if ``tf_keras`` is not installed.
+  """
+  tf_already_imported = "tensorflow" in sys.modules
+  was_set = os.environ.get("TF_USE_LEGACY_KERAS") in _LEGACY_VALUES
+  os.environ["TF_USE_LEGACY_KERAS"] = "1"
+  try:
+    import tf_keras
+  except ImportError as e:  # pragma: no cover - install problem
+    raise ImportError(
+      "keras_epitome needs Keras 2 from the 'tf-keras' package "
+      "(pip install 'tf-keras==2.21.*'); it could not be imported: " + str(e)
+    ) from e
+  if tf_already_imported and not was_set:
+    import tensorflow as tf
 
-        version = _keras_version_of_tf_keras(tf)
-        if version.startswith("3"):
-            raise ImportError(
-                "keras_epitome: TensorFlow was imported with Keras 3 active "
-                f"(tf.keras is Keras {version}), but keras_epitome and TF-MOT "
-                "need Keras 2. Set TF_USE_LEGACY_KERAS=1 in the environment, or "
-                "import keras_epitome before tensorflow."
-            )
-    return tf_keras
+    version = _keras_version_of_tf_keras(tf)
+    if version.startswith("3"):
+      raise ImportError(
+        "keras_epitome: TensorFlow was imported with Keras 3 active "
+        f"(tf.keras is Keras {version}), but keras_epitome and TF-MOT "
+        "need Keras 2. Set TF_USE_LEGACY_KERAS=1 in the environment, or "
+        "import keras_epitome before tensorflow."
+      )
+  return tf_keras
 
 
 keras = setup_keras()
