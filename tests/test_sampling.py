@@ -457,6 +457,27 @@ class FitEpitomeTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllEqual(fitted[:2], np.ones((2, 2, 1)))
     self.assertAllEqual(fitted[2:], np.full((3, 2, 1), 7.0))
 
+  def test_works_while_a_graph_is_built(self):
+    # Keras builds layers (e.g. when loading a model from its config) inside
+    # tf.init_scope, where gradient tapes are paused; fit_epitome must not
+    # rely on one, and must give the same epitome there as eagerly.
+    g = sampling.EpitomeGeometry((3, 3, 6, 4), (3, 3, 4, 2))
+    routing = sampling.RoutingMap(
+      np.array([1.0, 3.0]), np.array([0.0, 1.0]), np.zeros((2, 2))
+    )
+    kernel = np.random.default_rng(5).standard_normal(g.kernel_shape)
+    eager = sampling.fit_epitome(kernel, routing, g)
+    seen = []
+
+    @tf.function
+    def build_like_keras():
+      with tf.init_scope():
+        seen.append(sampling.fit_epitome(kernel, routing, g))
+      return tf.constant(0.0)
+
+    build_like_keras()
+    self.assertAllClose(seen[0], eager, atol=0)
+
   def test_bad_input(self):
     g = sampling.EpitomeGeometry((4, 4), (2, 2))
     routing = sampling.RoutingMap(np.array([0.5, 0.0]), np.zeros(2), np.zeros((2, 0)))
