@@ -36,6 +36,9 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) hides the results;
+# keep warnings and errors. Set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras_epitome as ke  # noqa: E402
