@@ -383,64 +383,15 @@ def strip_pruning(model):
 # TFLite.
 
 
-def _materialize(model: keras.Model) -> keras.Model:
-  """Local fallback: a stock copy whose kernels are the sampled ones."""
-  sampled = {
-    layer.name: layer.kernel.numpy()
-    for layer in _layers(model)
-    if isinstance(layer, ke.EPITOME_LAYERS)
-  }
-
-  def clone(layer):
-    if isinstance(layer, ke.EPITOME_LAYERS):
-      config = layer.get_config()
-      for key in (
-        "compression",
-        "epitome_shape",
-        "sampler",
-        "learner",
-        "spatial_stride",
-        "offset_scale",
-        "routing_momentum",
-      ):
-        config.pop(key, None)
-      return layer._stock_class.from_config(config)
-    return layer.__class__.from_config(layer.get_config())
-
-  stock = keras.models.clone_model(model, clone_function=clone)
-  for layer in stock.layers:
-    src = model.get_layer(layer.name)
-    if layer.name in sampled:
-      weights = [sampled[layer.name]]
-      if layer.use_bias:
-        weights.append(src.bias.numpy())
-      layer.set_weights(weights)
-    else:
-      layer.set_weights(src.get_weights())
-  return stock
-
-
 def tflite_bytes(model: keras.Model, form: str = "factored") -> tuple:
   """``(bytes, how)``: the model as a TFLite flatbuffer.
 
-  Uses :func:`keras_epitome.export.export_tflite` when the package has it;
-  otherwise (fallback, clearly a different thing) converts a materialized
-  stock copy, which is full size.
+  Epitome models go through :func:`keras_epitome.export_tflite` in ``form``;
+  stock models through the plain converter.
   """
-  has_epitome = any(isinstance(la, ke.EPITOME_LAYERS) for la in _layers(model))
-  if has_epitome:
-    try:
-      from keras_epitome import export  # noqa: PLC0415
-    except ImportError:
-      export = None
-    if export is not None and hasattr(export, "export_tflite"):
-      return export.export_tflite(model, form=form), form
-    model = _materialize(model)
-    form = "materialized (local fallback)"
-  else:
-    form = "stock"
-  converter = tf.lite.TFLiteConverter.from_keras_model(model)
-  return converter.convert(), form
+  if any(isinstance(la, ke.EPITOME_LAYERS) for la in _layers(model)):
+    return ke.export_tflite(model, form=form), form
+  return tf.lite.TFLiteConverter.from_keras_model(model).convert(), "stock"
 
 
 def zipped_size(data: bytes) -> int:
@@ -452,27 +403,8 @@ def zipped_size(data: bytes) -> int:
 
 
 def run_tflite(data: bytes, x: np.ndarray) -> np.ndarray:
-  """Runs a TFLite model on a batch, one example at a time (LiteRT)."""
-  try:
-    from keras_epitome import export  # noqa: PLC0415
-
-    if hasattr(export, "run_tflite"):
-      return np.asarray(export.run_tflite(data, x))
-  except ImportError:
-    pass
-  from ai_edge_litert.interpreter import Interpreter
-
-  interp = Interpreter(model_content=data)
-  inp = interp.get_input_details()[0]
-  out = interp.get_output_details()[0]
-  results = []
-  for example in x:
-    interp.resize_tensor_input(inp["index"], (1,) + example.shape)
-    interp.allocate_tensors()
-    interp.set_tensor(inp["index"], example[np.newaxis].astype(np.float32))
-    interp.invoke()
-    results.append(interp.get_tensor(out["index"])[0])
-  return np.stack(results)
+  """Runs a TFLite model on a batch with LiteRT (:func:`keras_epitome.run_tflite`)."""
+  return np.asarray(ke.run_tflite(data, x))
 
 
 # ----------------------------------------------------------------------------

@@ -41,6 +41,17 @@ from keras_epitome.backend import keras
 from keras_epitome.learners import LEARNERS, FeatureOffsetLearner
 
 SAMPLERS = ("learned", "fixed")
+# The keyword arguments an epitome layer adds to its stock layer (what the
+# transform's policies may set, and what a stock config lacks).
+EPITOME_ARGS = (
+  "compression",
+  "epitome_shape",
+  "sampler",
+  "learner",
+  "spatial_stride",
+  "offset_scale",
+  "routing_momentum",
+)
 
 
 def _as_int_tuple(value, what, layer_desc):

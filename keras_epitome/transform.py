@@ -46,15 +46,7 @@ from keras_epitome import sampling
 from keras_epitome.backend import keras
 
 # Arguments a policy entry may set for one layer.
-POLICY_KEYS = (
-  "compression",
-  "epitome_shape",
-  "sampler",
-  "learner",
-  "spatial_stride",
-  "offset_scale",
-  "routing_momentum",
-)
+POLICY_KEYS = epitome_layers.EPITOME_ARGS
 INITS = ("auto", "fit", "random")
 DEFAULT_MIN_PARAMS = 1024
 

@@ -16,18 +16,11 @@ import numpy as np
 import tensorflow as tf
 
 import keras_epitome as ke
+from keras_epitome import layers as epitome_layers
 
 keras = ke.keras
 
-EPITOME_ARGS = (
-  "compression",
-  "epitome_shape",
-  "sampler",
-  "learner",
-  "spatial_stride",
-  "offset_scale",
-  "routing_momentum",
-)
+EPITOME_ARGS = epitome_layers.EPITOME_ARGS
 
 
 def stock_kwargs(kwargs: dict) -> dict:
