@@ -394,6 +394,28 @@ def tflite_bytes(model: keras.Model, form: str = "factored") -> tuple:
   return tf.lite.TFLiteConverter.from_keras_model(model).convert(), "stock"
 
 
+def export_and_report(model, name: str, path: str, accuracy: float, x, y) -> dict:
+  """Writes ``model``'s ``.tflite`` to ``path``, checks it on ``(x, y)``; one table row.
+
+  Returns:
+    The row the examples print: Keras and LiteRT accuracy, stored parameters,
+    MACs and the file's size and form.
+  """
+  tflite, form = tflite_bytes(model)
+  with open(path, "wb") as f:
+    f.write(tflite)
+  tflite_acc = np.mean(np.argmax(run_tflite(tflite, x), -1) == y)
+  return {
+    "model": name,
+    "test acc %": f"{100 * accuracy:.2f}",
+    f"tflite acc % ({len(x)})": f"{100 * tflite_acc:.2f}",
+    "stored params": f"{stored_params(model):,}",
+    "MACs": f"{macs(model):,}",
+    ".tflite bytes": f"{len(tflite):,} ({form})",
+    "file": path,
+  }
+
+
 def zipped_size(data: bytes) -> int:
   """Bytes after zip (deflate), as TF-MOT's pruning guide compares models."""
   buf = io.BytesIO()

@@ -93,26 +93,12 @@ def main(argv):
       batch_size=FLAGS.batch_size,
       learning_rate=FLAGS.learning_rate,
     )
-    tflite, form = C.tflite_bytes(model)
     path = os.path.join(
       FLAGS.out, f"{FLAGS.dataset}_{'stock' if name == 'stock' else method}.tflite"
     )
-    with open(path, "wb") as f:
-      f.write(tflite)
     n = min(FLAGS.tflite_eval, len(data[1][0]))
-    tflite_acc = np.mean(
-      np.argmax(C.run_tflite(tflite, data[1][0][:n]), -1) == data[1][1][:n]
-    )
     rows.append(
-      {
-        "model": name,
-        "test acc %": f"{100 * acc:.2f}",
-        f"tflite acc % ({n})": f"{100 * tflite_acc:.2f}",
-        "stored params": f"{C.stored_params(model):,}",
-        "MACs": f"{C.macs(model):,}",
-        ".tflite bytes": f"{len(tflite):,} ({form})",
-        "file": path,
-      }
+      C.export_and_report(model, name, path, acc, data[1][0][:n], data[1][1][:n])
     )
   print()
   print(C.format_table(rows, list(rows[0].keys())))

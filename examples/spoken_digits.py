@@ -36,7 +36,6 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common as C  # noqa: E402
-import numpy as np  # noqa: E402
 
 from keras_epitome import datasets  # noqa: E402
 
@@ -95,22 +94,8 @@ def main(argv):
       batch_size=FLAGS.batch_size,
       learning_rate=FLAGS.learning_rate,
     )
-    tflite, form = C.tflite_bytes(model)
     path = os.path.join(FLAGS.out, f"fsdd_{method}.tflite")
-    with open(path, "wb") as f:
-      f.write(tflite)
-    tflite_acc = np.mean(np.argmax(C.run_tflite(tflite, xt), -1) == yt)
-    rows.append(
-      {
-        "model": f"{method} x{ratio:g}",
-        "test acc %": f"{100 * acc:.2f}",
-        "tflite acc %": f"{100 * tflite_acc:.2f}",
-        "stored params": f"{C.stored_params(model):,}",
-        "MACs": f"{C.macs(model):,}",
-        ".tflite bytes": f"{len(tflite):,} ({form})",
-        "file": path,
-      }
-    )
+    rows.append(C.export_and_report(model, f"{method} x{ratio:g}", path, acc, xt, yt))
   print()
   print(C.format_table(rows, list(rows[0].keys())))
 
