@@ -483,7 +483,7 @@ class _CompressionWrapper(keras.layers.Wrapper):
     return config
 
   @classmethod
-  def _pop_parts(cls, config, custom_objects=None):
+  def from_config(cls, config, custom_objects=None):
     config = copy.deepcopy(config)
     layer_config = config.pop("layer")
     layer = keras.layers.deserialize(
@@ -492,7 +492,7 @@ class _CompressionWrapper(keras.layers.Wrapper):
       use_legacy_format="module" not in layer_config,
     )
     algorithm = _deserialize_algorithm(config.pop("algorithm"), custom_objects)
-    return layer, algorithm, config
+    return cls(layer, algorithm, **config)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -602,11 +602,6 @@ class CompressionTrainingWrapper(_CompressionWrapper):
     config["static_weights"] = copy.deepcopy(self.static_weights)
     return config
 
-  @classmethod
-  def from_config(cls, config, custom_objects=None):
-    layer, algorithm, config = cls._pop_parts(config, custom_objects)
-    return cls(layer, algorithm, **config)
-
 
 def _guard(tensors: List[tf.Tensor], inputs) -> List[tf.Tensor]:
   """Returns ``tensors`` through a ``tf.cond`` on the data.
@@ -691,11 +686,6 @@ class CompressionInferenceWrapper(_CompressionWrapper):
     config = super().get_config()
     config["compressed_specs"] = copy.deepcopy(self.compressed_specs)
     return config
-
-  @classmethod
-  def from_config(cls, config, custom_objects=None):
-    layer, algorithm, config = cls._pop_parts(config, custom_objects)
-    return cls(layer, algorithm, **config)
 
 
 # ----------------------------------------------------------------------------
