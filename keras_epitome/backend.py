@@ -56,4 +56,33 @@ def setup_keras():
 
 keras = setup_keras()
 
-__all__ = ["keras", "setup_keras"]
+PACKAGE = "keras_epitome"  # the package name every class registers under
+
+
+def custom_objects() -> dict:
+  """Every class the package has registered with Keras, for tools that want a dict.
+
+  The classes register themselves when their module is imported (``import
+  keras_epitome`` imports them all), so ``keras.models.load_model`` needs no
+  ``custom_objects``; this is for APIs that take an explicit mapping, such as
+  TF-MOT's ``quantize_scope``. Each class appears under its plain name and its
+  registered name (``"keras_epitome>EpitomeConv2D"``).
+
+  Returns:
+    A dict from name to class.
+
+  Example:
+    >>> import keras_epitome as ke
+    >>> ke.custom_objects()["EpitomeConv2D"] is ke.EpitomeConv2D
+    True
+  """
+  objects = {}
+  for key, obj in keras.saving.get_custom_objects().items():
+    package, _, name = key.partition(">")
+    if package == PACKAGE and name:
+      objects[key] = obj
+      objects[name] = obj
+  return objects
+
+
+__all__ = ["PACKAGE", "custom_objects", "keras", "setup_keras"]

@@ -884,6 +884,9 @@ def factorize(
       ``fallback="error"``) a layer without factored form.
 
   Example:
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 16)), ke.EpitomeConv2D(32, 3, compression=4)])
+    >>> x = np.random.rand(2, 8, 8, 16).astype("float32")
     >>> fast = ke.factorize(model)
     >>> np.allclose(fast(x), model(x, training=False), atol=1e-5)
     True

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import tensorflow_model_optimization as tfmot
 
+from keras_epitome import backend
 from keras_epitome import layers as epitome_layers
 from keras_epitome.backend import keras
 
@@ -171,17 +172,6 @@ class EpitomeQuantizeScheme(_tfq.default_8bit.Default8BitQuantizeScheme):
     return EpitomeQuantizeRegistry(disable_per_axis=self._disable_per_axis)
 
 
-def custom_objects():
-  """Names to pass to a custom-object scope for this module's classes."""
-  objects = {
-    "EpitomeQuantizeConfig": EpitomeQuantizeConfig,
-    "keras_epitome>EpitomeQuantizeConfig": EpitomeQuantizeConfig,
-  }
-  for cls in epitome_layers.EPITOME_LAYERS:
-    objects[cls.__name__] = cls
-  return objects
-
-
 def quantize_scope(*args):
   """TF-MOT's ``quantize_scope`` with the epitome classes added.
 
@@ -198,7 +188,7 @@ def quantize_scope(*args):
     >>> with quantize_scope():  # doctest: +SKIP
     ...   qat = keras.models.load_model("qat.h5")
   """
-  return _tfq.quantize_scope(custom_objects(), *args)
+  return _tfq.quantize_scope(backend.custom_objects(), *args)
 
 
 def quantize_model(model, quantized_layer_name_prefix: str = "quant_"):

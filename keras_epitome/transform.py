@@ -374,7 +374,7 @@ def epitomize(
   skip = set(skip)
   report = EpitomeReport()
   copies = []  # (old, new) for plain weight copies
-  converted = []  # (old, new, explicit)
+  converted = []  # (old, new)
 
   def clone_function(layer):
     if isinstance(layer, keras.Model):

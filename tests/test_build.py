@@ -5,6 +5,7 @@ without running Bazel: each package module must be in the library's srcs, each
 test module must have a py_test, and every file BUILD names must exist.
 """
 
+import ast
 import pathlib
 import re
 
@@ -45,7 +46,7 @@ class BuildFileTest(absltest.TestCase):
     listed = {
       s for rule, srcs, _ in self.targets.values() if rule == "py_library" for s in srcs
     }
-    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "keras_epitome").glob("*.py")}
+    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "keras_epitome").rglob("*.py")}
     self.assertEmpty(
       sorted(on_disk - listed), "modules missing from BUILD py_library srcs"
     )
@@ -82,6 +83,76 @@ class BuildFileTest(absltest.TestCase):
           self.assertIn(
             f'"{dep[4:]}', setup, f"BUILD target {name}: {dep[4:]} is not in setup.py"
           )
+
+  def _library_of_source(self):
+    return {
+      src: name
+      for name, (rule, srcs, _) in self.targets.items()
+      if rule == "py_library"
+      for src in srcs
+      if src.startswith("keras_epitome/")
+    }
+
+  def test_local_deps_are_the_imports(self):
+    """Each library depends on exactly the package modules its sources import."""
+    by_source = self._library_of_source()
+    for src, name in sorted(by_source.items()):
+      imported = {by_source[m] for m in _imported_sources(src)} - {name}
+      declared = {d[1:] for d in self.targets[name][2] if d.startswith(":")}
+      self.assertEqual(
+        sorted(declared), sorted(imported), f"BUILD deps of :{name} ({src})"
+      )
+
+  def test_library_graph_is_acyclic(self):
+    graph = {
+      name: [d[1:] for d in deps if d.startswith(":")]
+      for name, (rule, _, deps) in self.targets.items()
+      if rule == "py_library"
+    }
+    state = {}
+
+    def visit(node, path):
+      if state.get(node) == "done":
+        return
+      self.assertNotEqual(
+        state.get(node), "open", "BUILD cycle: " + " -> ".join(path + [node])
+      )
+      state[node] = "open"
+      for dep in graph.get(node, []):
+        visit(dep, path + [node])
+      state[node] = "done"
+
+    for node in graph:
+      visit(node, [])
+
+
+def _module_source(module: str):
+  """``keras_epitome.a.b`` -> its source path relative to ROOT, or None."""
+  base = ROOT.joinpath(*module.split("."))
+  for path in (base.with_suffix(".py"), base / "__init__.py"):
+    if path.is_file():
+      return str(path.relative_to(ROOT))
+  return None
+
+
+def _imported_sources(src: str):
+  """Package sources that ``src`` imports by name (lazy imports included)."""
+  found = set()
+  for node in ast.walk(ast.parse((ROOT / src).read_text())):
+    if isinstance(node, ast.Import):
+      modules = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      # "from pkg import mod" names a module; "from mod import name" the module.
+      modules = [f"{node.module}.{a.name}" for a in node.names]
+      modules = [m if _module_source(m) else node.module for m in modules]
+    else:
+      continue
+    for module in modules:
+      if module.split(".")[0] == "keras_epitome":
+        source = _module_source(module)
+        if source:
+          found.add(source)
+  return found
 
 
 if __name__ == "__main__":

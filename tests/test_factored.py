@@ -162,7 +162,7 @@ class FactoredLayerTest(tf.test.TestCase, parameterized.TestCase):
       self.skipTest("the fixed sampler has integer offsets")
     x = rng.standard_normal(shape).astype(np.float32)
     fast = ke.factorize(model, remix=remix)
-    self.assertIsInstance(fast.layers[-1], ke.FACTORED_LAYERS)
+    self.assertIsInstance(fast.layers[-1], factored.FACTORED_LAYERS)
     self.assertEqual(fast.layers[-1].remix, remix)
     y = model(x, training=False)
     self._assert_same(fast(x), y)

@@ -9,6 +9,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import keras_epitome as ke
+from keras_epitome import transform
 
 keras = ke.keras
 
@@ -60,7 +61,7 @@ class EpitomizeTest(tf.test.TestCase, parameterized.TestCase):
       ],
     )
     report = small.epitome_report
-    self.assertIsInstance(report, ke.EpitomeReport)
+    self.assertIsInstance(report, transform.EpitomeReport)
     kept = {k.name: k.reason for k in report.kept}
     self.assertIn("min_params", kept["conv2d"])
     self.assertIn("no epitome layer", kept["depthwise_conv2d"])

@@ -1,13 +1,9 @@
-"""Weight-compression algorithms for :mod:`keras_epitome.compression`.
+"""``EpitomeCompressor``: neural epitomes under the weight-compression contract.
 
-* :class:`EpitomeCompressor`: a kernel becomes an epitome plus a routing map
-  (Neural Epitome Search). Training samples the kernel with the package's
-  differentiable sampler, so the epitome and the offsets are fine-tuned
-  together; inference stores the epitome and rebuilds the kernel from it with
-  static slices at the frozen routing map.
-* :class:`SVDCompressor`: a toy low-rank factorization, here to show that the
-  wrappers know nothing about epitomes (training and inference graphs are the
-  same, as in TF-MOT's SVD example).
+A kernel becomes an epitome plus a routing map (Neural Epitome Search).
+Training samples the kernel with the package's differentiable sampler, so the
+epitome and the offsets are fine-tuned together; inference stores the epitome
+and rebuilds the kernel from it with static slices at the frozen routing map.
 
 Example:
   >>> import keras_epitome as ke
@@ -20,7 +16,7 @@ Example:
   ...     keras.layers.Flatten(),
   ...     keras.layers.Dense(10),
   ... ])
-  >>> algorithm = EpitomeCompressor(compression=4)
+  >>> algorithm = compression.EpitomeCompressor(compression=4)
   >>> training_model = compression.compress_model_for_training(model, algorithm)
   >>> # ... fine-tune training_model ...
   >>> inference_model = compression.compress_model_for_inference(training_model)
@@ -36,7 +32,7 @@ import tensorflow as tf
 
 from keras_epitome import sampling
 from keras_epitome.backend import keras
-from keras_epitome.compression import (
+from keras_epitome.compression.algorithm import (
   StaticWeight,
   WeightCompressor,
   kernel_weight,
@@ -91,9 +87,9 @@ class EpitomeCompressor(WeightCompressor):
   Example:
     >>> dense = keras.layers.Dense(64)
     >>> dense.build((None, 64))
-    >>> algorithm = EpitomeCompressor(compression=4)
-    >>> from keras_epitome.compression import create_layer_for_training
-    >>> wrapped = create_layer_for_training(dense, algorithm)
+    >>> from keras_epitome import compression
+    >>> algorithm = compression.EpitomeCompressor(compression=4)
+    >>> wrapped = compression.create_layer_for_training(dense, algorithm)
     >>> wrapped.training_weights["kernel"][1].shape
     TensorShape([32, 32])
   """
@@ -145,9 +141,8 @@ class EpitomeCompressor(WeightCompressor):
     if np.any(kernel):
       epitome = sampling.fit_epitome(kernel, routing, g)
     else:
-      # A zero placeholder (a wrapper rebuilt from its config): its fit is
-      # zero. Skipping it also matters because Keras may build layers under
-      # tf.init_scope, where the gradient tape fit_epitome uses is paused.
+      # A zero placeholder (a wrapper rebuilt from its config, whose trained
+      # values are loaded afterwards): its fit is zero.
       epitome = np.zeros(g.epitome_shape, kernel.dtype)
     dtype = pretrained_weight.dtype
     self.add_static_weight("kernel_shape", g.kernel_shape, dtype="int64")
@@ -218,57 +213,3 @@ class EpitomeCompressor(WeightCompressor):
       "learn_offsets": self.learn_offsets,
       "min_kernel_size": self.min_kernel_size,
     }
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class SVDCompressor(WeightCompressor):
-  """Toy low-rank algorithm: ``K[s] = U[s] @ SV[s]`` per spatial tap.
-
-  The kernel's last two axes are factored by a truncated SVD, separately for
-  each spatial tap (as in TF-MOT's SVD example), for any kernel rank. Training
-  and inference use the same two factors.
-
-  Args:
-    rank: the number of singular values kept (kernels whose channel sides are
-      not both larger are left alone).
-
-  Example:
-    >>> dense = keras.layers.Dense(8)
-    >>> dense.build((None, 16))
-    >>> algorithm = SVDCompressor(rank=2)
-    >>> [w.shape for w in algorithm.get_compressible_weights(dense)]
-    [TensorShape([16, 8])]
-  """
-
-  def __init__(self, rank: int = 8):
-    if int(rank) < 1:
-      raise ValueError(f"SVDCompressor: rank must be >= 1, got {rank!r}")
-    self.rank = int(rank)
-
-  def get_compressible_weights(self, original_layer) -> List[tf.Variable]:
-    kernel = kernel_weight(original_layer)
-    if kernel is None or min(kernel.shape[-2:]) <= self.rank:
-      return []
-    return [kernel]
-
-  def init_training_weights(self, pretrained_weight):
-    s, u, v = tf.linalg.svd(tf.convert_to_tensor(pretrained_weight))
-    r = self.rank
-    u = u[..., :r]
-    sv = s[..., :r, tf.newaxis] * tf.linalg.matrix_transpose(v[..., :r])
-    for name, value in (("u", u), ("sv", sv)):
-      self.add_training_weight(
-        name=name,
-        shape=value.shape,
-        dtype=value.dtype,
-        initializer=keras.initializers.Constant(value.numpy()),
-      )
-
-  def project_training_weights(self, u, sv):
-    return tf.matmul(u, sv)
-
-  def decompress_weights(self, u, sv):
-    return tf.matmul(u, sv)
-
-  def get_config(self) -> dict:
-    return {"rank": self.rank}
