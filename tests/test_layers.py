@@ -552,7 +552,7 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
     (
       "bad_offset_scale",
       dict(compression=2, offset_scale=0),
-      r"offset_scale must be > 0, got 0",
+      r"offset_scale must be a finite number > 0, got 0",
     ),
   )
   def test_constructor_errors(self, kwargs, message):
