@@ -220,7 +220,10 @@ def check_stored_size(geometry, desc: str = "") -> None:
 
 def check_finite_offsets(arrays: Sequence, desc: str = "") -> None:
   """Refuses a routing map holding NaN or infinite offsets (a diverged model)."""
-  for name, arr in zip(("in_offsets", "out_offsets", "spatial_offsets"), arrays):
+  names = ("in_offsets", "out_offsets", "spatial_offsets")
+  for name, arr in zip(names, arrays, strict=False):
+    if arr is None:
+      continue
     arr = np.asarray(arr, np.float64)
     if arr.size and not np.all(np.isfinite(arr)):
       raise ValueError(
