@@ -219,10 +219,8 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       )
     if self.sampler == "learned" and self.learner == "feature":
       n = self._num_offsets()
-      # Offsets stay in the variables' dtype under a mixed policy, so the
-      # learner computes in it too.
       self.offset_learner = FeatureOffsetLearner(
-        n, geometry.rank, name="offset_learner", dtype=dtype
+        n, geometry.rank, name="offset_learner"
       )
       self.moving_offsets = super().add_weight(
         "moving_offsets",
@@ -373,7 +371,9 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
 
   def _training_offsets(self, inputs, training):
     base = self._base_offsets()
-    delta = self.offset_learner(inputs, training=True)
+    # Under a mixed policy the learner computes in the compute dtype; its
+    # correction joins the full-precision offsets.
+    delta = tf.cast(self.offset_learner(inputs, training=True), base[0].dtype)
     in_d, out_d, sp_d = self._unpack_offsets(delta)
     offsets = (base[0] + in_d, base[1] + out_d, base[2] + sp_d)
     slack = list(self._geometry.slack_axes)
