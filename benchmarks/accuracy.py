@@ -39,9 +39,8 @@ sys.path.insert(
 )
 
 import common as C  # noqa: E402
+import datasets  # noqa: E402
 import numpy as np  # noqa: E402
-
-from keras_epitome import datasets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(

@@ -30,9 +30,11 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import datasets  # noqa: E402
 
 import keras_epitome as ke  # noqa: E402
-from keras_epitome import datasets  # noqa: E402
 
 keras = ke.keras
 

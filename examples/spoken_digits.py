@@ -36,8 +36,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common as C  # noqa: E402
-
-from keras_epitome import datasets  # noqa: E402
+import datasets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(

@@ -36,13 +36,13 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
 
-from keras_epitome import factored, transform
-from keras_epitome.backend import keras
+from keras_epitome import factored, transform, walk
+from keras_epitome.backend import check_keras2, keras
 from keras_epitome.layers import EpitomeMixin
 
 _log = logging.getLogger(__name__)
@@ -76,15 +76,14 @@ def materialize(model):
   return transform.strip_epitome(model)
 
 
+def _is_epitome_layer(layer) -> bool:
+  return isinstance(layer, EpitomeMixin)
+
+
 def _check_layers(model):
-  for layer in model.layers:
-    if isinstance(layer, keras.Model):
-      _check_layers(layer)
-    elif isinstance(layer, EpitomeMixin) or (
-      isinstance(layer, keras.layers.Wrapper)
-      and isinstance(getattr(layer, "layer", None), EpitomeMixin)
-    ):
-      factored._check_training_state(layer)  # noqa: SLF001
+  for layer, _, outer in walk.walk(model):
+    if isinstance(layer, EpitomeMixin):
+      factored._check_training_state(outer)  # noqa: SLF001
 
 
 def inference_model(
@@ -112,27 +111,105 @@ def inference_model(
   return materialize(model)
 
 
-def _representative(data, batch_size: int) -> Callable[[], Iterable]:
-  if callable(data):
+def _calibration_inputs(item, num_inputs: int) -> list:
+  """The model inputs of one element of a calibration ``tf.data.Dataset``.
+
+  Elements may be inputs alone or Keras ``fit``-style ``(x, y)`` /
+  ``(x, y, sample_weight)`` tuples, whose ``x`` is taken.
+  """
+  if not isinstance(item, (tuple, list)):
+    return [item]
+  first = item[0]
+  if isinstance(first, (tuple, list)):
+    return list(first)
+  if num_inputs == 1:
+    return [first]
+  return list(item[:num_inputs])
+
+
+def _representative(data, batch_size: Optional[int], input_shapes) -> Callable:
+  """A converter ``representative_dataset`` that uses every sample.
+
+  Arrays and datasets are cut into batches of the exported batch size (the
+  last batch is filled up with samples from the start, so no sample is
+  dropped and every batch has the model's static shape).
+
+  Raises:
+    ValueError: if there is no sample, or a sample's shape does not match the
+      model's input.
+  """
+  if callable(data) and not isinstance(data, tf.data.Dataset):
     return data
   if isinstance(data, tf.data.Dataset):
-
-    def gen_ds():
-      for item in data:
-        items = item if isinstance(item, (tuple, list)) else (item,)
-        yield [tf.cast(t, tf.float32) for t in items]
-
-    return gen_ds
-  arrays = data if isinstance(data, (list, tuple)) else [data]
-  arrays = [np.asarray(a, np.float32) for a in arrays]
+    per_input = [[] for _ in input_shapes]
+    for item in data:
+      for i, x in enumerate(_calibration_inputs(item, len(input_shapes))):
+        x = np.asarray(x, np.float32)
+        if x.ndim == len(input_shapes[i]) - 1:  # an unbatched dataset
+          x = x[np.newaxis]
+        per_input[i].append(x)
+    arrays = [
+      np.concatenate(xs) if xs else np.zeros((0,) + tuple(shape[1:]), np.float32)
+      for xs, shape in zip(per_input, input_shapes, strict=True)
+    ]
+  else:
+    arrays = data if isinstance(data, (list, tuple)) else [data]
+    arrays = [np.asarray(a, np.float32) for a in arrays]
+  if len(arrays) != len(input_shapes):
+    raise ValueError(
+      f"export_tflite: representative_data has {len(arrays)} input(s), the "
+      f"model {len(input_shapes)}"
+    )
+  for i, (a, shape) in enumerate(zip(arrays, input_shapes, strict=True)):
+    want = tuple(shape[1:])
+    if a.ndim != len(shape) or any(
+      w is not None and d != w for d, w in zip(a.shape[1:], want, strict=True)
+    ):
+      raise ValueError(
+        f"export_tflite: representative_data input {i} has shape {a.shape}; "
+        f"the model expects (N, {', '.join(str(d) for d in want)})"
+      )
   n = len(arrays[0])
+  if n == 0:
+    raise ValueError(
+      "export_tflite: representative_data holds no sample; quantize='int8' "
+      "needs at least one to calibrate the activation ranges"
+    )
   step = batch_size or 1
 
   def gen():
-    for i in range(0, n - step + 1, step):
-      yield [a[i : i + step] for a in arrays]
+    for i in range(0, n, step):
+      index = np.arange(i, i + step) % n
+      yield [a[index] for a in arrays]
 
   return gen
+
+
+def _is_float32(model) -> bool:
+  return all(
+    getattr(layer, "compute_dtype", "float32") == "float32"
+    for layer in walk.iter_layers(model)
+  )
+
+
+def _float32_copy(model):
+  """A copy of ``model`` computing in float32 (a mixed-precision model exported).
+
+  Layers keep their weights (float32 variables under a mixed policy); only
+  their compute dtype changes, so the converter sees a float32 graph.
+  """
+
+  def clone(layer):
+    if isinstance(layer, keras.Model):
+      return keras.models.clone_model(layer, clone_function=clone)
+    config = layer.get_config()
+    if "dtype" in config:
+      config["dtype"] = "float32"
+    return layer.__class__.from_config(config)
+
+  copy = keras.models.clone_model(model, clone_function=clone)
+  copy.set_weights(model.get_weights())
+  return copy
 
 
 def export_tflite(
@@ -156,8 +233,10 @@ def export_tflite(
     quantize: ``None`` (float32), ``"dynamic"`` (int8 weights) or ``"int8"``
       (full integer; needs ``representative_data``).
     representative_data: for ``"int8"``: an array (or list of arrays, one per
-      model input) of sample inputs, a ``tf.data.Dataset`` of inputs, or a
-      generator function as the TFLite converter takes it.
+      model input) of sample inputs, a ``tf.data.Dataset`` of inputs or of
+      ``(x, y)`` pairs (``x`` is taken; batched or not), or a generator
+      function as the TFLite converter takes it. Every sample is used: the
+      last batch is filled up with samples from the start.
     batch_size: static batch size of the exported model (``None``: dynamic;
       static shapes run faster on LiteRT).
     fold_batchnorm: fold BatchNorms into factored layers.
@@ -168,10 +247,13 @@ def export_tflite(
   Returns:
     The ``.tflite`` bytes.
 
+  A model under a mixed-precision policy is exported in float32.
+
   Raises:
-    ValueError: for an unknown form or quantization, ``"int8"`` without data,
-      an unbuilt epitome layer, or an epitome layer inside a training wrapper
-      (pruning, QAT).
+    ValueError: for an unknown form or quantization, ``"int8"`` without data
+      or with data that yields no calibration batch, an unbuilt epitome
+      layer, an epitome layer inside a pruning wrapper, a quantization-aware
+      training model, or a Keras 3 model.
 
   Example:
     >>> model = keras.Sequential([keras.Input((8,)), ke.EpitomeDense(16, compression=2)])
@@ -188,12 +270,20 @@ def export_tflite(
       "quantize='int8' needs representative_data (sample inputs to calibrate "
       "the activation ranges)"
     )
+  check_keras2(model, "export_tflite")
+  walk.check_no_training_wrappers(
+    model, "export_tflite", ("qat", "pruning"), _is_epitome_layer
+  )
   if not model.built or not model.inputs:
     raise ValueError(
       f"model '{model.name}' must be built with known inputs (a functional or "
       "Sequential model with an Input) to be exported"
     )
   inf = inference_model(model, form, fold_batchnorm=fold_batchnorm, remix=remix)
+  if not _is_float32(inf):
+    # A mixed-precision model: export the float32 function (the file is
+    # float32 or int8 anyway; the converter refuses some bf16 graphs).
+    inf = _float32_copy(inf)
   specs = [
     tf.TensorSpec([batch_size] + list(t.shape[1:]), tf.float32, name=f"input_{i}")
     for i, t in enumerate(inf.inputs)
@@ -208,10 +298,25 @@ def export_tflite(
   )
   if quantize is not None:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
+  batches = [0]
   if quantize == "int8":
-    converter.representative_dataset = _representative(representative_data, batch_size)
+    source = _representative(
+      representative_data, batch_size, [list(t.shape) for t in inf.inputs]
+    )
+
+    def counted():
+      for batch in source():
+        batches[0] += 1
+        yield batch
+
+    converter.representative_dataset = counted
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
   tflite = converter.convert()
+  if quantize == "int8" and not batches[0]:
+    raise ValueError(
+      "export_tflite: representative_data produced no calibration batch, so "
+      "the converter could not quantize to int8; give it at least one sample"
+    )
   if path is not None:
     with tf.io.gfile.GFile(path, "wb") as f:
       f.write(tflite)
@@ -309,6 +414,11 @@ def run_tflite(tflite: bytes, x, num_threads: int = 1):
   Returns:
     The output as a float32 NumPy array (a list for several outputs).
 
+  Raises:
+    ValueError: if the number of arrays or a shape (batch aside) does not
+      match the model's inputs, or the batch is not a multiple of a static
+      batch size.
+
   Example:
     >>> model = keras.Sequential([keras.Input((8,)), ke.EpitomeDense(16, compression=2)])
     >>> x = np.random.rand(3, 8).astype("float32")
@@ -318,6 +428,20 @@ def run_tflite(tflite: bytes, x, num_threads: int = 1):
   """
   xs = [np.asarray(a, np.float32) for a in (x if isinstance(x, (list, tuple)) else [x])]
   runner = LiteRTRunner(tflite, num_threads)
+  if len(xs) != len(runner.inputs):
+    raise ValueError(
+      f"run_tflite: got {len(xs)} input array(s); the model has "
+      f"{len(runner.inputs)} input(s)"
+    )
+  for i, (a, detail) in enumerate(zip(xs, runner.inputs, strict=True)):
+    want = [int(d) for d in detail["shape_signature"]]
+    if a.ndim != len(want) or any(
+      w >= 0 and d != w for d, w in zip(a.shape[1:], want[1:], strict=True)
+    ):
+      shown = ", ".join("?" if w < 0 else str(w) for w in want[1:])
+      raise ValueError(
+        f"run_tflite: input {i} has shape {a.shape}; the model expects (batch, {shown})"
+      )
   model_batch = int(runner.inputs[0]["shape_signature"][0])
   n = len(xs[0])
   if model_batch <= 0 or model_batch == n:
@@ -407,11 +531,5 @@ def tflite_tensor_report(tflite: bytes) -> dict:
 
 
 def epitome_layers(model) -> list:
-  """All epitome layers of ``model``, nested models included."""
-  out = []
-  for layer in model.layers:
-    if isinstance(layer, keras.Model):
-      out.extend(epitome_layers(layer))
-    elif isinstance(layer, EpitomeMixin):
-      out.append(layer)
-  return out
+  """All epitome layers of ``model``, nested models and wrappers included."""
+  return [layer for layer in walk.iter_layers(model) if isinstance(layer, EpitomeMixin)]

@@ -55,8 +55,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from keras_epitome import sampling, transform
-from keras_epitome.backend import keras
+from keras_epitome import sampling, transform, walk
+from keras_epitome.backend import check_keras2, keras
 from keras_epitome.layers import EpitomeMixin
 
 _log = logging.getLogger(__name__)
@@ -893,6 +893,13 @@ def factorize(
   """
   if remix not in REMIXES:
     raise ValueError(f"remix must be one of {', '.join(REMIXES)}, got {remix!r}")
+  check_keras2(model, "factorize")
+  walk.check_no_training_wrappers(
+    model,
+    "factorize",
+    ("qat", "pruning"),
+    lambda layer: isinstance(layer, EpitomeMixin),
+  )
   if fallback not in ("materialize", "error"):
     raise ValueError(f"fallback must be 'materialize' or 'error', got {fallback!r}")
 

@@ -29,40 +29,19 @@ Example:
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from keras_epitome import sampling
+from keras_epitome import sampling, spec
 from keras_epitome.backend import keras
-from keras_epitome.learners import LEARNERS, FeatureOffsetLearner
+from keras_epitome.learners import FeatureOffsetLearner
 
-SAMPLERS = ("learned", "fixed")
-# The keyword arguments an epitome layer adds to its stock layer (what the
-# transform's policies may set, and what a stock config lacks).
-EPITOME_ARGS = (
-  "compression",
-  "epitome_shape",
-  "sampler",
-  "learner",
-  "spatial_stride",
-  "offset_scale",
-  "routing_momentum",
-)
-
-
-def _as_int_tuple(value, what, layer_desc):
-  if isinstance(value, (int, np.integer)):
-    return (int(value),)
-  try:
-    return tuple(int(v) for v in value)
-  except (TypeError, ValueError):
-    raise ValueError(
-      f"{layer_desc}: {what} must be an int or a tuple of ints, got {value!r}"
-    ) from None
+SAMPLERS = spec.SAMPLERS
+# The keyword arguments an epitome layer adds to its stock layer.
+EPITOME_ARGS = spec.EPITOME_ARGS
 
 
 class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
@@ -108,82 +87,24 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
   ):
     super().__init__(*args, **kwargs)
     desc = self._desc()
-    if compression is None and epitome_shape is None:
-      raise ValueError(
-        f"{desc}: give compression= (a ratio >= 1) or epitome_shape= "
-        "(*S_E, Cin_E, Cout_E)"
-      )
-    if compression is not None and epitome_shape is not None:
-      raise ValueError(
-        f"{desc}: give compression= or epitome_shape=, not both (got "
-        f"compression={compression!r}, epitome_shape={epitome_shape!r})"
-      )
-    if compression is not None:
-      if isinstance(compression, bool) or not isinstance(
-        compression, (int, float, np.number)
-      ):
-        raise ValueError(
-          f"{desc}: compression must be a number >= 1, got {compression!r}"
-        )
-      if not math.isfinite(float(compression)) or float(compression) < 1:
-        raise ValueError(
-          f"{desc}: compression must be a finite number >= 1, got {compression!r}"
-        )
-      compression = float(compression)
-    if epitome_shape is not None:
-      epitome_shape = _as_int_tuple(epitome_shape, "epitome_shape", desc)
-      expected = self._kernel_rank() + 2
-      if len(epitome_shape) != expected:
-        raise ValueError(
-          f"{desc}: epitome_shape {epitome_shape} must have {expected} "
-          f"entries ({'S_E..., ' if expected > 2 else ''}Cin_E, Cout_E)"
-        )
-      if any(d <= 0 for d in epitome_shape):
-        raise ValueError(
-          f"{desc}: epitome_shape {epitome_shape} must have positive sizes"
-        )
-    if sampler not in SAMPLERS:
-      raise ValueError(
-        f"{desc}: unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}"
-      )
-    if learner not in LEARNERS:
-      raise ValueError(
-        f"{desc}: unknown learner {learner!r}; valid: {', '.join(LEARNERS)}"
-      )
-    if sampler == "fixed" and learner != "param":
-      raise ValueError(
-        f"{desc}: learner={learner!r} needs sampler='learned'; the fixed "
-        "sampler has no learner (leave learner='param')"
-      )
-    if spatial_stride is not None:
-      spatial_stride = _as_int_tuple(spatial_stride, "spatial_stride", desc)
-      if len(spatial_stride) == 1:
-        spatial_stride = spatial_stride * max(self._kernel_rank(), 1)
-      if len(spatial_stride) != self._kernel_rank():
-        raise ValueError(
-          f"{desc}: spatial_stride {spatial_stride} must have one entry per "
-          f"spatial axis ({self._kernel_rank()})"
-        )
-      if any(s < 0 for s in spatial_stride):
-        raise ValueError(f"{desc}: spatial_stride {spatial_stride} must be >= 0")
-    if not (isinstance(offset_scale, (int, float)) and offset_scale > 0):
-      raise ValueError(f"{desc}: offset_scale must be > 0, got {offset_scale!r}")
-    if not (0.0 <= float(routing_momentum) < 1.0):
-      raise ValueError(
-        f"{desc}: routing_momentum must be in [0, 1), got {routing_momentum!r}"
-      )
+    epitome_args = spec.check_epitome_args(
+      desc,
+      self._kernel_rank(),
+      compression=compression,
+      epitome_shape=epitome_shape,
+      sampler=sampler,
+      learner=learner,
+      spatial_stride=spatial_stride,
+      offset_scale=offset_scale,
+      routing_momentum=routing_momentum,
+    )
     if getattr(self, "data_format", "channels_last") != "channels_last":
       raise ValueError(
         f"{desc}: data_format={self.data_format!r} is not supported; "
         "epitome layers take channels_last inputs"
       )
-    self.compression = compression
-    self.epitome_shape = epitome_shape
-    self.sampler = sampler
-    self.learner = learner
-    self.spatial_stride = spatial_stride
-    self.offset_scale = float(offset_scale)
-    self.routing_momentum = float(routing_momentum)
+    for name, value in epitome_args.items():
+      setattr(self, name, value)
     self.epitome = None
     self.in_offsets = None
     self.out_offsets = None
@@ -231,14 +152,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       else:
         epitome_shape = sampling.epitome_shape_for_ratio(kernel_shape, self.compression)
       geometry = sampling.EpitomeGeometry(kernel_shape, epitome_shape)
-      # An epitome as large as the kernel (compression=1) is allowed: only
-      # its routing map makes it larger, and it reproduces the kernel exactly.
-      if geometry.compression_ratio < 1 and epitome_shape != kernel_shape:
-        raise ValueError(
-          f"epitome shape {epitome_shape} plus its routing map "
-          f"({geometry.routing_size} offsets) is larger than the kernel "
-          f"{kernel_shape} (ratio {geometry.compression_ratio:.3f} < 1)"
-        )
+      spec.check_stored_size(geometry)
       routing = sampling.fixed_routing(geometry, self.spatial_stride)
     except ValueError as e:
       raise ValueError(f"{desc}: {e}") from None
@@ -252,6 +166,10 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       flat = tf.reshape(full, [-1])[: geometry.epitome_size]
       return tf.reshape(flat, shape)
 
+    # Under a mixed-precision policy the epitome and the routing map are not
+    # autocast: the kernel is sampled in the variables' dtype (offsets and
+    # interpolation weights at full precision) and only the sampled kernel is
+    # cast to the compute dtype, in call().
     self.epitome = super().add_weight(
       "epitome",
       shape=epitome_shape,
@@ -260,6 +178,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       constraint=self.kernel_constraint,
       trainable=True,
       dtype=dtype,
+      experimental_autocast=False,
     )
     trainable = self.sampler == "learned"
     scale = self.offset_scale
@@ -269,6 +188,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       initializer=keras.initializers.Constant(routing.in_offsets / scale),
       trainable=trainable,
       dtype=dtype,
+      experimental_autocast=False,
     )
     self.out_offsets = super().add_weight(
       "out_offsets",
@@ -276,6 +196,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       initializer=keras.initializers.Constant(routing.out_offsets / scale),
       trainable=trainable,
       dtype=dtype,
+      experimental_autocast=False,
     )
     if geometry.slack_axes:
       # One column per spatial axis with slack; axes with S_E == S store none.
@@ -294,6 +215,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         constraint=clip_spatial,
         trainable=trainable,
         dtype=dtype,
+        experimental_autocast=False,
       )
     if self.sampler == "learned" and self.learner == "feature":
       n = self._num_offsets()
@@ -312,6 +234,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         synchronization=tf.VariableSynchronization.ON_READ,
         aggregation=tf.VariableAggregation.MEAN,
         dtype=dtype,
+        experimental_autocast=False,
       )
 
   def build(self, input_shape):
@@ -397,9 +320,11 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       routing: offsets in channels and taps, shaped as :attr:`routing_map`.
 
     Raises:
-      ValueError: if a shape does not match the layer's geometry.
+      ValueError: if a shape does not match the layer's geometry, or an
+        offset is not finite.
     """
     g = self.epitome_geometry
+    spec.check_finite_offsets(routing, self._desc())
     in_o = np.asarray(routing.in_offsets, np.float32)
     out_o = np.asarray(routing.out_offsets, np.float32)
     sp_o = np.asarray(routing.spatial_offsets, np.float32)
@@ -446,7 +371,9 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
 
   def _training_offsets(self, inputs, training):
     base = self._base_offsets()
-    delta = self.offset_learner(inputs, training=True)
+    # Under a mixed policy the learner computes in the compute dtype; its
+    # correction joins the full-precision offsets.
+    delta = tf.cast(self.offset_learner(inputs, training=True), base[0].dtype)
     in_d, out_d, sp_d = self._unpack_offsets(delta)
     offsets = (base[0] + in_d, base[1] + out_d, base[2] + sp_d)
     slack = list(self._geometry.slack_axes)
@@ -483,7 +410,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         )
     else:
       kernel = self._sample(*self._base_offsets())
-    self._kernel_override = kernel
+    self._kernel_override = tf.cast(kernel, self.compute_dtype)
     try:
       return super().call(inputs)
     finally:

@@ -14,8 +14,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from keras_epitome.backend import keras
-
-LEARNERS = ("param", "feature")
+from keras_epitome.spec import LEARNERS  # noqa: F401  (re-exported)
 
 
 @keras.saving.register_keras_serializable(package="keras_epitome")

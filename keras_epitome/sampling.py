@@ -39,6 +39,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from keras_epitome import spec
+
 
 class RoutingMap(NamedTuple):
   """Offsets of one epitome layer, as NumPy arrays.
@@ -225,14 +227,7 @@ def epitome_shape_for_ratio(
     (3, 3, 16, 16)
   """
   kernel_shape = tuple(int(d) for d in kernel_shape)
-  if not (
-    isinstance(compression, (int, float, np.number))
-    and math.isfinite(float(compression))
-  ):
-    raise ValueError(f"compression must be a finite number >= 1, got {compression!r}")
-  compression = float(compression)
-  if compression < 1:
-    raise ValueError(f"compression must be >= 1, got {compression}")
+  compression = spec.check_compression(compression)
   cin, cout = kernel_shape[-2:]
   budget = cin * cout / compression  # channel pairs the epitome may hold
   small, large = min(cin, cout), max(cin, cout)
@@ -261,12 +256,33 @@ def epitome_shape_for_ratio(
 # Index tables (NumPy, once per geometry).
 
 
+def _finite_or_nan(offsets):
+  """``(safe, nan)``: non-finite offsets replaced by 0, and NaN where they were.
+
+  A diverged offset must not become an index (an int cast of NaN is
+  ``-2**31``: an index error on CPU, a silent 0 on GPU). It reads index 0 and
+  its interpolation weight is NaN, so the kernel, and the layer's output, is
+  NaN, as a stock layer's would be (and ``TerminateOnNaN`` can act).
+  """
+  finite = tf.math.is_finite(offsets)
+  zeros = tf.zeros_like(offsets)
+  safe = tf.where(finite, offsets, zeros)
+  return safe, tf.where(finite, zeros, tf.constant(np.nan, offsets.dtype))
+
+
 def _split_channel_offset(offsets, size: int):
-  """Integer part (wrapped) and fractional part of channel offsets."""
+  """Integer part (wrapped) and fractional part of channel offsets.
+
+  The integer part is wrapped in floating point before the int32 cast, so
+  offsets beyond ``2**31`` wrap as the NumPy paths (``np.mod`` in float64) do.
+  """
   offsets = tf.convert_to_tensor(offsets)
+  offsets, nan = _finite_or_nan(offsets)
   base = tf.floor(offsets)
-  frac = offsets - base
-  n = tf.math.floormod(tf.cast(base, tf.int32), size)
+  frac = offsets - base + nan
+  n = tf.cast(tf.math.floormod(base, tf.constant(size, base.dtype)), tf.int32)
+  # floormod in floating point may round up to ``size`` itself.
+  n = tf.where(n >= size, n - size, n)
   return n, frac
 
 
@@ -275,11 +291,12 @@ def _split_spatial_offset(offsets, slack: int):
 
   The start is clipped to the last valid start ``slack - 1`` so that
   ``start + 1`` stays inside the epitome; at ``offset == slack`` the fraction
-  is then exactly 1.
+  is then exactly 1. A non-finite offset gives a NaN fraction.
   """
+  offsets, nan = _finite_or_nan(tf.convert_to_tensor(offsets))
   offsets = tf.clip_by_value(offsets, 0.0, float(slack))
   base = tf.minimum(tf.floor(offsets), float(slack - 1))
-  frac = offsets - base
+  frac = offsets - base + nan
   return tf.cast(base, tf.int32), frac
 
 
@@ -573,6 +590,7 @@ def fit_epitome(
       f"kernel shape {tuple(kernel.shape)} does not match the geometry's "
       f"{g.kernel_shape}"
     )
+  spec.check_finite_offsets(routing, "fit_epitome")
   for name, arr in zip(RoutingMap._fields, routing, strict=True):
     arr = np.asarray(arr, np.float64)
     if arr.size and not np.allclose(arr, np.round(arr)):
@@ -743,6 +761,7 @@ def factored_plan(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
     ([0, 0], [0, 2], [0.0, 0.5])
   """
   g = geometry
+  spec.check_finite_offsets(routing, "factored_plan")
   windows, window_of_chunk = epitome_windows(epitome, routing, g)
   n, f = channel_taps(routing.in_offsets, g.cin_e)
   m, h = channel_taps(routing.out_offsets, g.cout_e)
@@ -795,6 +814,7 @@ def sample_kernel_frozen(epitome, routing: RoutingMap, geometry: EpitomeGeometry
     True
   """
   g = geometry
+  spec.check_finite_offsets(routing, "sample_kernel_frozen")
   x = tf.convert_to_tensor(epitome)
   in_o = np.asarray(routing.in_offsets, np.float64).reshape(-1)
   out_o = np.asarray(routing.out_offsets, np.float64).reshape(-1)

@@ -42,8 +42,8 @@ import numpy as np
 from absl import logging
 
 from keras_epitome import layers as epitome_layers
-from keras_epitome import sampling
-from keras_epitome.backend import keras
+from keras_epitome import sampling, spec, walk
+from keras_epitome.backend import check_keras2, keras
 
 # Arguments a policy entry may set for one layer.
 POLICY_KEYS = epitome_layers.EPITOME_ARGS
@@ -122,6 +122,7 @@ class EpitomeReport:
 
 
 def _check_clonable(model, what: str):
+  check_keras2(model, what)
   if not isinstance(model, keras.Model):
     raise ValueError(
       f"{what} takes a keras Model (Sequential or functional); got "
@@ -147,27 +148,6 @@ def _copy_weights(pairs):
   for old, new in pairs:
     if old.built and new.built and old.weights:
       new.set_weights(old.get_weights())
-
-
-def _all_layers(model, with_owner=False):
-  """Leaf layers of a model, nested models expanded, each once.
-
-  With ``with_owner``, yields ``(layer, owning_model)`` pairs.
-  """
-  out, seen = [], set()
-
-  def visit(m):
-    for layer in m.layers:
-      if id(layer) in seen:
-        continue
-      seen.add(id(layer))
-      if isinstance(layer, keras.Model):
-        visit(layer)
-      else:
-        out.append((layer, m) if with_owner else layer)
-
-  visit(model)
-  return out
 
 
 def _kernel_shape(layer) -> Optional[Tuple[int, ...]]:
@@ -235,12 +215,7 @@ def _check_geometry(kernel_shape, kwargs):
     epitome_shape = sampling.epitome_shape_for_ratio(
       kernel_shape, kwargs["compression"]
     )
-  geometry = sampling.EpitomeGeometry(kernel_shape, epitome_shape)
-  if geometry.compression_ratio < 1 and epitome_shape != tuple(kernel_shape):
-    raise ValueError(
-      f"epitome shape {epitome_shape} plus its routing map is larger than "
-      f"the kernel {tuple(kernel_shape)}"
-    )
+  spec.check_stored_size(sampling.EpitomeGeometry(kernel_shape, epitome_shape))
 
 
 def _fit_layer(old, new) -> float:
@@ -328,7 +303,9 @@ def epitomize(
     A new Keras model of the same kind with an ``epitome_report`` attribute.
 
   Raises:
-    ValueError: for a subclassed model, an unknown ``init``, a policy or skip
+    ValueError: for a subclassed model, an invalid ``compression``,
+      ``sampler``, ``learner``, ``spatial_stride`` or ``offset_scale``, an
+      unknown ``init``, a policy or skip
       entry naming no layer of the model, a malformed policy value, epitome
       arguments that do not fit a layer the policy names, or ``init="fit"``
       on a model that is not built.
@@ -355,7 +332,18 @@ def epitomize(
     )
   if init == "auto":
     init = "fit" if model.built else "random"
-  names = {layer.name for layer in _all_layers(model)}
+  # The global settings must be valid: only a per-layer misfit (a ratio too
+  # large for one kernel) may leave a layer stock.
+  spec.check_epitome_args(
+    "epitomize",
+    compression=compression,
+    sampler=sampler,
+    learner=learner,
+    spatial_stride=spatial_stride,
+    offset_scale=offset_scale,
+    require_one=False,
+  )
+  names = {layer.name for layer in walk.iter_layers(model)}
   missing = sorted(set(skip) - names)
   if isinstance(policy, Mapping):
     missing += sorted(set(policy) - names)
@@ -453,6 +441,10 @@ def epitomize(
 # strip_epitome
 
 
+def _is_epitome_layer(layer) -> bool:
+  return isinstance(layer, epitome_layers.EPITOME_LAYERS)
+
+
 def materialize_layer(layer):
   """Returns the stock layer equal to an epitome layer in inference mode.
 
@@ -510,8 +502,9 @@ def strip_epitome(model):
   each epitome layer becomes :func:`materialize_layer` of it, every other
   layer is cloned with its weights, nested models are stripped recursively and
   shared layers stay shared. Outputs equal the epitome model's in inference
-  mode. Strip pruning wrappers first (``strip_pruning``); quantization
-  wrappers are not unwrapped.
+  mode. Strip pruning wrappers first (``strip_pruning``); a
+  quantization-aware training model is refused (export it with the TFLite
+  converter).
 
   Args:
     model: a Sequential or functional model.
@@ -520,7 +513,8 @@ def strip_epitome(model):
     A new model of stock layers.
 
   Raises:
-    ValueError: for a subclassed model or an unbuilt epitome layer.
+    ValueError: for a subclassed model, an unbuilt epitome layer, an epitome
+      layer inside a pruning wrapper, or a quantization-aware training model.
 
   Example:
     >>> import numpy as np
@@ -532,6 +526,9 @@ def strip_epitome(model):
     True
   """
   _check_clonable(model, "strip_epitome")
+  walk.check_no_training_wrappers(
+    model, "strip_epitome", ("qat", "pruning"), _is_epitome_layer
+  )
   copies = []
 
   def clone_function(layer):
@@ -638,7 +635,8 @@ def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelS
   """Per-layer table of kernels, epitomes, stored sizes and multiply-adds.
 
   Lists every epitome layer and every stock layer that could be one
-  (``Conv1D``, ``Conv2D``, ``Dense``), nested models included. MACs are per
+  (``Conv1D``, ``Conv2D``, ``Dense``), inside nested models and training
+  wrappers (pruning, QAT) too (:func:`keras_epitome.walk.walk`). MACs are per
   example: :meth:`EpitomeGeometry.macs_per_position` times the layer's output
   positions (summed over the layer's call sites). The materialized form costs
   what the stock layer costs; the factored form (DESIGN.md section 4.2) runs
@@ -663,6 +661,7 @@ def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelS
     >>> s.layers[0].epitome_shape, s.layers[0].output_positions
     ((3, 3, 11, 11), 36)
   """
+  check_keras2(model, "summarize")
   if not model.built:
     raise ValueError(
       f"summarize: model '{model.name}' is not built; call it on data or "
@@ -671,14 +670,14 @@ def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelS
   records = []
   total = int(model.count_params())
   stock_params = total
-  for layer, owner in _all_layers(model, with_owner=True):
+  for layer, owner, outer in walk.walk(model):
     if isinstance(layer, epitome_layers.EPITOME_LAYERS):
       g = layer.epitome_geometry
       sampler = layer.sampler
       if sampler == "learned":
         sampler += "/" + layer.learner
       macs = g.macs_per_position()
-      positions = _output_positions(layer, owner)
+      positions = _output_positions(outer, owner)
       stored = g.epitome_size + g.routing_size
       record = LayerSummary(
         layer.name,
@@ -700,7 +699,7 @@ def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelS
     elif type(layer) in epitome_layers.STOCK_TO_EPITOME and layer.built:
       shape = _kernel_shape(layer)
       size = int(np.prod(shape))
-      positions = _output_positions(layer, owner)
+      positions = _output_positions(outer, owner)
       record = LayerSummary(
         layer.name,
         type(layer).__name__,

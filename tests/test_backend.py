@@ -36,57 +36,90 @@ class BackendTest(tf.test.TestCase):
   def test_one_keras_module(self):
     self.assertIs(ke.keras, tf_keras)
     self.assertIs(backend.keras, tf_keras)
-    self.assertEqual(os.environ["TF_USE_LEGACY_KERAS"], "1")
     self.assertTrue(ke.keras.__version__.startswith("2."), ke.keras.__version__)
     # tf.keras resolves to the same Keras 2, so user code and ours agree.
     self.assertIs(tf.keras.layers.Dense, tf_keras.layers.Dense)
     self.assertIs(backend.setup_keras(), tf_keras)  # idempotent
     layer = ke.EpitomeDense(4, compression=2)
     self.assertIsInstance(layer, tf_keras.layers.Layer)
+    self.assertFalse(backend.is_keras3_object(layer))
 
   def test_import_order(self):
+    saved = os.path.join(self.get_temp_dir(), "dense.keras")
+    model = ke.keras.Sequential(
+      [ke.keras.Input((4,)), ke.EpitomeDense(8, compression=2)]
+    )
+    model.save(saved)
     cases = {
-      # TF imported first but tf.keras untouched: the package still wins.
+      # TF imported first but tf.keras untouched: the package still wins, and
+      # TF_USE_LEGACY_KERAS does not leak into this process's environment
+      # (so not into child processes either). A .keras file loads once the
+      # package is imported.
       "tf_first": (
+        "import os, subprocess, sys\n"
         "import tensorflow as tf\n"
         "import keras_epitome as ke\n"
         "assert ke.keras.__version__.startswith('2.')\n"
         "assert tf.keras.layers.Dense is ke.keras.layers.Dense\n"
+        "assert 'TF_USE_LEGACY_KERAS' not in os.environ, os.environ['TF_USE_LEGACY_KERAS']\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os; "
+        'print(os.environ.get("TF_USE_LEGACY_KERAS"))\'], capture_output=True,'
+        " text=True, check=True).stdout.strip()\n"
+        "assert child == 'None', child\n"
+        f"m = ke.keras.models.load_model({saved!r})\n"
+        "assert type(m.layers[0]).__name__ == 'EpitomeDense'\n"
         "print('ok')",
         None,
       ),
-      # The user already chose Keras 2 and touched tf.keras: fine.
+      # The user already chose Keras 2 and touched tf.keras: fine, and the
+      # variable stays as the user set it.
       "legacy_set": (
+        "import os\n"
         "import tensorflow as tf\n"
         "tf.keras.layers.Dense(1)\n"
         "import keras_epitome as ke\n"
+        "assert os.environ['TF_USE_LEGACY_KERAS'] == '1'\n"
         "print('ok')",
         "1",
       ),
-      # tf.keras already resolved to Keras 3: a clear error, not a mix.
+      # tf.keras already resolved to Keras 3 (setting the variable afterwards
+      # changes nothing): the package still works with its own Keras 2, and a
+      # Keras 3 model handed to it gets a message that says what to do.
       "keras3_active": (
+        "import os\n"
+        "import numpy as np\n"
         "import tensorflow as tf\n"
         "v = tf.keras.__version__\n"
         "assert v.startswith('3'), v\n"
-        "try:\n"
-        "  import keras_epitome\n"
-        "except ImportError as e:\n"
-        "  print('ImportError:', e)\n",
+        "os.environ['TF_USE_LEGACY_KERAS'] = '1'\n"
+        "import keras_epitome as ke\n"
+        "keras = ke.keras\n"
+        "m = keras.Sequential([keras.Input((8,)), ke.EpitomeDense(8, compression=2)])\n"
+        "assert m(np.ones((1, 8), 'float32')).shape == (1, 8)\n"
+        "k3 = tf.keras.Sequential([tf.keras.Input((8,)), tf.keras.layers.Dense(64)])\n"
+        "for fn in (ke.epitomize, ke.summarize, ke.strip_epitome, ke.export_tflite,"
+        " ke.factorize):\n"
+        "  try:\n"
+        "    fn(k3)\n"
+        "  except ValueError as e:\n"
+        "    print('ValueError:', e)\n"
+        "print('ok')",
         None,
       ),
     }
     procs = {name: _python(code, legacy) for name, (code, legacy) in cases.items()}
     results = {name: p.communicate(timeout=300) for name, p in procs.items()}
-    for name in ("tf_first", "legacy_set"):
+    for name in cases:
       out, err = results[name]
-      self.assertEqual(procs[name].returncode, 0, err[-2000:])
+      self.assertEqual(procs[name].returncode, 0, name + ": " + err[-2000:])
       self.assertEqual(out.strip().splitlines()[-1], "ok", name)
-    out, err = results["keras3_active"]
-    self.assertEqual(procs["keras3_active"].returncode, 0, err[-2000:])
-    self.assertIn("ImportError: keras_epitome", out)
-    self.assertIn("Keras 3", out)
-    self.assertIn("TF_USE_LEGACY_KERAS=1", out)
-    self.assertIn("import keras_epitome before tensorflow", out)
+    out, _ = results["keras3_active"]
+    messages = [line for line in out.splitlines() if line.startswith("ValueError")]
+    self.assertLen(messages, 5, out)
+    for message in messages:
+      self.assertIn("is a Keras 3 Sequential", message)
+      self.assertIn("keras = ke.keras", message)
+      self.assertIn("TF_USE_LEGACY_KERAS=1 before TensorFlow is imported", message)
 
 
 if __name__ == "__main__":

@@ -532,5 +532,23 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
       loaded.fit(x, np.zeros((3, 16)), verbose=0)
 
 
+class NonFiniteOffsetsTest(tf.test.TestCase):
+  def test_compress_model_for_inference_refuses_nan_offsets(self):
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, name="fc")])
+    training = compression.compress_model_for_training(
+      model, EpitomeCompressor(compression=4)
+    )
+    wrapper = training.get_layer("fc")
+    offsets = wrapper.training_weights["kernel"][3]  # out_offsets
+    self.assertIn("out_offsets", offsets.name)
+    offsets.assign(tf.fill(offsets.shape, np.nan))
+    with self.assertRaisesRegex(
+      ValueError,
+      r"EpitomeCompressor.compress_training_weights: routing map out_offsets "
+      r"holds non-finite offsets",
+    ):
+      compression.compress_model_for_inference(training)
+
+
 if __name__ == "__main__":
   tf.test.main()

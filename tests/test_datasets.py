@@ -1,17 +1,25 @@
-"""Tests of keras_epitome.datasets on tiny synthetic files (no real data needed)."""
+"""Tests of the examples' data loaders (examples/datasets.py) on tiny synthetic files.
+
+No real data is needed, except scikit-learn's digits, which ships with
+scikit-learn (the examples' fallback).
+"""
 
 from __future__ import annotations
 
 import gzip
 import os
 import struct
+import sys
 import wave
 
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from keras_epitome import datasets
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import datasets  # noqa: E402
 
 
 def _write_idx(path, array, code=0x08, compress=True):
@@ -214,6 +222,84 @@ class FsddTest(tf.test.TestCase, parameterized.TestCase):
   def test_bad_length(self, length):
     with self.assertRaisesRegex(ValueError, "length"):
       datasets.load_fsdd(self.get_temp_dir(), length=length)
+
+
+def _no_download():
+  raise OSError("no network (test)")
+
+
+class SelectImageDataTest(tf.test.TestCase):
+  """The examples' main job must run on a fresh machine without Fashion-MNIST."""
+
+  def test_falls_back_to_digits(self):
+    missing = os.path.join(self.get_temp_dir(), "no-fashion-mnist")
+    data, name, note = datasets.select_image_data(
+      "auto", search_dirs=[missing], downloader=_no_download
+    )
+    self.assertEqual(name, "digits")
+    (x, y), (xt, yt) = data
+    self.assertEqual((len(x) + len(xt), x.shape[1:]), (1797, (8, 8, 1)))
+    self.assertEqual(sorted(set(y.tolist())), list(range(10)))
+    self.assertIn("scikit-learn's digits", note)
+    self.assertIn("OSError: no network (test)", note)
+    self.assertIn("apt install dataset-fashion-mnist", note)
+    self.assertIn("load_data", note)
+
+  def test_fashion_mnist_when_present(self):
+    folder = self.get_temp_dir()
+    _fake_fashion(folder, n_train=5, n_test=3)
+    data, name, note = datasets.select_image_data(
+      "auto", search_dirs=["/nonexistent", folder], downloader=_no_download
+    )
+    self.assertEqual(name, "fashion_mnist")
+    self.assertEqual((len(data[0][0]), len(data[1][0])), (5, 3))
+    self.assertIn(f"Fashion-MNIST, from {folder}", note)
+    self.assertIn("--dataset=digits", note)
+    # The download is the last resort, and is reported as the source.
+    rng = np.random.default_rng(0)
+    downloaded = (
+      (rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), np.zeros(4, np.uint8)),
+      (rng.integers(0, 256, (2, 28, 28), dtype=np.uint8), np.zeros(2, np.uint8)),
+    )
+    data, name, note = datasets.select_image_data(
+      "auto", search_dirs=[], downloader=lambda: downloaded
+    )
+    self.assertEqual((name, len(data[0][0])), ("fashion_mnist", 4))
+    self.assertIn("keras.datasets download", note)
+
+  def test_explicit_choices_do_not_fall_back(self):
+    with self.assertRaisesRegex(FileNotFoundError, "apt install"):
+      datasets.select_image_data(
+        "fashion_mnist", search_dirs=[], downloader=_no_download
+      )
+    with self.assertRaisesRegex(FileNotFoundError, "does not hold the four IDX"):
+      datasets.select_image_data("auto", data_dir=self.get_temp_dir())
+    _, name, note = datasets.select_image_data("digits")
+    self.assertEqual(name, "digits")
+    self.assertIn("as asked", note)
+    with self.assertRaisesRegex(ValueError, "dataset must be"):
+      datasets.select_image_data("mnist")
+
+  def test_environment_variable_replaces_the_local_folders(self):
+    folder = self.get_temp_dir()
+    _fake_fashion(folder, n_train=2, n_test=2)
+    with _env(datasets.SEARCH_ENV, folder):
+      _, name, note = datasets.select_image_data("auto", downloader=_no_download)
+    self.assertEqual(name, "fashion_mnist")
+    self.assertIn(folder, note)
+    with _env(datasets.SEARCH_ENV, ""):
+      _, name, _ = datasets.select_image_data("auto", downloader=_no_download)
+    self.assertEqual(name, "digits")
+
+  def test_not_in_the_library(self):
+    import keras_epitome  # noqa: PLC0415
+
+    self.assertFalse(
+      os.path.exists(
+        os.path.join(os.path.dirname(keras_epitome.__file__), "datasets.py")
+      )
+    )
+    self.assertNotIn("datasets", keras_epitome.__all__)
 
 
 class _patched:

@@ -219,5 +219,100 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
       ke.run_tflite(ke.export_tflite(self.model, batch_size=4), self.x[:6])
 
 
+def _small_model():
+  return keras.Sequential(
+    [
+      keras.Input((6, 6, 4)),
+      ke.EpitomeConv2D(8, 3, compression=2),
+      keras.layers.BatchNormalization(),
+      keras.layers.Flatten(),
+      keras.layers.Dense(3),
+    ]
+  )
+
+
+class Int8CalibrationTest(tf.test.TestCase):
+  def test_too_few_or_no_samples(self):
+    model = _small_model()
+    x = np.random.default_rng(0).random((10, 6, 6, 4)).astype(np.float32)
+    # Fewer samples than the batch size: one batch, filled up, still int8.
+    tflite = ke.export_tflite(
+      model, quantize="int8", representative_data=x[:4], batch_size=8
+    )
+    dtypes = {t["dtype"] for t in ke.tflite_tensor_report(tflite)["tensors"]}
+    self.assertIn("int8", dtypes)
+    for empty in (x[:0], tf.data.Dataset.from_tensor_slices(x[:0])):
+      with self.assertRaisesRegex(ValueError, r"representative_data holds no sample"):
+        ke.export_tflite(model, quantize="int8", representative_data=empty)
+    with self.assertRaisesRegex(ValueError, r"produced no calibration batch"):
+      ke.export_tflite(
+        model, quantize="int8", representative_data=lambda: iter(()), batch_size=1
+      )
+
+  def test_every_sample_is_used(self):
+    x = np.arange(7, dtype=np.float32)[:, None, None, None] * np.ones((1, 6, 6, 4))
+    batches = list(export._representative(x, 3, [[3, 6, 6, 4]])())  # noqa: SLF001
+    self.assertLen(batches, 3)
+    seen = np.concatenate([b[0][:, 0, 0, 0] for b in batches])
+    self.assertEqual(sorted(set(seen.tolist())), list(range(7)))
+    self.assertTrue(all(b[0].shape == (3, 6, 6, 4) for b in batches))
+
+  def test_dataset_of_pairs_takes_x(self):
+    model = _small_model()
+    x = np.random.default_rng(1).random((6, 6, 6, 4)).astype(np.float32)
+    y = np.zeros(6, np.int64)
+    for ds in (
+      tf.data.Dataset.from_tensor_slices((x, y)).batch(2),  # batched (x, y)
+      tf.data.Dataset.from_tensor_slices((x, y)),  # unbatched (x, y)
+      tf.data.Dataset.from_tensor_slices(x).batch(4),  # inputs alone
+    ):
+      tflite = ke.export_tflite(
+        model, quantize="int8", representative_data=ds, batch_size=2
+      )
+      out = ke.run_tflite(tflite, x)
+      ref = model(x, training=False).numpy()
+      self.assertLess(np.abs(out - ref).max(), 0.1 * np.abs(ref).max() + 0.05)
+
+
+class ExportMixedPolicyTest(tf.test.TestCase):
+  def tearDown(self):
+    keras.mixed_precision.set_global_policy("float32")
+    super().tearDown()
+
+  def test_mixed_model_exports_in_float32(self):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = _small_model()
+    x = np.random.default_rng(2).random((4, 6, 6, 4)).astype(np.float32)
+    y = model(x, training=False)
+    self.assertEqual(y.dtype, tf.bfloat16)
+    for form in ("factored", "materialized"):
+      tflite = ke.export_tflite(model, form=form, batch_size=4)
+      inputs = export._interpreter(tflite).get_input_details()  # noqa: SLF001
+      self.assertEqual(inputs[0]["dtype"], np.float32)
+      keras.mixed_precision.set_global_policy("float32")
+      # The float32 function of the same weights.
+      reference = _small_model()
+      reference.set_weights(model.get_weights())
+      want = reference(x, training=False).numpy()
+      self.assertAllClose(ke.run_tflite(tflite, x), want, atol=1e-5)
+      keras.mixed_precision.set_global_policy("mixed_bfloat16")
+
+
+class RunTfliteInputTest(tf.test.TestCase):
+  def test_wrong_shape_or_count(self):
+    tflite = ke.export_tflite(_small_model(), batch_size=None)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"run_tflite: input 0 has shape \(2, 6, 6, 3\); the model "
+      r"expects \(batch, 6, 6, 4\)",
+    ):
+      ke.run_tflite(tflite, np.zeros((2, 6, 6, 3), np.float32))
+    with self.assertRaisesRegex(ValueError, r"input 0 has shape \(6, 6, 4\)"):
+      ke.run_tflite(tflite, np.zeros((6, 6, 4), np.float32))
+    with self.assertRaisesRegex(ValueError, r"got 2 input array\(s\); the model has 1"):
+      ke.run_tflite(tflite, [np.zeros((1, 6, 6, 4), np.float32)] * 2)
+    self.assertEqual(ke.run_tflite(tflite, np.zeros((5, 6, 6, 4))).shape, (5, 3))
+
+
 if __name__ == "__main__":
   tf.test.main()

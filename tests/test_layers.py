@@ -552,7 +552,7 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
     (
       "bad_offset_scale",
       dict(compression=2, offset_scale=0),
-      r"offset_scale must be > 0, got 0",
+      r"offset_scale must be a finite number > 0, got 0",
     ),
   )
   def test_constructor_errors(self, kwargs, message):
@@ -619,6 +619,79 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
   def test_build_errors(self, cls, kwargs, shape, message):
     with self.assertRaisesRegex(ValueError, rf"{cls.__name__} 'bad': .*{message}"):
       self._build(cls, dict(kwargs, name="bad"), shape)
+
+
+class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
+  """Under a mixed policy only the sampled kernel is cast to the compute dtype."""
+
+  def tearDown(self):
+    keras.mixed_precision.set_global_policy("float32")
+    super().tearDown()
+
+  @parameterized.parameters("mixed_bfloat16", "mixed_float16")
+  def test_routing_map_is_not_rounded(self, policy):
+    keras.mixed_precision.set_global_policy(policy)
+    layer = ke.EpitomeConv2D(128, 1, epitome_shape=(1, 1, 128, 64))
+    x = tf.random.stateless_normal([2, 4, 4, 128], seed=[1, 2])
+    layer(x)
+    layer.out_offsets.assign([50.3, 40.3])
+    for weight in (layer.epitome, layer.in_offsets, layer.out_offsets):
+      self.assertEqual(weight.dtype, tf.float32)
+      self.assertEqual(tf.convert_to_tensor(weight).dtype, tf.float32)
+    kernel = layer.kernel  # sampled in float32 from the float32 routing map
+    self.assertEqual(kernel.dtype, tf.float32)
+    keras.mixed_precision.set_global_policy("float32")
+    reference = ke.EpitomeConv2D(128, 1, epitome_shape=(1, 1, 128, 64))
+    reference(x)
+    reference.set_weights(layer.get_weights())
+    self.assertAllClose(kernel, reference.kernel, atol=1e-6)
+    # The layer's output is the float32 kernel cast once, convolved in the
+    # compute dtype (a rounded routing map gave an 8% kernel error in bf16).
+    dtype = tf.bfloat16 if policy == "mixed_bfloat16" else tf.float16
+    y = layer(x)
+    self.assertEqual(y.dtype, dtype)
+    want = tf.nn.conv2d(
+      tf.cast(x, dtype), tf.cast(reference.kernel, dtype), 1, "VALID"
+    ) + tf.cast(reference.bias, dtype)
+    self.assertAllClose(tf.cast(y, tf.float32), tf.cast(want, tf.float32), atol=1e-6)
+
+  def test_feature_learner_trains_under_mixed_policy(self):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = keras.Sequential(
+      [
+        keras.Input((6, 6, 8)),
+        ke.EpitomeConv2D(16, 3, compression=4, learner="feature"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3, dtype="float32"),
+      ]
+    )
+    model.compile("adam", "mse")
+    x = np.random.default_rng(0).random((8, 6, 6, 8)).astype(np.float32)
+    model.fit(x, np.zeros((8, 3)), epochs=1, batch_size=4, verbose=0)
+    self.assertEqual(model.layers[0].moving_offsets.dtype, tf.float32)
+    self.assertTrue(np.all(np.isfinite(model.layers[0].moving_offsets.numpy())))
+
+
+class NonFiniteOffsetsTest(tf.test.TestCase):
+  def test_nan_spatial_offset_gives_nan_output(self):
+    layer = ke.EpitomeConv2D(4, 3, epitome_shape=(5, 5, 2, 2), padding="same")
+    model = keras.Sequential([keras.Input((5, 5, 4)), layer])
+    layer.spatial_offsets.assign(tf.fill(layer.spatial_offsets.shape, np.nan))
+    y = model(tf.ones([1, 5, 5, 4]))  # no index error
+    self.assertTrue(np.all(np.isnan(y.numpy())))
+    y = model.predict(np.ones((2, 5, 5, 4), np.float32), verbose=0)
+    self.assertTrue(np.all(np.isnan(y)))
+
+  def test_set_routing_map_refuses_nan(self):
+    layer = ke.EpitomeDense(8, compression=2, name="d")
+    layer(tf.zeros([1, 8]))
+    routing = layer.routing_map
+    bad = routing._replace(out_offsets=np.array([0.0, np.nan]))
+    with self.assertRaisesRegex(
+      ValueError, r"EpitomeDense 'd': routing map out_offsets holds non-finite"
+    ):
+      layer.set_routing_map(bad)
+    self.assertAllEqual(layer.out_offsets.numpy(), routing.out_offsets)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Every check compares the training-time sampler (``sample_kernel``, gathers
 under a custom gradient) with an independent reference: the NumPy loop
-``sample_kernel_numpy`` for values, and a dense pure-TF formula (interpolation
+the NumPy oracle (tests/oracle.py) for values, and a dense pure-TF formula (interpolation
 matrices and an einsum, differentiated by autodiff) for gradients.
 """
 
@@ -15,6 +15,7 @@ import oracle
 import tensorflow as tf
 from absl.testing import parameterized
 
+import keras_epitome as ke
 from keras_epitome import sampling
 
 _SETTINGS = dict(deadline=None, derandomize=True, print_blob=True)
@@ -537,6 +538,73 @@ class InferenceHelpersTest(tf.test.TestCase):
     start, frac = sampling.spatial_taps(np.array([0.0, 1.5, 2.0, 3.0]), 2)
     self.assertAllEqual(start, [0, 1, 1, 1])
     self.assertAllClose(frac, [0.0, 0.5, 1.0, 1.0])
+
+
+class LargeAndNonFiniteOffsetTest(tf.test.TestCase, parameterized.TestCase):
+  """Offsets far outside the epitome, and diverged (NaN/inf) offsets."""
+
+  def test_channel_offsets_beyond_int32_wrap_like_numpy(self):
+    g = sampling.EpitomeGeometry((6, 9), (3, 3))
+    e = np.random.default_rng(0).standard_normal(g.epitome_shape).astype(np.float32)
+    # float32 values (exactly representable) far beyond 2**31, both signs.
+    in_o = np.array([2.0**31 + 256, -(2.0**33) - 1024], np.float32)
+    out_o = np.array([3 * 2.0**32 + 512, 2.0**40, -(2.0**31) - 128], np.float32)
+    routing = sampling.RoutingMap(in_o, out_o, np.zeros((3, 0)))
+    want = oracle.sample_kernel(e, routing, g)
+    got = sampling.sample_kernel(e, in_o, out_o, None, g)
+    self.assertAllClose(got, want, atol=1e-6)
+    frozen = sampling.sample_kernel_frozen(e, routing, g)
+    self.assertAllClose(frozen, want, atol=1e-6)
+
+  def test_layer_and_exports_agree_for_huge_channel_offsets(self):
+    layer = ke.EpitomeDense(9, epitome_shape=(3, 3))
+    model = ke.keras.Sequential([ke.keras.Input((6,)), layer])
+    layer.in_offsets.assign([2.0**31 + 256, 2.0**35 + 2048])
+    layer.out_offsets.assign([2.0**31 + 128, 7.0 * 2.0**31, 2.0**32 + 256])
+    x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+    y = model(x).numpy()
+    self.assertAllClose(ke.factorize(model)(x), y, atol=1e-5)
+    self.assertAllClose(ke.strip_epitome(model)(x), y, atol=1e-5)
+
+  @parameterized.named_parameters(
+    ("spatial_nan", "spatial", np.nan),
+    ("spatial_inf", "spatial", np.inf),
+    ("channel_nan", "channel", np.nan),
+    ("channel_inf", "channel", -np.inf),
+  )
+  def test_non_finite_offset_gives_nan_not_an_index_error(self, which, value):
+    g = sampling.EpitomeGeometry((3, 4, 4), (5, 2, 2))
+    e = tf.constant(np.ones(g.epitome_shape, np.float32))
+    in_o = np.zeros(2, np.float32)
+    out_o = np.zeros(2, np.float32)
+    sp = np.array([[0.0], [1.0]], np.float32)
+    if which == "spatial":
+      sp[1, 0] = value
+    else:
+      out_o[1] = value
+    with tf.GradientTape() as tape:
+      tape.watch(e)
+      k = sampling.sample_kernel(e, in_o, out_o, sp, g)
+      loss = tf.reduce_sum(k)
+    k = k.numpy()
+    # Output chunk 1 (columns 2, 3) is NaN, chunk 0 is intact.
+    self.assertTrue(np.all(np.isnan(k[..., 2:])), k)
+    self.assertAllClose(k[..., :2], np.ones_like(k[..., :2]))
+    self.assertTrue(np.any(np.isnan(tape.gradient(loss, e).numpy())))
+    compiled = tf.function(
+      lambda e: sampling.sample_kernel(e, in_o, out_o, sp, g), jit_compile=True
+    )
+    self.assertTrue(np.all(np.isnan(compiled(e).numpy()[..., 2:])))
+
+  def test_frozen_paths_refuse_non_finite_offsets(self):
+    g = sampling.EpitomeGeometry((4, 4), (2, 2))
+    bad = sampling.RoutingMap(np.array([0.0, np.nan]), np.zeros(2), np.zeros((2, 0)))
+    e = np.ones(g.epitome_shape, np.float32)
+    for fn in (sampling.sample_kernel_frozen, sampling.factored_plan):
+      with self.assertRaisesRegex(ValueError, r"in_offsets holds non-finite offsets"):
+        fn(e, bad, g)
+    with self.assertRaisesRegex(ValueError, r"fit_epitome: routing map in_offsets"):
+      sampling.fit_epitome(np.ones(g.kernel_shape), bad, g)
 
 
 if __name__ == "__main__":

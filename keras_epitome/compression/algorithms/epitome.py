@@ -24,13 +24,12 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import List
 
 import numpy as np
 import tensorflow as tf
 
-from keras_epitome import sampling
+from keras_epitome import sampling, spec
 from keras_epitome.backend import keras
 from keras_epitome.compression.algorithm import (
   StaticWeight,
@@ -100,15 +99,7 @@ class EpitomeCompressor(WeightCompressor):
     learn_offsets: bool = True,
     min_kernel_size: int = 0,
   ):
-    if not (
-      isinstance(compression, (int, float, np.number))
-      and math.isfinite(float(compression))
-      and float(compression) >= 1
-    ):
-      raise ValueError(
-        f"EpitomeCompressor: compression must be a finite number >= 1, got "
-        f"{compression!r}"
-      )
+    compression = spec.check_compression(compression, "EpitomeCompressor")
     if int(min_kernel_size) < 0:
       raise ValueError(
         f"EpitomeCompressor: min_kernel_size must be >= 0, got {min_kernel_size!r}"
@@ -179,6 +170,10 @@ class EpitomeCompressor(WeightCompressor):
     self, kernel_shape, epitome, in_offsets, out_offsets, *spatial_offsets
   ):
     g = self._geometry(kernel_shape, epitome)
+    spec.check_finite_offsets(
+      [in_offsets, out_offsets, *spatial_offsets],
+      "EpitomeCompressor.compress_training_weights",
+    )
     routing = [
       StaticWeight(g.kernel_shape, dtype="int64"),
       tf.convert_to_tensor(epitome),

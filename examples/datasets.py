@@ -1,8 +1,15 @@
 """Small real data sets for the examples and benchmarks, loaded offline where possible.
 
+Example code, not part of the ``keras_epitome`` package: the examples and
+benchmarks import it from this folder (``import datasets``).
+
 * :func:`load_fashion_mnist`: Fashion-MNIST (28x28 grey images, 10 classes)
   from a local copy of the IDX files (an explicit folder, Debian's
   ``dataset-fashion-mnist`` package, the Keras cache) or a Keras download.
+* :func:`select_image_data`: the examples' choice: Fashion-MNIST when it can
+  be found or downloaded, else scikit-learn's digits, which the install
+  brings (the ``examples`` extra installs scikit-learn), with a note saying
+  which was used and how to get the other.
 * :func:`load_digits`: scikit-learn's 8x8 handwritten digits (ships with
   scikit-learn, needs nothing), split with a fixed seed.
 * :func:`load_fsdd`: the Free Spoken Digit Dataset, raw 8 kHz waveforms read
@@ -14,7 +21,7 @@ Every loader returns ``(x_train, y_train), (x_test, y_test)`` as NumPy arrays:
 with a trailing channel axis, and ``int64`` labels.
 
 Example:
-  >>> from keras_epitome import datasets
+  >>> import datasets  # with examples/ on sys.path
   >>> (x_train, y_train), (x_test, y_test) = datasets.load_digits()
   >>> x_train.shape[1:], int(y_train.max())
   ((8, 8, 1), 9)
@@ -26,7 +33,7 @@ import gzip
 import os
 import re
 import wave
-from typing import Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -34,6 +41,9 @@ Split = Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 KERAS_CACHE_FASHION_MNIST = os.path.join("~", ".keras", "datasets", "fashion-mnist")
+# Overrides the local folders searched for Fashion-MNIST (os.pathsep-separated;
+# empty: none), e.g. to try the examples as on a machine without the data.
+SEARCH_ENV = "EPITOME_FASHION_MNIST_DIRS"
 FASHION_MNIST_FILES = {
   "x_train": "train-images-idx3-ubyte",
   "y_train": "train-labels-idx1-ubyte",
@@ -136,6 +146,76 @@ def _finish_images(x_train, y_train, x_test, y_test) -> Split:
   )
 
 
+def _search_dirs() -> Tuple[str, ...]:
+  if SEARCH_ENV in os.environ:
+    return tuple(d for d in os.environ[SEARCH_ENV].split(os.pathsep) if d)
+  return (DEBIAN_FASHION_MNIST, os.path.expanduser(KERAS_CACHE_FASHION_MNIST))
+
+
+def _keras_download():
+  from keras_epitome.backend import keras  # noqa: PLC0415  (only if needed)
+
+  return keras.datasets.fashion_mnist.load_data()
+
+
+HOW_TO_GET_FASHION_MNIST = (
+  "Get it one of two ways: (1) on Debian/Ubuntu, `sudo apt install "
+  f"dataset-fashion-mnist` (files in {DEBIAN_FASHION_MNIST}); (2) on a machine "
+  'with internet access, `python -c "import tf_keras; '
+  'tf_keras.datasets.fashion_mnist.load_data()"` (files in '
+  f"{KERAS_CACHE_FASHION_MNIST}), or download the four *-ubyte.gz files from "
+  "https://github.com/zalandoresearch/fashion-mnist into a folder and pass it "
+  "as --data_dir."
+)
+
+
+def find_fashion_mnist(
+  path: Optional[str] = None,
+  download: bool = True,
+  search_dirs: Optional[Sequence[str]] = None,
+  downloader: Optional[Callable] = None,
+) -> Tuple[Split, str]:
+  """:func:`load_fashion_mnist`, also saying where the data came from.
+
+  Args:
+    path: see :func:`load_fashion_mnist`.
+    download: see :func:`load_fashion_mnist`.
+    search_dirs: local folders to try (default: Debian's folder and the Keras
+      cache, or the folders in the ``EPITOME_FASHION_MNIST_DIRS`` variable).
+    downloader: the download (default ``keras.datasets.fashion_mnist.load_data``).
+
+  Returns:
+    ``(split, source)``: the data and a description of where it was found.
+
+  Raises:
+    FileNotFoundError: as :func:`load_fashion_mnist`.
+  """
+  if path is not None:
+    found = _load_idx_folder(os.path.expanduser(path))
+    if found is None:
+      raise FileNotFoundError(
+        f"Fashion-MNIST: folder {path!r} does not hold the four IDX files "
+        f"{', '.join(s + '.gz' for s in FASHION_MNIST_FILES.values())}"
+      )
+    return found, path
+  for folder in _search_dirs() if search_dirs is None else search_dirs:
+    if os.path.isdir(folder):
+      found = _load_idx_folder(folder)
+      if found is not None:
+        return found, folder
+  error = "download disabled"
+  if download:
+    try:
+      (x, y), (xt, yt) = (downloader or _keras_download)()
+      return _finish_images(x, y, xt, yt), "keras.datasets download"
+    except Exception as e:  # noqa: BLE001  (any network or file error)
+      error = f"{type(e).__name__}: {e}"
+  raise FileNotFoundError(
+    f"Fashion-MNIST not found locally and the Keras download failed ({error}). "
+    + HOW_TO_GET_FASHION_MNIST
+  )
+
+
 def load_fashion_mnist(path: Optional[str] = None, download: bool = True) -> Split:
   """Loads Fashion-MNIST, trying local copies before a download.
 
@@ -144,7 +224,8 @@ def load_fashion_mnist(path: Optional[str] = None, download: bool = True) -> Spl
   in the Keras cache ``~/.keras/datasets/fashion-mnist``, and finally calls
   ``keras.datasets.fashion_mnist.load_data()`` (a download) unless
   ``download=False``. A folder must hold the four IDX files
-  (``train-images-idx3-ubyte.gz`` etc., gzipped or not).
+  (``train-images-idx3-ubyte.gz`` etc., gzipped or not). The environment
+  variable ``EPITOME_FASHION_MNIST_DIRS`` replaces the two local folders.
 
   Args:
     path: a folder holding the four IDX files; if given and incomplete, this
@@ -164,37 +245,70 @@ def load_fashion_mnist(path: Optional[str] = None, download: bool = True) -> Spl
     >>> x.shape, xt.shape
     ((60000, 28, 28, 1), (10000, 28, 28, 1))
   """
-  if path is not None:
-    found = _load_idx_folder(os.path.expanduser(path))
-    if found is None:
-      raise FileNotFoundError(
-        f"Fashion-MNIST: folder {path!r} does not hold the four IDX files "
-        f"{', '.join(s + '.gz' for s in FASHION_MNIST_FILES.values())}"
-      )
-    return found
-  for folder in (DEBIAN_FASHION_MNIST, os.path.expanduser(KERAS_CACHE_FASHION_MNIST)):
-    if os.path.isdir(folder):
-      found = _load_idx_folder(folder)
-      if found is not None:
-        return found
-  error = "download disabled"
-  if download:
-    try:
-      from keras_epitome.backend import keras
+  return find_fashion_mnist(path, download)[0]
 
-      (x, y), (xt, yt) = keras.datasets.fashion_mnist.load_data()
-      return _finish_images(x, y, xt, yt)
-    except Exception as e:  # noqa: BLE001  (any network or file error)
-      error = f"{type(e).__name__}: {e}"
-  raise FileNotFoundError(
-    "Fashion-MNIST not found locally and the Keras download failed "
-    f"({error}). Get it one of two ways: (1) on Debian/Ubuntu, "
-    "`sudo apt install dataset-fashion-mnist` (files in "
-    f"{DEBIAN_FASHION_MNIST}); (2) on a machine with internet access, "
-    '`python -c "import tf_keras; tf_keras.datasets.fashion_mnist.load_data()"` '
-    f"(files in {KERAS_CACHE_FASHION_MNIST}), or download the four "
-    "*-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist "
-    "into a folder and pass it as path."
+
+def select_image_data(
+  dataset: str = "auto",
+  data_dir: Optional[str] = None,
+  download: bool = True,
+  search_dirs: Optional[Sequence[str]] = None,
+  downloader: Optional[Callable] = None,
+) -> Tuple[Split, str, str]:
+  """The examples' data: Fashion-MNIST if available, else scikit-learn's digits.
+
+  Args:
+    dataset: ``"auto"`` (Fashion-MNIST when found or downloaded, otherwise
+      digits), ``"fashion_mnist"`` (an error if not available) or
+      ``"digits"``.
+    data_dir: a folder with the Fashion-MNIST IDX files (then an incomplete
+      folder is an error, not a fallback).
+    download: allow the Keras download of Fashion-MNIST.
+    search_dirs: local folders to try (see :func:`find_fashion_mnist`).
+    downloader: the download function (see :func:`find_fashion_mnist`).
+
+  Returns:
+    ``(split, name, note)``: the data, ``"fashion_mnist"`` or ``"digits"``,
+    and a line for the user saying which data is used and how to get the
+    other.
+
+  Raises:
+    ValueError: for an unknown ``dataset``.
+    FileNotFoundError: for ``dataset="fashion_mnist"`` or a ``data_dir``
+      when Fashion-MNIST is not there.
+
+  Example:
+    >>> data, name, note = select_image_data("digits")
+    >>> name
+    'digits'
+  """
+  if dataset not in ("auto", "fashion_mnist", "digits"):
+    raise ValueError(
+      f"dataset must be 'auto', 'fashion_mnist' or 'digits', got {dataset!r}"
+    )
+  digits_note = "scikit-learn's digits (1,797 8x8 images, installed with scikit-learn)"
+  if dataset == "digits":
+    return (
+      load_digits(),
+      "digits",
+      f"Data: {digits_note}, as asked. Fashion-MNIST (70,000 28x28 images) is "
+      "the default when it is available.",
+    )
+  try:
+    data, source = find_fashion_mnist(data_dir, download, search_dirs, downloader)
+  except FileNotFoundError as e:
+    if dataset == "fashion_mnist" or data_dir is not None:
+      raise
+    return (
+      load_digits(),
+      "digits",
+      f"Data: {digits_note}, because Fashion-MNIST is not available here: "
+      f"{e} Then run again for the Fashion-MNIST job.",
+    )
+  return (
+    data,
+    "fashion_mnist",
+    f"Data: Fashion-MNIST, from {source}. --dataset=digits uses {digits_note} instead.",
   )
 
 

@@ -1,0 +1,233 @@
+"""The epitome arguments and their validation: one place for every check.
+
+Layers (:class:`~keras_epitome.layers.EpitomeMixin`), the model transform
+(:func:`~keras_epitome.transform.epitomize`), the ratio rule
+(:func:`~keras_epitome.sampling.epitome_shape_for_ratio`) and the TF-MOT
+compressor (:class:`~keras_epitome.compression_algorithms.EpitomeCompressor`)
+all take the same arguments; they validate them here, so a value is accepted
+or refused the same way, with the same message, wherever it is given.
+
+Every function takes ``desc``, the name of what is being configured (a layer
+``"EpitomeConv2D 'conv3'"``, ``"epitomize"``...), and raises ``ValueError``
+naming it, the value and what is valid.
+
+Example:
+  >>> check_compression(4, "epitomize")
+  4.0
+  >>> check_compression(0, "epitomize")
+  Traceback (most recent call last):
+  ...
+  ValueError: epitomize: compression must be a finite number >= 1, got 0
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+SAMPLERS = ("learned", "fixed")
+LEARNERS = ("param", "feature")
+# The keyword arguments an epitome layer adds to its stock layer (what the
+# transform's policies may set, and what a stock config lacks).
+EPITOME_ARGS = (
+  "compression",
+  "epitome_shape",
+  "sampler",
+  "learner",
+  "spatial_stride",
+  "offset_scale",
+  "routing_momentum",
+)
+
+
+def _is_real(value) -> bool:
+  return not isinstance(value, (bool, np.bool_)) and isinstance(
+    value, (int, float, np.integer, np.floating)
+  )
+
+
+def _prefix(desc: str) -> str:
+  return f"{desc}: " if desc else ""
+
+
+def check_compression(value, desc: str = "") -> float:
+  """A compression ratio: a finite real number ``>= 1`` (NumPy scalars too).
+
+  Returns:
+    The ratio as a Python float.
+  """
+  if not _is_real(value) or not math.isfinite(float(value)) or float(value) < 1:
+    raise ValueError(
+      f"{_prefix(desc)}compression must be a finite number >= 1, got {value!r}"
+    )
+  return float(value)
+
+
+def check_offset_scale(value, desc: str = "") -> float:
+  """``offset_scale``: a finite real number ``> 0`` (NumPy scalars too)."""
+  if not _is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
+    raise ValueError(
+      f"{_prefix(desc)}offset_scale must be a finite number > 0, got {value!r}"
+    )
+  return float(value)
+
+
+def check_routing_momentum(value, desc: str = "") -> float:
+  """``routing_momentum``: a real number in ``[0, 1)``."""
+  if not _is_real(value) or not 0.0 <= float(value) < 1.0:
+    raise ValueError(
+      f"{_prefix(desc)}routing_momentum must be a number in [0, 1), got {value!r}"
+    )
+  return float(value)
+
+
+def check_sampler(sampler, learner, desc: str = "") -> Tuple[str, str]:
+  """``sampler`` and ``learner``: known names, and a learner only when learned."""
+  if sampler not in SAMPLERS:
+    raise ValueError(
+      f"{_prefix(desc)}unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}"
+    )
+  if learner not in LEARNERS:
+    raise ValueError(
+      f"{_prefix(desc)}unknown learner {learner!r}; valid: {', '.join(LEARNERS)}"
+    )
+  if sampler == "fixed" and learner != "param":
+    raise ValueError(
+      f"{_prefix(desc)}learner={learner!r} needs sampler='learned'; the fixed "
+      "sampler has no learner (leave learner='param')"
+    )
+  return sampler, learner
+
+
+def _int_tuple(value, what: str, desc: str) -> Tuple[int, ...]:
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return (int(value),)
+  try:
+    return tuple(int(v) for v in value)
+  except (TypeError, ValueError):
+    raise ValueError(
+      f"{_prefix(desc)}{what} must be an int or a tuple of ints, got {value!r}"
+    ) from None
+
+
+def check_epitome_shape(value, kernel_rank: Optional[int], desc: str = ""):
+  """An explicit ``(*S_E, Cin_E, Cout_E)``: positive ints, ``kernel_rank + 2`` of them."""
+  shape = _int_tuple(value, "epitome_shape", desc)
+  if kernel_rank is not None and len(shape) != kernel_rank + 2:
+    expected = kernel_rank + 2
+    raise ValueError(
+      f"{_prefix(desc)}epitome_shape {shape} must have {expected} entries "
+      f"({'S_E..., ' if expected > 2 else ''}Cin_E, Cout_E)"
+    )
+  if any(d <= 0 for d in shape):
+    raise ValueError(f"{_prefix(desc)}epitome_shape {shape} must have positive sizes")
+  return shape
+
+
+def check_spatial_stride(value, kernel_rank: Optional[int], desc: str = ""):
+  """``spatial_stride``: ``None``, or ints ``>= 0``, one per spatial axis."""
+  if value is None:
+    return None
+  stride = _int_tuple(value, "spatial_stride", desc)
+  if kernel_rank is not None:
+    if len(stride) == 1:
+      stride = stride * max(kernel_rank, 1)
+    if len(stride) != kernel_rank:
+      raise ValueError(
+        f"{_prefix(desc)}spatial_stride {stride} must have one entry per "
+        f"spatial axis ({kernel_rank})"
+      )
+  if any(s < 0 for s in stride):
+    raise ValueError(f"{_prefix(desc)}spatial_stride {stride} must be >= 0")
+  return stride
+
+
+def check_epitome_args(
+  desc: str,
+  kernel_rank: Optional[int] = None,
+  *,
+  compression=None,
+  epitome_shape=None,
+  sampler: str = "learned",
+  learner: str = "param",
+  spatial_stride=None,
+  offset_scale=1.0,
+  routing_momentum=0.99,
+  require_one: bool = True,
+) -> Dict[str, Any]:
+  """Validates the epitome arguments together and returns them normalized.
+
+  Args:
+    desc: what is configured (prefix of every message).
+    kernel_rank: spatial axes of the kernel (0 Dense, 1 Conv1D, 2 Conv2D), or
+      ``None`` when not known yet (the rank-dependent checks are skipped).
+    compression, epitome_shape, sampler, learner, spatial_stride,
+      offset_scale, routing_momentum: see
+      :class:`~keras_epitome.layers.EpitomeMixin`.
+    require_one: exactly one of ``compression``/``epitome_shape`` must be
+      given (a layer); ``False`` allows both (defaults a policy may override).
+
+  Returns:
+    A dict with the :data:`EPITOME_ARGS` keys: ``compression`` and the
+    scales as floats, shapes and strides as tuples of ints.
+
+  Raises:
+    ValueError: naming ``desc``, the value and what is valid.
+  """
+  if require_one and compression is None and epitome_shape is None:
+    raise ValueError(
+      f"{_prefix(desc)}give compression= (a ratio >= 1) or epitome_shape= "
+      "(*S_E, Cin_E, Cout_E)"
+    )
+  if require_one and compression is not None and epitome_shape is not None:
+    raise ValueError(
+      f"{_prefix(desc)}give compression= or epitome_shape=, not both (got "
+      f"compression={compression!r}, epitome_shape={epitome_shape!r})"
+    )
+  check_sampler(sampler, learner, desc)
+  return dict(
+    compression=None if compression is None else check_compression(compression, desc),
+    epitome_shape=None
+    if epitome_shape is None
+    else check_epitome_shape(epitome_shape, kernel_rank, desc),
+    sampler=sampler,
+    learner=learner,
+    spatial_stride=check_spatial_stride(spatial_stride, kernel_rank, desc),
+    offset_scale=check_offset_scale(offset_scale, desc),
+    routing_momentum=check_routing_momentum(routing_momentum, desc),
+  )
+
+
+def check_stored_size(geometry, desc: str = "") -> None:
+  """Refuses an epitome whose stored size (routing map included) exceeds the kernel.
+
+  An epitome as large as the kernel (``compression=1``) is allowed: only its
+  routing map makes it larger, and it reproduces the kernel exactly.
+
+  Args:
+    geometry: an :class:`~keras_epitome.sampling.EpitomeGeometry`.
+    desc: what is configured.
+  """
+  if geometry.compression_ratio < 1 and geometry.epitome_shape != geometry.kernel_shape:
+    raise ValueError(
+      f"{_prefix(desc)}epitome shape {geometry.epitome_shape} plus its routing "
+      f"map ({geometry.routing_size} offsets) is larger than the kernel "
+      f"{geometry.kernel_shape} (ratio {geometry.compression_ratio:.3f} < 1)"
+    )
+
+
+def check_finite_offsets(arrays: Sequence, desc: str = "") -> None:
+  """Refuses a routing map holding NaN or infinite offsets (a diverged model)."""
+  names = ("in_offsets", "out_offsets", "spatial_offsets")
+  for name, arr in zip(names, arrays, strict=False):
+    if arr is None:
+      continue
+    arr = np.asarray(arr, np.float64)
+    if arr.size and not np.all(np.isfinite(arr)):
+      raise ValueError(
+        f"{_prefix(desc)}routing map {name} holds non-finite offsets "
+        f"{arr[~np.isfinite(arr)][:4].tolist()}; offsets must be finite (a "
+        "NaN offset usually means training diverged)"
+      )
