@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_epitome import factored, transform, walk
-from keras_epitome.backend import check_keras2, keras
+from keras_epitome.backend import check_keras2
 from keras_epitome.layers import EpitomeMixin
 
 _log = logging.getLogger(__name__)
@@ -199,15 +199,13 @@ def _float32_copy(model):
   their compute dtype changes, so the converter sees a float32 graph.
   """
 
-  def clone(layer):
-    if isinstance(layer, keras.Model):
-      return keras.models.clone_model(layer, clone_function=clone)
+  def clone_layer(layer):
     config = layer.get_config()
     if "dtype" in config:
       config["dtype"] = "float32"
     return layer.__class__.from_config(config)
 
-  copy = keras.models.clone_model(model, clone_function=clone)
+  copy = walk.clone_model(model, clone_layer, "export_tflite")
   copy.set_weights(model.get_weights())
   return copy
 

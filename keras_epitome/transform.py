@@ -43,7 +43,7 @@ from absl import logging
 
 from keras_epitome import layers as epitome_layers
 from keras_epitome import sampling, spec, walk
-from keras_epitome.backend import check_keras2, keras
+from keras_epitome.backend import check_keras2
 
 # Arguments a policy entry may set for one layer.
 POLICY_KEYS = epitome_layers.EPITOME_ARGS
@@ -119,35 +119,6 @@ class EpitomeReport:
 
 # ----------------------------------------------------------------------------
 # Helpers shared by the transforms.
-
-
-def _check_clonable(model, what: str):
-  check_keras2(model, what)
-  if not isinstance(model, keras.Model):
-    raise ValueError(
-      f"{what} takes a keras Model (Sequential or functional); got "
-      f"{type(model).__name__}"
-    )
-  if not isinstance(model, keras.Sequential) and not getattr(
-    model, "_is_graph_network", False
-  ):
-    raise ValueError(
-      f"{what}: model '{model.name}' is a subclassed model "
-      f"({type(model).__name__}); only Sequential and functional models can "
-      "be transformed (their layer graph is known). Build it with the "
-      "functional API, or use epitome layers directly in your subclass."
-    )
-
-
-def _clone_layer(layer):
-  """A fresh layer from the layer's config (weights are copied later)."""
-  return layer.__class__.from_config(layer.get_config())
-
-
-def _copy_weights(pairs):
-  for old, new in pairs:
-    if old.built and new.built and old.weights:
-      new.set_weights(old.get_weights())
 
 
 def _kernel_shape(layer) -> Optional[Tuple[int, ...]]:
@@ -321,7 +292,7 @@ def epitomize(
     ...  for c in small.epitome_report.converted]
     [('hidden', 3.9), ('out', 8.0)]
   """
-  _check_clonable(model, "epitomize")
+  walk.check_transformable(model, "epitomize")
   if init not in INITS:
     raise ValueError(f"epitomize: unknown init {init!r}; valid: {', '.join(INITS)}")
   if init == "fit" and not model.built:
@@ -361,13 +332,9 @@ def epitomize(
   )
   skip = set(skip)
   report = EpitomeReport()
-  copies = []  # (old, new) for plain weight copies
   converted = []  # (old, new)
 
-  def clone_function(layer):
-    if isinstance(layer, keras.Model):
-      _check_clonable(layer, "epitomize")
-      return keras.models.clone_model(layer, clone_function=clone_function)
+  def clone_layer(layer):
     epitome_cls = epitome_layers.STOCK_TO_EPITOME.get(type(layer))
     if epitome_cls is None:
       if not isinstance(layer, epitome_layers.EPITOME_LAYERS) and any(
@@ -382,20 +349,14 @@ def epitomize(
             + ")",
           )
         )
-      new = _clone_layer(layer)
-      copies.append((layer, new))
-      return new
+      return None
     if layer.name in skip:
       report.kept.append(KeptLayer(layer.name, type(layer).__name__, "in skip"))
-      new = _clone_layer(layer)
-      copies.append((layer, new))
-      return new
+      return None
     kwargs, reason, explicit = _resolve_policy(layer, policy, defaults, min_params)
     if kwargs is None:
       report.kept.append(KeptLayer(layer.name, type(layer).__name__, reason))
-      new = _clone_layer(layer)
-      copies.append((layer, new))
-      return new
+      return None
     try:
       new = epitome_cls(**_epitome_config(layer, kwargs))
       if layer.built:
@@ -407,14 +368,11 @@ def epitomize(
         raise ValueError(f"epitomize: layer '{layer.name}': {e}") from None
       # The global settings do not fit this layer: keep it, say why.
       report.kept.append(KeptLayer(layer.name, type(layer).__name__, str(e)))
-      new = _clone_layer(layer)
-      copies.append((layer, new))
-      return new
+      return None
     converted.append((layer, new))
     return new
 
-  new_model = keras.models.clone_model(model, clone_function=clone_function)
-  _copy_weights(copies)
+  new_model = walk.clone_model(model, clone_layer, "epitomize")
   for old, new in converted:
     record = ConvertedLayer(new.name, _kernel_shape(old), None, None, init)
     if new.built:
@@ -525,25 +483,17 @@ def strip_epitome(model):
     >>> bool(np.allclose(stock(x), model(x), atol=1e-5))
     True
   """
-  _check_clonable(model, "strip_epitome")
+  walk.check_transformable(model, "strip_epitome")
   walk.check_no_training_wrappers(
     model, "strip_epitome", ("qat", "pruning"), _is_epitome_layer
   )
-  copies = []
 
-  def clone_function(layer):
-    if isinstance(layer, keras.Model):
-      _check_clonable(layer, "strip_epitome")
-      return keras.models.clone_model(layer, clone_function=clone_function)
+  def clone_layer(layer):
     if isinstance(layer, epitome_layers.EPITOME_LAYERS):
       return materialize_layer(layer)
-    new = _clone_layer(layer)
-    copies.append((layer, new))
-    return new
+    return None
 
-  new_model = keras.models.clone_model(model, clone_function=clone_function)
-  _copy_weights(copies)
-  return new_model
+  return walk.clone_model(model, clone_layer, "strip_epitome")
 
 
 # ----------------------------------------------------------------------------

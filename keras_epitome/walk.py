@@ -18,9 +18,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Optional
 
-from keras_epitome.backend import keras
+from keras_epitome.backend import check_keras2, keras
 
 _QAT_MODULE = "tensorflow_model_optimization.python.core.quantization"
 _PRUNING_MODULE = "tensorflow_model_optimization.python.core.sparsity"
@@ -76,6 +76,84 @@ def iter_layers(model) -> Iterator[keras.layers.Layer]:
   """Yields every leaf layer of ``model`` (see :func:`walk`), wrappers looked through."""
   for ref in walk(model):
     yield ref.layer
+
+
+def check_transformable(model, what: str) -> None:
+  """Refuses what ``clone_model`` cannot transform, with a message that says why.
+
+  Args:
+    model: what the user passed.
+    what: the caller's name, for the message.
+
+  Raises:
+    ValueError: for a Keras 3 model, a non-model, or a subclassed model.
+  """
+  check_keras2(model, what)
+  if not isinstance(model, keras.Model):
+    raise ValueError(
+      f"{what} takes a keras Model (Sequential or functional); got "
+      f"{type(model).__name__}"
+    )
+  if not isinstance(model, keras.Sequential) and not getattr(
+    model, "_is_graph_network", False
+  ):
+    raise ValueError(
+      f"{what}: model '{model.name}' is a subclassed model "
+      f"({type(model).__name__}); only Sequential and functional models can "
+      "be transformed (their layer graph is known). Build it with the "
+      "functional API, or use epitome layers directly in your subclass."
+    )
+
+
+def clone_model(
+  model,
+  clone_layer: Callable[[keras.layers.Layer], Optional[keras.layers.Layer]],
+  what: str,
+) -> keras.Model:
+  """``keras.models.clone_model`` with one clone function, nested models included.
+
+  The transforms of the package (``epitomize``, ``strip_epitome``, the
+  exporters, the compression API) are all this call with a different
+  ``clone_layer``: nested Sequential/functional models are cloned through the
+  same function, and a layer for which ``clone_layer`` returns ``None`` is
+  kept: a fresh copy from its config, with its weights copied once the new
+  model is built.
+
+  Args:
+    model: a Sequential or functional model.
+    clone_layer: ``layer -> new layer``, or ``None`` to keep a copy.
+    what: the caller's name, for error messages.
+
+  Returns:
+    The new model.
+
+  Raises:
+    ValueError: if ``model`` (or a nested model) cannot be transformed.
+
+  Example:
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> copy = clone_model(model, lambda layer: None, "copy")
+    >>> bool(np.allclose(copy.layers[0].kernel, model.layers[0].kernel))
+    True
+  """
+  check_transformable(model, what)
+  copies = []
+
+  def clone_function(layer):
+    if isinstance(layer, keras.Model):
+      check_transformable(layer, what)
+      return keras.models.clone_model(layer, clone_function=clone_function)
+    new = clone_layer(layer)
+    if new is None:
+      new = layer.__class__.from_config(layer.get_config())
+      copies.append((layer, new))
+    return new
+
+  new_model = keras.models.clone_model(model, clone_function=clone_function)
+  for old, new in copies:
+    if old.built and new.built and old.weights:
+      new.set_weights(old.get_weights())
+  return new_model
 
 
 def _tfmot_kind(layer) -> str:

@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from keras_epitome import walk
 from keras_epitome.backend import keras
 from keras_epitome.compression.algorithm import (
   StaticWeight,
@@ -608,26 +609,14 @@ def create_layer_for_inference(
 # Model-level API.
 
 
-def _clone_model(model, transform):
-  if not isinstance(model, keras.Model) or not (
-    isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False)
-  ):
-    raise ValueError(
-      f"expected a built Sequential or functional keras Model, got "
-      f"{type(model).__name__} '{getattr(model, 'name', model)}'"
-    )
+def _clone_model(model, transform, what: str):
+  walk.check_transformable(model, what)
   if not model.built:
     raise ValueError(
-      f"model '{model.name}' must be built (give it an Input) so its trained "
-      "weights can be read"
+      f"{what}: model '{model.name}' must be built (give it an Input) so its "
+      "trained weights can be read"
     )
-
-  def clone_function(layer):
-    if isinstance(layer, keras.Model):
-      return _clone_model(layer, transform)
-    return transform(layer)
-
-  return keras.models.clone_model(model, clone_function=clone_function)
+  return walk.clone_model(model, transform, what)
 
 
 def compress_model_for_training(
@@ -657,7 +646,11 @@ def compress_model_for_training(
     >>> type(training.layers[0]).__name__
     'CompressionTrainingWrapper'
   """
-  return _clone_model(model, lambda layer: create_layer_for_training(layer, algorithm))
+  return _clone_model(
+    model,
+    lambda layer: create_layer_for_training(layer, algorithm),
+    "compress_model_for_training",
+  )
 
 
 def compress_model_for_inference(
@@ -683,5 +676,7 @@ def compress_model_for_inference(
     TensorShape([1, 8])
   """
   return _clone_model(
-    training_model, lambda layer: create_layer_for_inference(layer, algorithm)
+    training_model,
+    lambda layer: create_layer_for_inference(layer, algorithm),
+    "compress_model_for_inference",
   )
