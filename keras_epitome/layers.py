@@ -218,17 +218,18 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         experimental_autocast=False,
       )
     if self.sampler == "learned" and self.learner == "feature":
-      n = self._num_offsets()
+      n = geometry.routing_size
       self.offset_learner = FeatureOffsetLearner(
         n, geometry.rank, name="offset_learner"
       )
       self.moving_offsets = super().add_weight(
         "moving_offsets",
         shape=(n,),
-        initializer=keras.initializers.Constant(
-          self._pack_offsets(
+        initializer=lambda shape, dtype=None: tf.cast(
+          geometry.pack_offsets(
             routing.in_offsets, routing.out_offsets, routing.spatial_offsets
-          )
+          ),
+          dtype,
         ),
         trainable=False,
         synchronization=tf.VariableSynchronization.ON_READ,
@@ -245,40 +246,6 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
 
   # -- routing map -------------------------------------------------------------
 
-  def _num_offsets(self) -> int:
-    g = self._geometry
-    return g.routing_size
-
-  def _full_spatial(self, columns):
-    """``(B, len(slack_axes))`` stored columns -> ``(B, rank)`` offsets."""
-    g = self._geometry
-    b = g.num_out_chunks
-    zeros = tf.zeros([b], columns.dtype)
-    by_axis = dict(zip(g.slack_axes, tf.unstack(columns, axis=1), strict=True))
-    if not g.rank:
-      return tf.zeros([b, 0], columns.dtype)
-    return tf.stack([by_axis.get(d, zeros) for d in range(g.rank)], axis=1)
-
-  def _pack_offsets(self, in_o, out_o, sp_o):
-    """Packs offsets (``sp_o`` as ``(B, rank)``) into the routing-map vector."""
-    g = self._geometry
-    sp_o = np.asarray(sp_o, np.float32).reshape(g.num_out_chunks, g.rank)
-    return np.concatenate(
-      [
-        np.asarray(in_o, np.float32).reshape(-1),
-        np.asarray(out_o, np.float32).reshape(-1),
-        sp_o[:, list(g.slack_axes)].reshape(-1),
-      ]
-    )
-
-  def _unpack_offsets(self, packed):
-    g = self._geometry
-    a, b = g.num_in_chunks, g.num_out_chunks
-    in_o = packed[:a]
-    out_o = packed[a : a + b]
-    sp_o = self._full_spatial(tf.reshape(packed[a + b :], [b, len(g.slack_axes)]))
-    return in_o, out_o, sp_o
-
   def _base_offsets(self):
     """The variables' offsets, in channels and taps (scale applied)."""
     g = self.epitome_geometry
@@ -286,14 +253,14 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     in_o = self.in_offsets * s
     out_o = self.out_offsets * s
     if self.spatial_offsets is not None:
-      sp_o = self._full_spatial(self.spatial_offsets * s)
+      sp_o = g.full_spatial(self.spatial_offsets * s)
     else:
       sp_o = tf.zeros([g.num_out_chunks, g.rank], self.epitome.dtype)
     return in_o, out_o, sp_o
 
   def _inference_offsets(self):
     if self.moving_offsets is not None:
-      return self._unpack_offsets(tf.convert_to_tensor(self.moving_offsets))
+      return self.epitome_geometry.unpack_offsets(self.moving_offsets)
     return self._base_offsets()
 
   def _sample(self, in_o, out_o, sp_o):
@@ -308,10 +275,8 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
 
     For the ``feature`` learner this is the moving average.
     """
-    g = self.epitome_geometry
-    in_o, out_o, sp_o = (np.asarray(t, np.float64) for t in self._inference_offsets())
-    sp_o = np.clip(sp_o, 0.0, np.asarray(g.slack, np.float64)[np.newaxis])
-    return sampling.RoutingMap(np.mod(in_o, g.cin_e), np.mod(out_o, g.cout_e), sp_o)
+    offsets = (np.asarray(t, np.float64) for t in self._inference_offsets())
+    return sampling.RoutingMap(*offsets).normalized(self.epitome_geometry)
 
   def set_routing_map(self, routing: sampling.RoutingMap):
     """Assigns a routing map (and the moving map of the ``feature`` learner).
@@ -347,7 +312,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     if self.moving_offsets is not None:
       if not g.slack_axes:
         sp_o = np.zeros((g.num_out_chunks, g.rank), np.float32)
-      self.moving_offsets.assign(self._pack_offsets(in_o, out_o, sp_o))
+      self.moving_offsets.assign(g.pack_offsets(in_o, out_o, sp_o))
 
   # -- the kernel --------------------------------------------------------------
 
@@ -374,17 +339,10 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     # Under a mixed policy the learner computes in the compute dtype; its
     # correction joins the full-precision offsets.
     delta = tf.cast(self.offset_learner(inputs, training=True), base[0].dtype)
-    in_d, out_d, sp_d = self._unpack_offsets(delta)
+    g = self._geometry
+    in_d, out_d, sp_d = g.unpack_offsets(delta)
     offsets = (base[0] + in_d, base[1] + out_d, base[2] + sp_d)
-    slack = list(self._geometry.slack_axes)
-    packed = tf.concat(
-      [
-        offsets[0],
-        offsets[1],
-        tf.reshape(tf.gather(offsets[2], tf.constant(slack, tf.int32), axis=1), [-1]),
-      ],
-      axis=0,
-    )
+    packed = g.pack_offsets(*offsets)
     m = self.routing_momentum
     new_moving = m * tf.convert_to_tensor(self.moving_offsets) + (
       1.0 - m

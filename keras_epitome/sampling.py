@@ -57,6 +57,29 @@ class RoutingMap(NamedTuple):
   out_offsets: np.ndarray
   spatial_offsets: np.ndarray
 
+  def normalized(self, geometry: "EpitomeGeometry") -> "RoutingMap":
+    """The same map in its canonical range, as float64 arrays.
+
+    Channel offsets wrap into ``[0, Cin_E)`` / ``[0, Cout_E)`` and spatial
+    offsets clip to ``[0, S_E - S]`` (the sampler reads them that way), and
+    ``spatial_offsets`` gets its full ``(B, rank)`` shape.
+
+    Example:
+      >>> g = EpitomeGeometry((3, 8, 8), (4, 4, 4))
+      >>> r = RoutingMap([5.5, -1.0], [4.0, 2.0], [[3.0], [-1.0]]).normalized(g)
+      >>> r.in_offsets.tolist(), r.out_offsets.tolist(), r.spatial_offsets.tolist()
+      ([1.5, 3.0], [0.0, 2.0], [[1.0], [0.0]])
+    """
+    g = geometry
+    sp_o = np.asarray(self.spatial_offsets, np.float64).reshape(
+      g.num_out_chunks, g.rank
+    )
+    return RoutingMap(
+      np.mod(np.asarray(self.in_offsets, np.float64), g.cin_e),
+      np.mod(np.asarray(self.out_offsets, np.float64), g.cout_e),
+      np.clip(sp_o, 0.0, np.asarray(g.slack, np.float64)[np.newaxis]),
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class EpitomeGeometry:
@@ -179,6 +202,44 @@ class EpitomeGeometry:
   def compression_ratio(self) -> float:
     """Kernel size over stored size (epitome plus routing map)."""
     return self.kernel_size / (self.epitome_size + self.routing_size)
+
+  # -- the routing-map vector: ``A`` input offsets, ``B`` output offsets, then
+  # ``B`` spatial offsets per axis with slack (what the feature learner
+  # predicts and the moving routing map stores).
+
+  def full_spatial(self, columns):
+    """``(B, len(slack_axes))`` stored spatial offsets -> ``(B, rank)``, zeros elsewhere."""
+    columns = tf.convert_to_tensor(columns)
+    b = self.num_out_chunks
+    if not self.rank:
+      return tf.zeros([b, 0], columns.dtype)
+    zeros = tf.zeros([b], columns.dtype)
+    by_axis = dict(zip(self.slack_axes, tf.unstack(columns, axis=1), strict=True))
+    return tf.stack([by_axis.get(d, zeros) for d in range(self.rank)], axis=1)
+
+  def pack_offsets(self, in_offsets, out_offsets, spatial_offsets):
+    """Offsets (spatial as ``(B, rank)``) -> the ``(routing_size,)`` vector.
+
+    Example:
+      >>> g = EpitomeGeometry((3, 8, 8), (4, 4, 4))
+      >>> g.pack_offsets([1.0, 2.0], [0.0, 3.0], [[0.5], [1.0]]).numpy().tolist()
+      [1.0, 2.0, 0.0, 3.0, 0.5, 1.0]
+    """
+    in_o = tf.reshape(tf.convert_to_tensor(in_offsets), [-1])
+    dtype = in_o.dtype
+    sp_o = tf.reshape(tf.cast(spatial_offsets, dtype), [self.num_out_chunks, self.rank])
+    columns = tf.gather(sp_o, tf.constant(self.slack_axes, tf.int32), axis=1)
+    return tf.concat(
+      [in_o, tf.reshape(tf.cast(out_offsets, dtype), [-1]), tf.reshape(columns, [-1])],
+      axis=0,
+    )
+
+  def unpack_offsets(self, packed):
+    """The ``(routing_size,)`` vector -> ``(in, out, spatial (B, rank))`` tensors."""
+    packed = tf.convert_to_tensor(packed)
+    a, b = self.num_in_chunks, self.num_out_chunks
+    columns = tf.reshape(packed[a + b :], [b, len(self.slack_axes)])
+    return packed[:a], packed[a : a + b], self.full_spatial(columns)
 
   def macs_per_position(self) -> dict:
     """Multiply-adds per output position of each inference form.

@@ -11,7 +11,7 @@ from absl.testing import parameterized
 
 import keras_epitome as ke
 from keras_epitome import sampling, spec
-from keras_epitome.compression_algorithms import EpitomeCompressor
+from keras_epitome.compression import EpitomeCompressor
 
 keras = ke.keras
 

@@ -174,17 +174,18 @@ class EpitomeCompressor(WeightCompressor):
       [in_offsets, out_offsets, *spatial_offsets],
       "EpitomeCompressor.compress_training_weights",
     )
+    sp_o = (
+      spatial_offsets[0] if spatial_offsets else np.zeros((g.num_out_chunks, g.rank))
+    )
+    frozen = sampling.RoutingMap(in_offsets, out_offsets, sp_o).normalized(g)
     routing = [
       StaticWeight(g.kernel_shape, dtype="int64"),
       tf.convert_to_tensor(epitome),
-      StaticWeight(np.mod(np.asarray(in_offsets, np.float64), g.cin_e)),
-      StaticWeight(np.mod(np.asarray(out_offsets, np.float64), g.cout_e)),
+      StaticWeight(frozen.in_offsets),
+      StaticWeight(frozen.out_offsets),
     ]
     if spatial_offsets:
-      slack = np.asarray(g.slack, np.float64)[np.newaxis]
-      routing.append(
-        StaticWeight(np.clip(np.asarray(spatial_offsets[0], np.float64), 0, slack))
-      )
+      routing.append(StaticWeight(frozen.spatial_offsets))
     return routing
 
   def decompress_weights(
