@@ -51,6 +51,7 @@ EPITOME_ARGS = (
   "spatial_stride",
   "offset_scale",
   "routing_momentum",
+  "channel_roll",
 )
 
 
@@ -90,6 +91,14 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       channels and taps, much larger than typical weight steps.
     routing_momentum: momentum of the moving-average routing map of the
       ``feature`` learner.
+    channel_roll: output chunk ``b`` reads the epitome's input channels
+      rolled by ``b * channel_roll`` (mod ``Cin_E``), a static pattern that
+      costs no storage (:class:`~keras_epitome.sampling.EpitomeGeometry`).
+      The default ``1`` makes every output chunk a distinct set of filters;
+      ``0`` is the separable map, where all output chunks repeat the same
+      ``Cout_E`` filters (the kernel's rank is at most ``Cout_E``, a thin
+      layer in disguise; it cost 8-10 points on FSDD, benchmarks/RESULTS.md).
+      Configs saved without this key load with ``0``, as they were trained.
   """
 
   _stock_class = None  # set by each concrete layer
@@ -104,6 +113,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     spatial_stride: Union[None, int, Sequence[int]] = None,
     offset_scale: float = 1.0,
     routing_momentum: float = 0.99,
+    channel_roll: int = 1,
     **kwargs,
   ):
     super().__init__(*args, **kwargs)
@@ -172,6 +182,14 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       raise ValueError(
         f"{desc}: routing_momentum must be in [0, 1), got {routing_momentum!r}"
       )
+    if (
+      isinstance(channel_roll, bool)
+      or not isinstance(channel_roll, (int, np.integer))
+      or channel_roll < 0
+    ):
+      raise ValueError(
+        f"{desc}: channel_roll must be an int >= 0, got {channel_roll!r}"
+      )
     if getattr(self, "data_format", "channels_last") != "channels_last":
       raise ValueError(
         f"{desc}: data_format={self.data_format!r} is not supported; "
@@ -184,6 +202,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     self.spatial_stride = spatial_stride
     self.offset_scale = float(offset_scale)
     self.routing_momentum = float(routing_momentum)
+    self.channel_roll = int(channel_roll)
     self.epitome = None
     self.in_offsets = None
     self.out_offsets = None
@@ -230,7 +249,9 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         epitome_shape = tuple(self.epitome_shape)
       else:
         epitome_shape = sampling.epitome_shape_for_ratio(kernel_shape, self.compression)
-      geometry = sampling.EpitomeGeometry(kernel_shape, epitome_shape)
+      geometry = sampling.EpitomeGeometry(
+        kernel_shape, epitome_shape, channel_roll=self.channel_roll
+      )
       # An epitome as large as the kernel (compression=1) is allowed: only
       # its routing map makes it larger, and it reproduces the kernel exactly.
       if geometry.compression_ratio < 1 and epitome_shape != kernel_shape:
@@ -507,8 +528,16 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       spatial_stride=list(self.spatial_stride) if self.spatial_stride else None,
       offset_scale=self.offset_scale,
       routing_momentum=self.routing_momentum,
+      channel_roll=self.channel_roll,
     )
     return config
+
+  @classmethod
+  def from_config(cls, config):
+    # Layers saved before channel_roll existed were separable (roll 0).
+    config = dict(config)
+    config.setdefault("channel_roll", 0)
+    return super().from_config(config)
 
 
 @keras.saving.register_keras_serializable(package="keras_epitome")
