@@ -55,6 +55,12 @@ flags.DEFINE_float("learning_rate", 3e-3, "Adam peak LR, cosine to 0.")
 flags.DEFINE_integer("shift", 0, "Random time shift (samples, +-) for augmentation.")
 flags.DEFINE_string("kw", "{}", "JSON dict of extra EpitomeConv1D kwargs.")
 flags.DEFINE_string("tag", "", "Free-form tag stored with each record.")
+flags.DEFINE_integer(
+  "harden_epochs",
+  0,
+  "After training an epitome model: ke.harden_routing, then fine-tune this "
+  "many epochs (LR 10x lower, cosine); records accuracy at each stage.",
+)
 flags.DEFINE_string("out", "/tmp/diag_1d.jsonl", "JSON-lines output.")
 flags.DEFINE_string(
   "data_dir",
@@ -164,10 +170,19 @@ def mean_offset_move(before, after, model):
   return float(np.mean(moves)) if moves else 0.0
 
 
-def train(model, data, seed):
+def test_accuracy(model, data):
+  (_, _), (xt, yt) = data
+  pred = model.predict(xt, batch_size=256, verbose=0)
+  return float(np.mean(np.argmax(pred, -1) == yt))
+
+
+def train(model, data, seed, epochs=None, learning_rate=None):
   (x, y), (xt, yt) = data
-  steps = FLAGS.epochs * math.ceil(len(x) / FLAGS.batch_size)
-  sched = keras.optimizers.schedules.CosineDecay(FLAGS.learning_rate, steps)
+  epochs = epochs or FLAGS.epochs
+  steps = epochs * math.ceil(len(x) / FLAGS.batch_size)
+  sched = keras.optimizers.schedules.CosineDecay(
+    learning_rate or FLAGS.learning_rate, steps
+  )
   model.compile(
     optimizer=keras.optimizers.Adam(sched),
     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -184,9 +199,8 @@ def train(model, data, seed):
 
     ds = ds.map(shift)
   ds = ds.batch(FLAGS.batch_size).prefetch(2)
-  model.fit(ds, epochs=FLAGS.epochs, verbose=0)
-  pred = model.predict(xt, batch_size=256, verbose=0)
-  return float(np.mean(np.argmax(pred, -1) == yt))
+  model.fit(ds, epochs=epochs, verbose=0)
+  return test_accuracy(model, data)
 
 
 def main(argv):
@@ -227,6 +241,14 @@ def main(argv):
         offset_move=mean_offset_move(before, offsets_of(model), model),
         seconds=round(time.time() - t, 1),
       )
+      if FLAGS.harden_epochs and any(
+        isinstance(la, ke.EPITOME_LAYERS) for la in model.layers
+      ):
+        hard = ke.harden_routing(model)
+        rec["hardened_accuracy"] = test_accuracy(hard, data)
+        rec["finetuned_accuracy"] = train(
+          hard, data, seed, FLAGS.harden_epochs, FLAGS.learning_rate / 10
+        )
       print(json.dumps(rec), flush=True)
       with open(FLAGS.out, "a") as f:
         f.write(json.dumps(rec) + "\n")
