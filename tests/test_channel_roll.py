@@ -204,3 +204,29 @@ class OutputChunksTest(tf.test.TestCase, parameterized.TestCase):
     model.save(path)
     loaded = keras.models.load_model(path)
     self.assertAllClose(loaded.get_layer("epi").kernel, layer.kernel)
+
+
+class FactoredRollTest(tf.test.TestCase):
+  def test_factored_form_stores_the_epitome_once(self):
+    inputs = keras.Input((6, 6, 32))
+    layer = ke.EpitomeConv2D(64, 3, padding="same", compression=16, name="epi")
+    model = keras.Model(inputs, layer(inputs))
+    g = layer.epitome_geometry
+    x = np.random.default_rng(0).standard_normal((2, 6, 6, 32)).astype(np.float32)
+    for remix in ("slices", "matmul"):
+      fast = ke.factorize(model, remix=remix)
+      f = fast.get_layer("epi")
+      windows = len(set(g.in_rolls.tolist()))
+      if remix == "slices":  # one stored epitome, rolled activations
+        self.assertEqual(f.window_rolls, sorted(set(g.in_rolls.tolist())))
+        self.assertEqual(tuple(f.kernel.shape), g.epitome_shape)
+      else:  # one convolution over the stored rolled windows
+        self.assertIsNone(f.window_rolls)
+        self.assertEqual(f.kernel.shape[-1], windows * g.cout_e)
+      self.assertGreaterEqual(f.macs_per_position(), 9 * g.cin_e * g.cout_e * windows)
+      y = model(x, training=False).numpy()
+      self.assertAllClose(fast(x), y, atol=1e-5 * np.abs(y).max())
+      again = type(f).from_config(f.get_config())
+      again.build(x.shape)
+      again.set_weights(f.get_weights())
+      self.assertAllClose(again(x), fast(x), atol=1e-6)

@@ -133,7 +133,7 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
       err = float(np.abs(y - self.y[:4]).max()) / float(np.abs(self.y).max())
       self.assertLess(err, TOLERANCE[quantize], f"matmul {quantize}: {err}")
     ops = [op["name"] for op in ke.tflite_tensor_report(tflite)["ops"]]
-    self.assertEqual(ops.count("CONV_2D"), 1 + 3 * 3)
+    self.assertEqual(ops.count("CONV_2D"), 1 + 3 * 3)  # one over all windows
     self.assertNotIn("STRIDED_SLICE", ops)
 
   @parameterized.named_parameters(("separable", 0, 6e-2), ("rolled", 1, 0.2))
@@ -161,16 +161,15 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLess(err, TOLERANCE["int8"])
 
   def test_size_ops_and_macs_at_4x(self):
-    """At 4x: file <= 1/3.5 of stock, epitome-sized conv, no full-size kernel."""
+    """At 4x: file <= 1/3.3 of stock, epitome-sized conv, no full-size kernel."""
     # 4 blocks of 128 channels: large enough that the file's fixed overhead
     # (about 16 KB of metadata, the same in both files) does not dominate.
-    # channel_roll=0: one window per layer. With the default roll the
-    # factored form stores one rolled copy of the epitome per distinct roll
-    # (here 2), so its file is about 1/2 of stock (issue 9 follow-up: roll the
-    # activations instead of storing rolled windows).
+    # With the default channel roll each layer runs one convolution per
+    # distinct roll (here 2) on rolled activations, all with the one stored
+    # epitome.
     keras.utils.set_random_seed(1)
     stock = _cnn(epitome=False, channels=128, size=8, blocks=4)
-    model = _cnn(epitome=True, channels=128, size=8, blocks=4, channel_roll=0)
+    model = _cnn(epitome=True, channels=128, size=8, blocks=4)
     x = self.x[:4, :8, :8]
     sizes = {}
     for quantize in (None, "int8"):
@@ -178,7 +177,9 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
       s = len(ke.export_tflite(stock, **kw))
       f = ke.export_tflite(model, **kw)
       sizes[quantize] = len(f) / s
-      self.assertLessEqual(len(f), s / 3.5, f"{quantize}: {len(f)} vs stock {s}")
+      # 1/3.5 before the channel roll; the rolled activations add slice ops
+      # and (int8) their quantization parameters: measured 1/3.42 in int8.
+      self.assertLessEqual(len(f), s / 3.3, f"{quantize}: {len(f)} vs stock {s}")
     report = ke.tflite_tensor_report(f)
     stock_report = ke.tflite_tensor_report(ke.export_tflite(stock))
     layers = export.epitome_layers(model)
@@ -187,7 +188,7 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     epitome_ohwi = (g.cout_e,) + g.spatial_e + (g.cin_e,)
     full_ohwi = (g.cout,) + g.spatial + (g.cin,)
     conv_weights = [op["inputs"][1] for op in report["ops"] if op["name"] == "CONV_2D"]
-    self.assertEqual(conv_weights.count(epitome_ohwi), 4)
+    self.assertEqual(conv_weights.count(epitome_ohwi), 4 * 2)
     shapes = [t["shape"] for t in report["tensors"] if t["constant"]]
     self.assertNotIn(full_ohwi, shapes)
     full = int(np.prod(full_ohwi))
@@ -196,10 +197,10 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     # contributes positions * macs_per_position (stock vs factored conv part).
     positions = 8 * 8
     per = g.macs_per_position()
-    conv_factored = int(np.prod(g.spatial)) * g.cin_e * g.cout_e
+    conv_factored = int(np.prod(g.spatial)) * g.cin_e * g.cout_e * 2
     shared = stock_report["conv_macs"] - 4 * positions * per["stock"]
     self.assertEqual(report["conv_macs"] - shared, 4 * positions * conv_factored)
-    self.assertLess(report["conv_macs"], 0.3 * stock_report["conv_macs"])
+    self.assertLess(report["conv_macs"], 0.55 * stock_report["conv_macs"])
 
   def test_analytic_macs_equal_geometry(self):
     """conv MACs + blend multiplies of a fractional layer == macs_per_position."""
