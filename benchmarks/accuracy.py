@@ -11,6 +11,11 @@ size and learning-rate schedule:
 * ``pruning``: TF-MOT magnitude pruning of the same layers to the same number
   of non-zero weights (``PolynomialDecay`` over the first 2/3 of training).
 
+Wide mode (``--width=2``, the papers' protocol): the epitome models are built
+2x wider and compressed by ``--ratios`` (4 brings a 2x-wide layer back to the
+stock layer's size) and compared with the stock model of width 1;
+``thinner`` and ``pruning`` are skipped.
+
 Every run appends one JSON line to ``--out`` (so a long run can be resumed
 with ``--resume``), and the script prints a Markdown table of mean ± std over
 seeds. Counting rules are in ``examples/common.py``.
@@ -20,6 +25,10 @@ Usage:
       --epochs=4 --ratios=2,4,8,16 --seeds=0,1,2
   python benchmarks/accuracy.py --dataset=fsdd --epochs=12 --ratios=2,4,8
   python benchmarks/accuracy.py --dataset=digits --epochs=10   # needs no data
+  python benchmarks/accuracy.py --dataset=fsdd --epochs=30 --shift=800 \
+      --batch_size=32 --ratios=4,8,16 --methods=stock,nes_param,wsnet,thinner
+  python benchmarks/accuracy.py --dataset=fashion_mnist --width=2 --ratios=4 \
+      --methods=stock,nes_param,wsnet      # wide mode
 """
 
 from __future__ import annotations
@@ -70,9 +79,18 @@ flags.DEFINE_string(
 flags.DEFINE_integer("audio_length", 8000, "FSDD samples per example.")
 flags.DEFINE_enum(
   "audio_first_layer",
-  "wsnet",
-  ["wsnet", "channels"],
-  "FSDD first layer's epitome: WSNet's condensed filter or the channel rule.",
+  "stock",
+  ["wsnet", "channels", "stock"],
+  "FSDD first layer (one input channel): WSNet's condensed filter, the "
+  "channel rule, or stock (not compressed; the default since issue 9).",
+)
+flags.DEFINE_integer(
+  "shift", 0, "FSDD: random time shift of up to this many samples (augmentation)."
+)
+flags.DEFINE_float(
+  "width",
+  1.0,
+  "Width of the epitome models (wide mode: 2); stock stays at width 1.",
 )
 flags.DEFINE_string(
   "out", None, "JSON-lines file (default benchmarks/results_DATASET.jsonl)."
@@ -139,7 +157,7 @@ def measure(model, record):
 def run_one(data, method, ratio, seed):
   C.keras.utils.set_random_seed(seed)
   record = dict(dataset=FLAGS.dataset, method=method, ratio=ratio, seed=seed)
-  record.update(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size)
+  record.update(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, shift=FLAGS.shift)
   if method in C.EPITOME_METHODS:
     record.update(offset_scale=FLAGS.offset_scale, spread_init=FLAGS.spread_init)
   if FLAGS.dataset == "fsdd":
@@ -149,17 +167,25 @@ def run_one(data, method, ratio, seed):
     batch_size=FLAGS.batch_size,
     learning_rate=FLAGS.learning_rate,
     verbose=FLAGS.verbose,
+    shift=FLAGS.shift,
   )
+  if FLAGS.width != 1 and method in ("thinner", "pruning"):
+    raise ValueError(f"{method} has no wide mode (--width={FLAGS.width:g})")
   with C.Timer() as t:
     if method == "stock":
       model = builder(data)()
       record["accuracy"] = C.train(model, data, **kw)
       measure(model, record)
     elif method in C.EPITOME_METHODS:
-      model = builder(data, method, ratio)()
+      model = builder(data, method, ratio)(width=FLAGS.width)
+      record["width"] = FLAGS.width
       if FLAGS.spread_init:
         C.spread_routing(model)
+      before = C.routing_snapshot(model)
       record["accuracy"] = C.train(model, data, **kw)
+      moves = C.offset_moves(before, C.routing_snapshot(model), model)
+      record.update(offset_move_channel=moves["channel"])
+      record.update(offset_move_spatial=moves["spatial"])
       record["layer_ratios"] = C.epitome_ratios(model)
       measure(model, record)
     elif method == "thinner":
@@ -194,8 +220,9 @@ def summarize(records):
   """Rows of mean ± std over seeds, one per (ratio, method)."""
   groups = collections.defaultdict(list)
   for r in records:
-    groups[(r["ratio"], r["method"])].append(r)
+    groups[(r["ratio"], _label(r))].append(r)
   order = {m: i for i, m in enumerate(C.METHODS)}
+  order.update({f"{m} (wide)": i + 0.5 for m, i in order.items()})
   rows = []
   for (ratio, method), rs in sorted(
     groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])
@@ -209,6 +236,11 @@ def summarize(records):
       "stored params": f"{int(np.mean([r['stored_params'] for r in rs])):,}",
       "MACs": f"{int(np.mean([r['macs'] for r in rs])):,}",
     }
+    if "offset_move_channel" in rs[0] and method.startswith("nes"):
+      row["mean |Δoffset|"] = (
+        f"{np.mean([r['offset_move_channel'] for r in rs]):.3f} ch, "
+        f"{np.mean([r['offset_move_spatial'] for r in rs]):.2f} taps"
+      )
     if "tflite_bytes" in rs[0]:
       row["tflite B"] = f"{int(np.mean([r['tflite_bytes'] for r in rs])):,}"
       row["zipped B"] = f"{int(np.mean([r['tflite_zipped'] for r in rs])):,}"
@@ -216,29 +248,42 @@ def summarize(records):
   return rows
 
 
+def _label(r):
+  wide = r["method"] in C.EPITOME_METHODS and r.get("width", 1) != 1
+  return f"{r['method']} (wide)" if wide else r["method"]
+
+
 def margins(records):
-  """Rows of accuracy differences (points) between NES and each baseline, per ratio.
+  """Rows of accuracy differences (points) between methods and baselines, per ratio.
 
   ``±`` is the standard error of the difference of the two means.
   """
   groups = collections.defaultdict(list)
   for r in records:
-    groups[(r["ratio"], r["method"])].append(100 * r["accuracy"])
+    groups[(r["ratio"], _label(r))].append(100 * r["accuracy"])
+  stock = groups.get((1.0, "stock"))
   rows = []
   for ratio in sorted({r for r, _ in groups}):
     if ratio == 1:
       continue
     row = {"ratio": f"{ratio:g}"}
-    for nes in ("nes_param", "nes_feature"):
-      for base in ("wsnet", "thinner", "pruning"):
-        a, b = groups.get((ratio, nes)), groups.get((ratio, base))
-        if not a or not b:
-          continue
-        se = np.sqrt(
-          (np.var(a, ddof=1) / len(a) if len(a) > 1 else 0)
-          + (np.var(b, ddof=1) / len(b) if len(b) > 1 else 0)
-        )
-        row[f"{nes} - {base}"] = f"{np.mean(a) - np.mean(b):+.2f} ± {se:.2f}"
+    pairs = [
+      (nes, base)
+      for nes in ("nes_param", "nes_feature")
+      for base in ("wsnet", "thinner", "pruning")
+    ]
+    pairs += [("wsnet", "thinner")]
+    pairs += [(f"{m} (wide)", "stock") for m in ("nes_param", "nes_feature", "wsnet")]
+    for nes, base in pairs:
+      a = groups.get((ratio, nes))
+      b = stock if base == "stock" else groups.get((ratio, base))
+      if not a or not b:
+        continue
+      se = np.sqrt(
+        (np.var(a, ddof=1) / len(a) if len(a) > 1 else 0)
+        + (np.var(b, ddof=1) / len(b) if len(b) > 1 else 0)
+      )
+      row[f"{nes} - {base}"] = f"{np.mean(a) - np.mean(b):+.2f} ± {se:.2f}"
     rows.append(row)
   return rows
 
@@ -246,7 +291,7 @@ def margins(records):
 def print_tables(records):
   rows = summarize(records)
   print()
-  print(C.format_table(rows, list(rows[0].keys())))
+  print(C.format_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
   rows = margins(records)
   if rows:
     columns = list(dict.fromkeys(k for r in rows for k in r))

@@ -145,14 +145,18 @@ def audio_cnn(
   """A WSNet-style 1D CNN on raw audio (after Dai et al.'s M5).
 
   A long strided first filter bank, three 3-tap convolutions, max pooling by
-  4 after each, BatchNorm, global average pooling. Every convolution goes
+  4 after each, BatchNorm, global average pooling. The 3-tap convolutions go
   through ``make``; the first one uses WSNet's condensed-filter epitome
-  (:func:`wsnet_first_filter_shape`) when ``first_epitome="wsnet"``, or the
-  default channel rule like the others when ``first_epitome="channels"``.
+  (:func:`wsnet_first_filter_shape`) when ``first_epitome="wsnet"``, the
+  default channel rule like the others when ``first_epitome="channels"``, and
+  stays a stock layer with ``first_epitome="stock"`` (its input has one
+  channel, so the channel rule keeps ``32 / ratio`` distinct filters and the
+  condensed filter at 16x is one filter shifted by one sample).
   """
-  if first_epitome not in ("wsnet", "channels"):
+  if first_epitome not in ("wsnet", "channels", "stock"):
     raise ValueError(
-      f"audio_cnn: first_epitome must be 'wsnet' or 'channels', got {first_epitome!r}"
+      "audio_cnn: first_epitome must be 'wsnet', 'channels' or 'stock', got "
+      f"{first_epitome!r}"
     )
   make = make or conv_factory("stock", 1)
   c = [_width(ch, width) for ch in channels]
@@ -163,7 +167,7 @@ def audio_cnn(
       shape = None
       if ratio > 1 and first_epitome == "wsnet":
         shape = wsnet_first_filter_shape(first_kernel, ch, ratio)
-      x = make(
+      x = (conv_factory("stock", 1) if first_epitome == "stock" else make)(
         conv,
         ch,
         first_kernel,
@@ -262,8 +266,13 @@ def train(
   learning_rate: float = 3e-3,
   verbose: int = 1,
   callbacks=None,
+  shift: int = 0,
 ) -> float:
-  """Adam with a cosine learning-rate decay to zero; returns test accuracy."""
+  """Adam with a cosine learning-rate decay to zero; returns test accuracy.
+
+  ``shift > 0`` augments 1D inputs ``(N, T, C)`` with a random time shift of
+  up to ``shift`` samples either way (zeros fill), a new draw every epoch.
+  """
   (x, y), (xt, yt) = data
   steps = epochs * math.ceil(len(x) / batch_size)
   schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
@@ -272,16 +281,59 @@ def train(
     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     metrics=["accuracy"],
   )
-  model.fit(
-    x,
-    y,
-    batch_size=batch_size,
-    epochs=epochs,
-    verbose=verbose,
-    shuffle=True,
-    callbacks=callbacks or [],
-  )
+  if shift:
+    if x.ndim != 3:
+      raise ValueError(f"train: shift needs 1D inputs (N, T, C), got {x.shape}")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x))
+    ds = ds.map(lambda w, label: (time_shift(w, shift), label))
+    ds = ds.batch(batch_size).prefetch(2)
+    model.fit(ds, epochs=epochs, verbose=verbose, callbacks=callbacks or [])
+  else:
+    model.fit(
+      x,
+      y,
+      batch_size=batch_size,
+      epochs=epochs,
+      verbose=verbose,
+      shuffle=True,
+      callbacks=callbacks or [],
+    )
   return evaluate(model, (xt, yt), batch_size)
+
+
+def time_shift(wave, shift: int):
+  """``wave`` ``(T, C)`` moved by a random ``n`` in ``[-shift, shift]`` samples."""
+  n = tf.random.uniform([], -shift, shift + 1, tf.int32)
+  padded = tf.pad(wave, [[shift, shift], [0, 0]])
+  return padded[shift - n : shift - n + tf.shape(wave)[0]]
+
+
+def routing_snapshot(model: keras.Model) -> Dict[str, tuple]:
+  """Every epitome layer's inference routing map, as NumPy arrays."""
+  return {
+    layer.name: tuple(np.array(a, np.float64) for a in layer.routing_map)
+    for layer in _layers(model)
+    if isinstance(layer, ke.EPITOME_LAYERS)
+  }
+
+
+def offset_moves(before, after, model: keras.Model) -> Dict[str, float]:
+  """Mean |final - initial| offset over all layers: channels (circular) and taps."""
+  chan, spatial = [], []
+  for layer in _layers(model):
+    if layer.name not in before:
+      continue
+    g = layer.epitome_geometry
+    (i0, o0, s0), (i1, o1, s1) = before[layer.name], after[layer.name]
+    for a, b, size in ((i0, i1, g.cin_e), (o0, o1, g.cout_e)):
+      d = np.mod(b - a, size)
+      chan += list(np.minimum(d, size - d))
+    for d in g.slack_axes:
+      spatial += list(np.abs(s1[:, d] - s0[:, d]))
+  return {
+    "channel": float(np.mean(chan)) if chan else 0.0,
+    "spatial": float(np.mean(spatial)) if spatial else 0.0,
+  }
 
 
 def evaluate(model, test, batch_size=256) -> float:

@@ -31,6 +31,7 @@ from keras_epitome.factored import (  # noqa: E402
   FactoredDense,
   factorize,
 )
+from keras_epitome.harden import harden_layer, harden_routing  # noqa: E402
 from keras_epitome.layers import (  # noqa: E402
   EPITOME_LAYERS,
   EpitomeConv1D,
@@ -72,6 +73,8 @@ __all__ = [
   "epitomize",
   "export_tflite",
   "factorize",
+  "harden_layer",
+  "harden_routing",
   "keras",
   "materialize_layer",
   "quantize_model",

@@ -94,6 +94,10 @@ class FactoredMixin:
     num_windows: distinct spatial windows ``W`` (the kernel holds ``W``
       windows concatenated on its output channels).
     window_of_chunk: ``(B,)`` window each output chunk reads.
+    window_rolls: ``None``, or ``(W,)`` input-channel rolls: the windows are
+      one stored epitome read with the input channels rolled (the layer's
+      ``channel_roll``), so the kernel holds the epitome once and window
+      ``w`` convolves the activations rolled by ``-window_rolls[w]``.
     in_shift, in_frac: ``(A,)`` roll and blend weight of each input chunk.
     out_shift, out_frac: ``(B,)`` roll and blend weight of each output chunk.
     use_scale: whether a per-output-channel scale (a folded BatchNorm) is
@@ -126,6 +130,7 @@ class FactoredMixin:
     use_bias,
     activation,
     remix="slices",
+    window_rolls=None,
   ):
     self.filters = int(filters)
     self.input_channels = int(input_channels)
@@ -140,6 +145,7 @@ class FactoredMixin:
     self.use_bias = bool(use_bias)
     self.activation = keras.activations.get(activation)
     self.remix = str(remix)
+    self.window_rolls = None if window_rolls is None else [int(r) for r in window_rolls]
     ce, coe = self.epitome_shape[-2:]
     a = -(-self.input_channels // ce)
     b = -(-self.filters // coe)
@@ -163,6 +169,11 @@ class FactoredMixin:
         raise ValueError(
           f"{desc}: {what} has {len(values)} entries, expected {want} (one per chunk)"
         )
+    if self.window_rolls is not None and len(self.window_rolls) != self.num_windows:
+      raise ValueError(
+        f"{desc}: window_rolls {self.window_rolls} must have num_windows="
+        f"{self.num_windows} entries"
+      )
     if any(not 0 <= w < self.num_windows for w in self.window_of_chunk):
       raise ValueError(
         f"{desc}: window_of_chunk {self.window_of_chunk} must index "
@@ -226,8 +237,9 @@ class FactoredMixin:
         f"{type(self).__name__} '{self.name}': input has {cin} channels, "
         f"expected {self.input_channels}"
       )
+    windows = 1 if self.window_rolls is not None else self.num_windows
     shapes = {
-      "kernel": self.epitome_shape[:-1] + (self.num_windows * self.epitome_shape[-1],),
+      "kernel": self.epitome_shape[:-1] + (windows * self.epitome_shape[-1],),
     }
     if self._num_out_taps:
       shapes["out_weights"] = (self._num_out_taps, self.filters)
@@ -299,6 +311,18 @@ class FactoredMixin:
   def _conv(self, x):
     raise NotImplementedError
 
+  def _conv_windows(self, x):
+    """``Y``: every window's convolution, concatenated on the channels."""
+    if self.window_rolls is None:
+      return self._conv(x)
+    ce = self.epitome_shape[-2]
+    # conv(x', roll(E, -r)) == conv(x' read from channel -r, E): roll the
+    # activations, keep one stored epitome.
+    outs = [
+      self._conv(_take(x, sampling.roll_slices(-r, ce), ce)) for r in self.window_rolls
+    ]
+    return outs[0] if len(outs) == 1 else tf.concat(outs, axis=-1)
+
   def _remix_out(self, y):
     if self.remix == "matmul":
       y = self._pointwise(y, self.out_matrix)
@@ -322,7 +346,7 @@ class FactoredMixin:
   def call(self, inputs, training=None, mask=None):
     del training, mask  # inference only
     x = self._remix_in(tf.convert_to_tensor(inputs, self.dtype))
-    y = self._remix_out(self._conv(x))
+    y = self._remix_out(self._conv_windows(x))
     return self.activation(y)
 
   def compute_output_shape(self, input_shape):
@@ -343,6 +367,7 @@ class FactoredMixin:
       use_bias=self.use_bias,
       activation=keras.activations.serialize(self.activation),
       remix=self.remix,
+      window_rolls=self.window_rolls,
     )
     return config
 
@@ -393,6 +418,19 @@ class FactoredMixin:
     plan = sampling.factored_plan(epitome, routing, g)
     windows = np.moveaxis(plan.windows, 0, -2)  # (*S, Cin_E, W, Cout_E)
     kernel = windows.reshape(g.spatial + (g.cin_e, -1))
+    window_rolls = None
+    if remix == "slices" and not g.slack_axes and plan.windows.shape[0] > 1:
+      # The windows differ only by the channel roll: store the epitome once
+      # and roll the activations (slices). The matmul remix keeps one
+      # convolution over the stored windows (no slices, more weights).
+      rolls = np.unique(g.in_rolls)
+      base = np.roll(plan.windows[0], int(rolls[0]), axis=-2)
+      if len(rolls) == plan.windows.shape[0] and all(
+        np.array_equal(np.roll(base, -int(r), axis=-2), w)
+        for r, w in zip(rolls, plan.windows, strict=True)
+      ):
+        window_rolls = [int(r) for r in rolls]
+        kernel = base
     bias = layer.bias.numpy().astype(np.float64) if layer.use_bias else None
     scale = None
     if batchnorm is not None:
@@ -429,6 +467,7 @@ class FactoredMixin:
       activation=activation,
       name=name or layer.name,
       dtype=layer.dtype,
+      window_rolls=window_rolls,
     )
     config.update(cls._stock_kwargs(layer))
     new = cls(**config)
@@ -530,6 +569,7 @@ class _FactoredConv(FactoredMixin, keras.layers.Layer):
     use_bias=True,
     activation=None,
     remix="slices",
+    window_rolls=None,
     **kwargs,
   ):
     super().__init__(**kwargs)
@@ -547,6 +587,7 @@ class _FactoredConv(FactoredMixin, keras.layers.Layer):
       use_bias,
       activation,
       remix,
+      window_rolls=window_rolls,
     )
     r = self._rank
     self.strides = _tuple(strides, r)
@@ -684,6 +725,7 @@ class FactoredDense(FactoredMixin, keras.layers.Layer):
     use_bias=True,
     activation=None,
     remix="slices",
+    window_rolls=None,
     **kwargs,
   ):
     super().__init__(**kwargs)
@@ -701,6 +743,7 @@ class FactoredDense(FactoredMixin, keras.layers.Layer):
       use_bias,
       activation,
       remix,
+      window_rolls=window_rolls,
     )
 
   @property

@@ -69,6 +69,14 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       channels and taps, much larger than typical weight steps.
     routing_momentum: momentum of the moving-average routing map of the
       ``feature`` learner.
+    channel_roll: output chunk ``b`` reads the epitome's input channels
+      rolled by ``b * channel_roll`` (mod ``Cin_E``), a static pattern that
+      costs no storage (:class:`~keras_epitome.sampling.EpitomeGeometry`).
+      The default ``1`` makes every output chunk a distinct set of filters;
+      ``0`` is the separable map, where all output chunks repeat the same
+      ``Cout_E`` filters (the kernel's rank is at most ``Cout_E``, a thin
+      layer in disguise; it cost 8-10 points on FSDD, benchmarks/RESULTS.md).
+      Configs saved without this key load with ``0``, as they were trained.
   """
 
   _stock_class = None  # set by each concrete layer
@@ -83,6 +91,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     spatial_stride: Union[None, int, Sequence[int]] = None,
     offset_scale: float = 1.0,
     routing_momentum: float = 0.99,
+    channel_roll: int = 1,
     **kwargs,
   ):
     super().__init__(*args, **kwargs)
@@ -97,6 +106,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       spatial_stride=spatial_stride,
       offset_scale=offset_scale,
       routing_momentum=routing_momentum,
+      channel_roll=channel_roll,
     )
     if getattr(self, "data_format", "channels_last") != "channels_last":
       raise ValueError(
@@ -151,7 +161,9 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         epitome_shape = tuple(self.epitome_shape)
       else:
         epitome_shape = sampling.epitome_shape_for_ratio(kernel_shape, self.compression)
-      geometry = sampling.EpitomeGeometry(kernel_shape, epitome_shape)
+      geometry = sampling.EpitomeGeometry(
+        kernel_shape, epitome_shape, channel_roll=self.channel_roll
+      )
       spec.check_stored_size(geometry)
       routing = sampling.fixed_routing(geometry, self.spatial_stride)
     except ValueError as e:
@@ -392,8 +404,16 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       spatial_stride=list(self.spatial_stride) if self.spatial_stride else None,
       offset_scale=self.offset_scale,
       routing_momentum=self.routing_momentum,
+      channel_roll=self.channel_roll,
     )
     return config
+
+  @classmethod
+  def from_config(cls, config):
+    # Layers saved before channel_roll existed were separable (roll 0).
+    config = dict(config)
+    config.setdefault("channel_roll", 0)
+    return super().from_config(config)
 
 
 @keras.saving.register_keras_serializable(package="keras_epitome")

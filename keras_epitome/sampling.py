@@ -88,6 +88,14 @@ class EpitomeGeometry:
   Args:
     kernel_shape: ``(*S, Cin, Cout)``.
     epitome_shape: ``(*S_E, Cin_E, Cout_E)``.
+    channel_roll: output chunk ``b`` reads the epitome's input channels
+      rolled by ``r_b = b * channel_roll mod Cin_E`` (a static pattern, not
+      stored): ``K[s, a*Cin_E + u, b*Cout_E + v] = E~[s + sigma_b,
+      (u + p_a + r_b) mod Cin_E, (v + q_b) mod Cout_E]``. With ``0`` (the
+      separable map of DESIGN.md section 1) every output chunk holds the same
+      ``Cout_E`` filters, so the kernel has rank at most ``Cout_E`` and the
+      layer is a thin layer in disguise; a non-zero roll makes the output
+      chunks distinct filters.
 
   Raises:
     ValueError: if the shapes have different ranks, a size is not positive, or
@@ -103,12 +111,14 @@ class EpitomeGeometry:
 
   kernel_shape: Tuple[int, ...]
   epitome_shape: Tuple[int, ...]
+  channel_roll: int = 0
 
   def __post_init__(self):
     k = tuple(int(d) for d in self.kernel_shape)
     e = tuple(int(d) for d in self.epitome_shape)
     object.__setattr__(self, "kernel_shape", k)
     object.__setattr__(self, "epitome_shape", e)
+    object.__setattr__(self, "channel_roll", spec.check_channel_roll(self.channel_roll))
     if len(k) < 2:
       raise ValueError(f"kernel shape {k} must have at least 2 axes (Cin, Cout)")
     if len(e) != len(k):
@@ -170,6 +180,12 @@ class EpitomeGeometry:
   @property
   def num_out_chunks(self) -> int:
     return -(-self.cout // self.cout_e)
+
+  @property
+  def in_rolls(self) -> np.ndarray:
+    """``(B,)`` static roll ``r_b`` of the input channels read by output chunk ``b``."""
+    b = np.arange(self.num_out_chunks, dtype=np.int64)
+    return (b * self.channel_roll) % self.cin_e
 
   @property
   def slack(self) -> Tuple[int, ...]:
@@ -246,13 +262,17 @@ class EpitomeGeometry:
 
     Returns:
       ``{"stock": ..., "factored": ...}``. The factored form runs one
-      epitome-sized convolution per distinct spatial window (counted here as
-      the worst case, one per output chunk when there is spatial slack) and two
+      epitome-sized convolution per distinct window (spatial window and
+      input-channel roll; counted as the worst case, one per output chunk,
+      when there is spatial slack) and two
       linear channel remixes of two taps each.
     """
     s = int(np.prod(self.spatial)) if self.rank else 1
     stock = s * self.cin * self.cout
-    windows = self.num_out_chunks if self.slack_axes else 1
+    if self.slack_axes:
+      windows = self.num_out_chunks
+    else:
+      windows = len(np.unique(self.in_rolls))
     factored = s * self.cin_e * self.cout_e * windows
     factored += 2 * self.num_in_chunks * self.cin_e + 2 * self.cout
     return {"stock": stock, "factored": factored}
@@ -475,6 +495,25 @@ def _window_lerp(x, starts, frac, axis: int, length: int, batch_axis, wrap: bool
   return _fn(x, frac)
 
 
+def _roll_chunks(x, rolls, axis: int, chunk_axis: int):
+  """Rolls ``axis`` of each entry along ``chunk_axis`` by its static roll.
+
+  ``y[.., b, ..][e] = x[.., b, ..][(e + rolls[b]) mod n]``, written as static
+  slices and concats (autodiff gives the gradient; XLA compiles it once).
+  """
+  n = x.shape[axis]
+  pieces = []
+  for b, r in enumerate(int(r) for r in rolls):
+    piece = _static_slice(x, chunk_axis, b, b + 1)
+    if r % n:
+      r %= n
+      piece = tf.concat(
+        [_static_slice(piece, axis, r, n), _static_slice(piece, axis, 0, r)], axis
+      )
+    pieces.append(piece)
+  return tf.concat(pieces, chunk_axis) if len(pieces) > 1 else pieces[0]
+
+
 def _expand_channels(x, offsets, size: int, chunk: int, axis: int):
   """Expands channel ``axis`` of ``x`` from ``chunk`` to ``size`` entries.
 
@@ -547,6 +586,8 @@ def sample_kernel(
       start, frac = _split_spatial_offset(spatial_offsets[:, d], g.slack[d])
       x = _window_lerp(x, start, frac, d, g.spatial[d], batch_axis=rank + 1, wrap=False)
   # Spatial axes without slack: S_E == S, nothing to do.
+  if g.in_rolls.any():
+    x = _roll_chunks(x, g.in_rolls, axis=rank, chunk_axis=rank + 1)
   x = tf.reshape(x, list(g.spatial) + [g.cin_e, b * g.cout_e])
   if b * g.cout_e > g.cout:
     x = x[..., : g.cout]
@@ -720,7 +761,7 @@ def spatial_taps(offsets, slack: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def epitome_windows(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
-  """Spatially sampled epitome windows, one per distinct spatial offset.
+  """Epitome windows, one per distinct (spatial offset, input-channel roll).
 
   Returns:
     ``(windows, window_of_chunk)``: ``windows`` is ``(W, *S, Cin_E, Cout_E)``
@@ -729,10 +770,17 @@ def epitome_windows(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
   """
   g = geometry
   e = np.asarray(epitome, np.float64)
-  if not g.slack_axes:
+  rolls = g.in_rolls
+  if not g.slack_axes and not rolls.any():
     return e[np.newaxis], np.zeros(g.num_out_chunks, np.int64)
-  sp = np.asarray(routing.spatial_offsets, np.float64)
-  keys, window_of_chunk = np.unique(np.round(sp, 9), axis=0, return_inverse=True)
+  if g.slack_axes:
+    sp = np.asarray(routing.spatial_offsets, np.float64)
+    sp = np.round(sp.reshape(g.num_out_chunks, g.rank), 9)
+  else:
+    sp = np.zeros((g.num_out_chunks, g.rank))
+  # One window per distinct (spatial offsets, input-channel roll).
+  keyed = np.concatenate([sp, rolls[:, np.newaxis].astype(np.float64)], axis=1)
+  keys, window_of_chunk = np.unique(keyed, axis=0, return_inverse=True)
   windows = []
   for key in keys:
     w = e
@@ -745,7 +793,8 @@ def epitome_windows(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
         w = (1 - frac) * lo + frac * hi
       else:
         w = lo
-    windows.append(w)
+    # E_w[.., e, :] = E[.., (e + r) mod Cin_E, :].
+    windows.append(np.roll(w, -int(key[-1]), axis=-2))
   return np.stack(windows), np.asarray(window_of_chunk).reshape(-1)
 
 
@@ -923,6 +972,7 @@ def sample_kernel_frozen(epitome, routing: RoutingMap, geometry: EpitomeGeometry
   fracs = np.zeros((g.num_out_chunks, g.rank))
   for d in g.slack_axes:
     starts[:, d], fracs[:, d] = spatial_taps(sp[:, d], g.slack[d])
+  rolls = g.in_rolls
   cache = {}
   blocks = []
   for b in range(g.num_out_chunks):
@@ -933,6 +983,7 @@ def sample_kernel_frozen(epitome, routing: RoutingMap, geometry: EpitomeGeometry
       length,
       tuple(starts[b]),
       tuple(fracs[b]),
+      int(rolls[b]),
     )
     if key not in cache:
       block = channel_read(x, cout_axis, key[0], key[1], length)
@@ -942,6 +993,8 @@ def sample_kernel_frozen(epitome, routing: RoutingMap, geometry: EpitomeGeometry
         if f != 0.0:
           lo = blend(lo, take(block, d, s0 + 1, s0 + 1 + g.spatial[d]), f)
         block = lo
+      if key[-1]:
+        block = rolled(block, cin_axis, key[-1], g.cin_e)
       cache[key] = block
     blocks.append(cache[key])
   x = blocks[0] if len(blocks) == 1 else tf.concat(blocks, cout_axis)

@@ -39,6 +39,7 @@ EPITOME_ARGS = (
   "spatial_stride",
   "offset_scale",
   "routing_momentum",
+  "channel_roll",
 )
 
 
@@ -81,6 +82,13 @@ def check_routing_momentum(value, desc: str = "") -> float:
       f"{_prefix(desc)}routing_momentum must be a number in [0, 1), got {value!r}"
     )
   return float(value)
+
+
+def check_channel_roll(value, desc: str = "") -> int:
+  """``channel_roll``: an int ``>= 0`` (NumPy integers too, not bools)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"{_prefix(desc)}channel_roll must be an int >= 0, got {value!r}")
+  return int(value)
 
 
 def check_sampler(sampler, learner, desc: str = "") -> Tuple[str, str]:
@@ -155,6 +163,7 @@ def check_epitome_args(
   spatial_stride=None,
   offset_scale=1.0,
   routing_momentum=0.99,
+  channel_roll=1,
   require_one: bool = True,
 ) -> Dict[str, Any]:
   """Validates the epitome arguments together and returns them normalized.
@@ -164,7 +173,7 @@ def check_epitome_args(
     kernel_rank: spatial axes of the kernel (0 Dense, 1 Conv1D, 2 Conv2D), or
       ``None`` when not known yet (the rank-dependent checks are skipped).
     compression, epitome_shape, sampler, learner, spatial_stride,
-      offset_scale, routing_momentum: see
+      offset_scale, routing_momentum, channel_roll: see
       :class:`~keras_epitome.layers.EpitomeMixin`.
     require_one: exactly one of ``compression``/``epitome_shape`` must be
       given (a layer); ``False`` allows both (defaults a policy may override).
@@ -197,6 +206,7 @@ def check_epitome_args(
     spatial_stride=check_spatial_stride(spatial_stride, kernel_rank, desc),
     offset_scale=check_offset_scale(offset_scale, desc),
     routing_momentum=check_routing_momentum(routing_momentum, desc),
+    channel_roll=check_channel_roll(channel_roll, desc),
   )
 
 

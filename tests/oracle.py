@@ -22,6 +22,8 @@ def sample_kernel(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
   g = geometry
   e = np.asarray(epitome, dtype=np.float64)
   kernel = np.zeros(g.kernel_shape, dtype=np.float64)
+  # Output chunk b reads the epitome's input channels rolled by b * channel_roll.
+  rolls = [(b * g.channel_roll) % g.cin_e for b in range(g.num_out_chunks)]
 
   def channel_taps_1(offset, pos, size):
     n = math.floor(offset)
@@ -40,7 +42,7 @@ def sample_kernel(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
     *s, ci, co = idx
     a, u = divmod(ci, g.cin_e)
     b, v = divmod(co, g.cout_e)
-    in_taps = channel_taps_1(float(routing.in_offsets[a]), u, g.cin_e)
+    in_taps = channel_taps_1(float(routing.in_offsets[a]), u + rolls[b], g.cin_e)
     out_taps = channel_taps_1(float(routing.out_offsets[b]), v, g.cout_e)
     sp_taps = [
       spatial_taps_1(

@@ -301,7 +301,9 @@ class WrapperTest(tf.test.TestCase, parameterized.TestCase):
       def call(self, x):
         return x
 
-    with self.assertRaisesRegex(ValueError, "subclassed model.*Sequential and functional"):
+    with self.assertRaisesRegex(
+      ValueError, "subclassed model.*Sequential and functional"
+    ):
       compression.compress_model_for_training(Sub(), SVDCompressor())
     alg = EpitomeCompressor(2)
     with self.assertRaisesRegex(ValueError, "static weight"):

@@ -267,7 +267,9 @@ class SamplerTest(tf.test.TestCase):
     e = layer.epitome.numpy()
     kernel = layer.kernel.numpy()
     for b in range(cout):
-      self.assertAllClose(kernel[:, :, b], e[b * stride : b * stride + k, :, 0])
+      # Output filter b also reads the input channels rolled by b (channel_roll).
+      window = e[b * stride : b * stride + k, :, 0]
+      self.assertAllClose(kernel[:, :, b], np.roll(window, -(b % cin), axis=1))
     self.assertEqual(
       {v.name.split("/")[-1] for v in layer.trainable_weights},
       {"epitome:0", "bias:0"},
@@ -296,10 +298,17 @@ class SamplerTest(tf.test.TestCase):
     )
 
   def test_fixed_channel_tiling(self):
-    layer = ke.EpitomeDense(6, epitome_shape=(2, 3), sampler="fixed")
+    # channel_roll=0: WSNet's plain tiling, every output chunk a copy.
+    layer = ke.EpitomeDense(6, epitome_shape=(2, 3), sampler="fixed", channel_roll=0)
     layer(_x((1, 4)))
     e = layer.epitome.numpy()
     self.assertAllClose(layer.kernel, np.tile(e, (2, 2)))
+    # The default roll: output chunk 1 reads the input channels rolled by one.
+    layer = ke.EpitomeDense(6, epitome_shape=(2, 3), sampler="fixed")
+    layer(_x((1, 4)))
+    e = layer.epitome.numpy()
+    rolled = np.concatenate([e, np.roll(e, -1, axis=0)], axis=1)
+    self.assertAllClose(layer.kernel, np.tile(rolled, (2, 1)))
 
   def test_param_learner_offsets_train(self):
     layer = ke.EpitomeConv2D(6, 3, epitome_shape=(4, 4, 2, 3), offset_scale=5.0)

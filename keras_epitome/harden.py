@@ -1,0 +1,145 @@
+"""Hardening a learned routing map to integers.
+
+A learned (NES) routing map ends with fractional offsets: every chunk then
+blends two neighbouring reads, which doubles the remix work of the factored
+form and the ops of an exported file. Hardening rounds every offset to the
+nearest integer (channel offsets wrapped, spatial offsets clipped) and, by
+default, refits the epitome by least squares to the kernel the layer had
+(:func:`keras_epitome.sampling.fit_epitome`), so the function changes as
+little as possible. A short fine-tune afterwards recovers what rounding cost.
+
+* :func:`harden_layer` hardens one layer in place (it keeps its sampler, so
+  a learned layer can go on learning);
+* :func:`harden_routing` returns a copy of a model whose epitome layers use
+  the ``fixed`` sampler at the hardened map: the offsets are constants, so a
+  fine-tune (``compile``/``fit``) trains the epitomes and leaves the routing
+  map integer.
+
+Example:
+  >>> model = keras.Sequential([keras.Input((8, 16)),
+  ...                           ke.EpitomeConv1D(16, 3, compression=4)])
+  >>> hard = ke.harden_routing(model)
+  >>> hard.layers[0].sampler
+  'fixed'
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+
+from keras_epitome import layers as epitome_layers
+from keras_epitome import sampling
+from keras_epitome import transform as _transform
+from keras_epitome.backend import keras
+
+
+def hardened_values(
+  layer, refit: bool = True
+) -> Tuple[np.ndarray, sampling.RoutingMap]:
+  """The hardened epitome and routing map of a built epitome layer (no change to it).
+
+  Args:
+    layer: a built epitome layer.
+    refit: refit the epitome by least squares to the layer's current kernel
+      under the rounded map; ``False`` keeps the epitome as it is.
+
+  Returns:
+    ``(epitome, routing)`` as NumPy arrays; the routing map is integer-valued
+    (channel offsets in ``[0, C_E)``, spatial offsets in ``[0, S_E - S]``).
+
+  Raises:
+    ValueError: if ``layer`` is not a built epitome layer.
+  """
+  if not isinstance(layer, epitome_layers.EPITOME_LAYERS):
+    raise ValueError(
+      f"harden: layer '{getattr(layer, 'name', layer)}' is a "
+      f"{type(layer).__name__}, not an epitome layer"
+    )
+  g = layer.epitome_geometry
+  r = layer.routing_map
+  slack = np.asarray(g.slack, np.float64).reshape(1, -1)
+  spatial = np.asarray(r.spatial_offsets, np.float64).reshape(g.num_out_chunks, g.rank)
+  hard = sampling.RoutingMap(
+    np.mod(np.round(r.in_offsets), g.cin_e),
+    np.mod(np.round(r.out_offsets), g.cout_e),
+    np.clip(np.round(spatial), 0.0, slack),
+  )
+  epitome = layer.epitome.numpy()
+  if refit:
+    epitome = sampling.fit_epitome(layer.kernel.numpy(), hard, g, fill=epitome)
+  return epitome.astype(layer.epitome.dtype.as_numpy_dtype), hard
+
+
+def harden_layer(layer, refit: bool = True) -> float:
+  """Rounds a layer's routing map to integers in place (see the module docstring).
+
+  Args:
+    layer: a built epitome layer (any sampler and learner; for the
+      ``feature`` learner the moving routing map is hardened).
+    refit: refit the epitome to the kernel the layer had.
+
+  Returns:
+    The relative change of the sampled kernel, ``|K_new - K_old| / |K_old|``.
+  """
+  before = layer.kernel.numpy()
+  epitome, hard = hardened_values(layer, refit)
+  layer.set_routing_map(hard)
+  layer.epitome.assign(epitome)
+  after = layer.kernel.numpy()
+  return float(np.linalg.norm(after - before) / max(np.linalg.norm(before), 1e-12))
+
+
+def harden_routing(model, refit: bool = True, report: Dict[str, float] = None):
+  """A copy of ``model`` with every epitome layer at an integer, fixed routing map.
+
+  Each epitome layer becomes the same layer with ``sampler="fixed"`` (and
+  ``learner="param"``), its routing map the rounded inference map and its
+  epitome refit (``refit=True``) to the kernel it had. Every other layer is
+  cloned with its weights; nested models are hardened recursively. Fine-tune
+  the result briefly (``compile``/``fit``): only the epitomes (and the other
+  layers' weights) train.
+
+  Args:
+    model: a Sequential or functional model with built epitome layers.
+    refit: least-squares refit of each epitome (else the epitome is kept).
+    report: optional dict; receives ``{layer name: relative kernel change}``.
+
+  Returns:
+    The hardened model.
+
+  Raises:
+    ValueError: for a subclassed model.
+  """
+  _transform._check_clonable(model, "harden_routing")
+  copies, hardened = [], []
+
+  def clone_function(layer):
+    if isinstance(layer, keras.Model):
+      _transform._check_clonable(layer, "harden_routing")
+      return keras.models.clone_model(layer, clone_function=clone_function)
+    if isinstance(layer, epitome_layers.EPITOME_LAYERS):
+      config = layer.get_config()
+      config.update(sampler="fixed", learner="param")
+      new = layer.__class__.from_config(config)
+      hardened.append((layer, new))
+      return new
+    new = _transform._clone_layer(layer)
+    copies.append((layer, new))
+    return new
+
+  new_model = keras.models.clone_model(model, clone_function=clone_function)
+  _transform._copy_weights(copies)
+  for old, new in hardened:
+    epitome, hard = hardened_values(old, refit)
+    new.epitome.assign(epitome)
+    if old.use_bias:
+      new.bias.assign(old.bias)
+    new.set_routing_map(hard)
+    if report is not None:
+      k0 = old.kernel.numpy()
+      report[old.name] = float(
+        np.linalg.norm(new.kernel.numpy() - k0) / max(np.linalg.norm(k0), 1e-12)
+      )
+  return new_model
