@@ -513,7 +513,7 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
     (
       "ratio_string",
       dict(compression="4"),
-      r"compression must be a number >= 1, got '4'",
+      r"compression must be a finite number >= 1, got '4'",
     ),
     (
       "both_ratio_and_shape",
