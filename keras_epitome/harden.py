@@ -30,9 +30,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from keras_epitome import layers as epitome_layers
-from keras_epitome import sampling
-from keras_epitome import transform as _transform
-from keras_epitome.backend import keras
+from keras_epitome import sampling, walk
 
 
 def hardened_values(
@@ -59,13 +57,7 @@ def hardened_values(
     )
   g = layer.epitome_geometry
   r = layer.routing_map
-  slack = np.asarray(g.slack, np.float64).reshape(1, -1)
-  spatial = np.asarray(r.spatial_offsets, np.float64).reshape(g.num_out_chunks, g.rank)
-  hard = sampling.RoutingMap(
-    np.mod(np.round(r.in_offsets), g.cin_e),
-    np.mod(np.round(r.out_offsets), g.cout_e),
-    np.clip(np.round(spatial), 0.0, slack),
-  )
+  hard = sampling.RoutingMap(*(np.round(o) for o in r)).normalized(g)
   epitome = layer.epitome.numpy()
   if refit:
     epitome = sampling.fit_epitome(layer.kernel.numpy(), hard, g, fill=epitome)
@@ -112,25 +104,18 @@ def harden_routing(model, refit: bool = True, report: Dict[str, float] = None):
   Raises:
     ValueError: for a subclassed model.
   """
-  _transform._check_clonable(model, "harden_routing")
-  copies, hardened = [], []
+  hardened = []
 
-  def clone_function(layer):
-    if isinstance(layer, keras.Model):
-      _transform._check_clonable(layer, "harden_routing")
-      return keras.models.clone_model(layer, clone_function=clone_function)
-    if isinstance(layer, epitome_layers.EPITOME_LAYERS):
-      config = layer.get_config()
-      config.update(sampler="fixed", learner="param")
-      new = layer.__class__.from_config(config)
-      hardened.append((layer, new))
-      return new
-    new = _transform._clone_layer(layer)
-    copies.append((layer, new))
+  def clone_layer(layer):
+    if not isinstance(layer, epitome_layers.EPITOME_LAYERS):
+      return None
+    config = layer.get_config()
+    config.update(sampler="fixed", learner="param")
+    new = layer.__class__.from_config(config)
+    hardened.append((layer, new))
     return new
 
-  new_model = keras.models.clone_model(model, clone_function=clone_function)
-  _transform._copy_weights(copies)
+  new_model = walk.clone_model(model, clone_layer, "harden_routing")
   for old, new in hardened:
     epitome, hard = hardened_values(old, refit)
     new.epitome.assign(epitome)
