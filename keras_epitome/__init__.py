@@ -19,6 +19,8 @@ from keras_epitome.backend import keras
 # isort: on
 
 from keras_epitome import sampling  # noqa: E402
+from keras_epitome.calibration import calibrate  # noqa: E402
+from keras_epitome.distillation import Distiller, distill  # noqa: E402
 from keras_epitome.export import (  # noqa: E402
   export_tflite,
   run_tflite,
@@ -65,6 +67,7 @@ __version__ = "0.1.0"
 __all__ = [
   "EPITOME_LAYERS",
   "FACTORED_LAYERS",
+  "Distiller",
   "EpitomeConv1D",
   "EpitomeConv2D",
   "EpitomeDense",
@@ -78,7 +81,9 @@ __all__ = [
   "FactoredDense",
   "FeatureOffsetLearner",
   "RoutingMap",
+  "calibrate",
   "custom_objects",
+  "distill",
   "epitome_shape_for_ratio",
   "epitomize",
   "export_tflite",
