@@ -133,6 +133,15 @@ def magnitude_prune(stock, sparsity):
   return pruned
 
 
+def pruned_stored(model, names) -> int:
+  """Stored numbers of a pruned model: its kernels' zeros are not stored."""
+  zeros = 0
+  for name in names:
+    k = model.get_layer(name).kernel.numpy()
+    zeros += k.size - int(np.count_nonzero(k))
+  return C.stored_params(model) - zeros
+
+
 def pruning_recovery(stock, sparsity, recovery, epochs, distill):
   import tensorflow_model_optimization as tfmot
 
@@ -248,10 +257,14 @@ def main(argv):
         sparsity = C.prune_spec(reference)
         model = magnitude_prune(stock, sparsity)
       convert_s = time.time() - t0
+      if method.startswith("pruning"):
+        stored = pruned_stored(model, sparsity)
+      else:
+        stored = C.stored_params(model)
       row = dict(
         method=method,
         ratio=ratio,
-        stored_params=C.stored_params(model),
+        stored_params=stored,
         convert_s=round(convert_s, 1),
         acc_0=C.evaluate(model, (xt, yt)),
       )
@@ -262,7 +275,7 @@ def main(argv):
           rec_model = pruning_recovery(
             stock, sparsity, recovery, epochs, method == "pruning_distill"
           )
-          row["stored_params"] = C.stored_params(rec_model)
+          row[f"stored_params_{epochs}"] = pruned_stored(rec_model, sparsity)
         else:
           rec_model = copy_model(model)
           if method == "data_distill":
