@@ -88,6 +88,9 @@ class LayerCalibration:
       (``init="fit"``) with the same inputs, for comparison.
     routing_searched: whether the routing map was chosen with the data
       (``False`` for the fixed sampler, or with ``search=False``).
+    output_order: with ``permute_channels``, the layer's output channel
+      ``j`` reproduces the original layer's channel ``output_order[j]``
+      (``None``: same order).
     note: why the layer kept its weight fit, if it did.
   """
 
@@ -95,6 +98,7 @@ class LayerCalibration:
   output_error: Optional[float] = None
   weight_fit_output_error: Optional[float] = None
   routing_searched: bool = False
+  output_order: Optional[List[int]] = None
   note: str = ""
 
 
@@ -457,11 +461,44 @@ class _Problem:
       total -= float(rhs @ ew)
     return total, epitome
 
-  def search(self, routing, sweeps: int, max_candidates: int):
+  def match_offsets(self, kernel, axis: str) -> list:
+    """Channel offsets pairing each chunk's channels with similar ones of chunk 0.
+
+    Channel ``u`` of input (or output) chunk ``a`` shares its weights with
+    channel ``(u + p_a) mod size`` of chunk 0; ``p_a`` maximizes the summed
+    cosine similarity of the paired channels' weights in the original
+    kernel. A starting point for the coordinate descent, which alone gets
+    stuck when several chunks are wrong at once.
+    """
+    g = self.g
+    k = np.asarray(kernel, np.float64).reshape(-1, g.cin, g.cout)
+    if axis == "in":
+      size, chunks = g.cin_e, g.num_in_chunks
+      rows = np.moveaxis(k, 1, 0).reshape(g.cin, -1)
+    else:
+      size, chunks = g.cout_e, g.num_out_chunks
+      rows = np.moveaxis(k, 2, 0).reshape(g.cout, -1)
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
+    first = rows[:size]
+    offsets = [0]
+    for a in range(1, chunks):
+      chunk = rows[a * size : (a + 1) * size]
+      u = np.arange(len(chunk))
+      sim = chunk @ first.T  # (len, size)
+      scores = [sim[u, (u + p) % size].sum() for p in range(size)]
+      offsets.append(int(np.argmax(scores)))
+    return offsets
+
+  def search(self, routing, sweeps: int, max_candidates: int, kernel=None):
     """Coordinate descent over the integer offsets; returns the best routing map."""
     g = self.g
     in_off = [int(v) for v in routing[0]]
     out_off = [int(v) for v in routing[1]]
+    if kernel is not None:
+      sp0 = np.asarray(routing[2], np.int64).reshape(g.num_out_chunks, g.rank)
+      start = (self.match_offsets(kernel, "in"), self.match_offsets(kernel, "out"))
+      if self.solve((*start, sp0))[0] < self.solve((in_off, out_off, sp0))[0]:
+        in_off, out_off = start
     sp = np.asarray(routing[2], np.int64).reshape(g.num_out_chunks, g.rank).copy()
     best = self.solve((in_off, out_off, sp))[0]
 
@@ -861,6 +898,7 @@ def _fit_layer(
       kernel = kernel[..., out_perm]
       if bias is not None:
         bias = bias[out_perm]
+      record.output_order = [int(i) for i in out_perm]
   shift = new.use_bias or (refit_batchnorm and _feeds_only_batchnorm(new))
   fit_stats = stats.centred() if shift else stats
   cout = kernel.shape[-1]
@@ -923,7 +961,7 @@ def _fit_one(new, kernel, stats, *, ridge, search, sweeps, max_candidates, recor
   )
   problem = _Problem(g, h, c, e0, mu=1e-6 * max(lam, 1e-12))
   if search and new.sampler == "learned":
-    routing = problem.search(routing, sweeps, max_candidates)
+    routing = problem.search(routing, sweeps, max_candidates, kernel=flat)
     record.routing_searched = True
   _, epitome = problem.solve(routing)
   new.set_routing_map(
