@@ -632,9 +632,11 @@ def calibrate(
       calibration data leave it free.
     search: choose the learned sampler's routing map with the data
       (coordinate descent over integer offsets, scored by the layer's output
-      error). Off by default: on Fashion-MNIST and digits it lowered each
-      layer's error but not the network's accuracy, at several times the
-      cost; the channel grouping below does the same job better.
+      error). Off by default: on a digits CNN it lowered each layer's error
+      but not the network's accuracy, at several times the cost. The channel
+      grouping below is the default way the data arrange the sharing (on the
+      Fashion-MNIST CNN it raised accuracy after conversion from 83.1/74.6/
+      67.6% to 85.0/78.3/72.8% at 2x/4x/8x, first 5,000 test images).
     permute_channels: reorder each epitome layer's output channels (and the
       BatchNorm after it, and the inputs of the layers it feeds) so that the
       channels that share an epitome filter are the most correlated ones.
