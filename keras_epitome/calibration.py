@@ -32,17 +32,31 @@ Where the layer has a bias, or feeds only a BatchNormalization whose moving
 mean is re-estimated, the statistics are centred and the shift is fitted in
 closed form.
 
-The routing map (learned sampler) is chosen by coordinate descent over the
-integer offsets, each candidate scored by the exact least-squares objective:
-input-chunk offsets change ``R`` (one ``Q x Q`` eigendecomposition each, ``Q =
-prod(S_E) * Cin_E``), output-chunk channel and spatial offsets only regroup
-the right-hand sides. The first chunk's channel offsets stay 0: shifting all
+With integer offsets, the output channels ``b * Cout_E + w`` of all output
+chunks ``b`` are copies of one epitome filter ``w`` (up to the BatchNorm after
+them). By default (``permute_channels``) the original layer's output channels
+are reordered so that each such group holds the most correlated channels on
+the calibration data; the BatchNorm after the layer and the inputs of the
+layers it feeds follow the new order, so the model computes the same kind of
+function with a different internal channel order (done only where every
+consumer is refitted; the order is reported as ``output_order``).
+
+With ``search=True`` the routing map (learned sampler) is also chosen by
+coordinate descent over the integer offsets, started from offsets that pair
+each chunk's channels with the most similar weights of the first chunk, each
+candidate scored by the exact least-squares objective: input-chunk offsets
+change ``R`` (one ``Q x Q`` eigendecomposition each, ``Q = prod(S_E) *
+Cin_E``), output-chunk channel and spatial offsets only regroup the
+right-hand sides. The first chunk's channel offsets stay 0: shifting all
 chunks together only relabels the epitome's channels.
 
 After each layer, the moving statistics of the BatchNormalization layers that
 follow it are re-estimated on the converted model's activations (exactly,
-over all calibration samples, not with a momentum), before the next layer is
-fitted.
+over all calibration samples, not with a momentum) and their scale and offset
+refitted per channel to the original BatchNorm's outputs, before the next
+layer is fitted. Stock ``Conv``/``Dense`` layers after the first epitome
+layer (e.g. the classifier) are refitted by the same least squares without
+the epitome constraint.
 
 Example:
   >>> import numpy as np
