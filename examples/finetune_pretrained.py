@@ -1,20 +1,24 @@
-r"""From a trained CNN to a fine-tuned epitome model and back to stock layers.
+r"""From a trained CNN to a compact epitome model and back to stock layers.
 
 The workflow of :func:`keras_epitome.epitomize` on scikit-learn's 8x8 digits
-(ships with scikit-learn, needs no download):
+(ships with scikit-learn, needs no download), with the best path measured in
+``benchmarks/pretrained.py``:
 
 1. train a small stock CNN;
-2. ``ke.epitomize(model, compression, init="fit")``: every large enough
-   ``Conv2D``/``Dense`` becomes an epitome layer whose epitome is the
-   closed-form least-squares fit of the trained kernel;
+2. ``ke.epitomize(model, compression, calibration_data=x[:512])``: every
+   large enough ``Conv2D``/``Dense`` becomes an epitome layer fitted to
+   reproduce the trained layer's outputs on 512 training images (data-aware
+   conversion, :mod:`keras_epitome.calibration`);
 3. ``ke.summarize``: kernels, epitomes, stored parameters, multiply-adds;
-4. fine-tune with the usual ``compile``/``fit`` (epitomes and offsets train);
+4. ``ke.distill(small, model, x)``: a short recovery with the trained model
+   as teacher (no labels needed; epitomes and offsets train);
 5. ``ke.strip_epitome``: back to stock layers with the materialized kernels
    (same outputs), ready for any tool that expects stock layers.
 
-Optionally the same fine-tune from ``init="random"`` (``--compare_random``),
-TF-MOT pruning of the epitomes (``--prune_sparsity=0.5``) and
-quantization-aware fine-tuning (``--qat``). Prints one table at the end.
+For comparison (``--compare_weight_fit``) the older path: the closed-form
+fit of the trained kernels (``init="fit"``) and a label fine-tune of the same
+length. Optionally TF-MOT pruning of the epitomes (``--prune_sparsity=0.5``)
+and quantization-aware fine-tuning (``--qat``). Prints one table at the end.
 
 Usage (about a minute on two CPU cores):
   python examples/finetune_pretrained.py
@@ -44,9 +48,15 @@ flags.DEFINE_integer("min_params", 1024, "Kernels smaller than this stay stock."
 flags.DEFINE_enum("sampler", "learned", ["learned", "fixed"], "Epitome sampler.")
 flags.DEFINE_enum("learner", "param", ["param", "feature"], "Offset learner.")
 flags.DEFINE_integer("pretrain_epochs", 15, "Epochs of the stock model.")
-flags.DEFINE_integer("finetune_epochs", 6, "Epochs of each fine-tune.")
-flags.DEFINE_float("finetune_lr", 2e-3, "Adam learning rate of the fine-tunes.")
-flags.DEFINE_bool("compare_random", True, "Also fine-tune from init='random'.")
+flags.DEFINE_integer("calibration_size", 512, "Images for the data-aware fit.")
+flags.DEFINE_integer("finetune_epochs", 3, "Epochs of each recovery.")
+flags.DEFINE_float(
+  "finetune_lr", 5e-4, "Adam learning rate of the distillation (cosine decay)."
+)
+flags.DEFINE_float("weight_fit_lr", 2e-3, "Adam learning rate of the label fine-tune.")
+flags.DEFINE_bool(
+  "compare_weight_fit", True, "Also run init='fit' + a label fine-tune."
+)
 flags.DEFINE_float("prune_sparsity", 0.0, "If > 0: prune the epitomes (TF-MOT).")
 flags.DEFINE_bool("qat", False, "Also run quantization-aware fine-tuning.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -97,30 +107,41 @@ def main(argv):
   stock.fit(x_tr, y_tr, epochs=FLAGS.pretrain_epochs, batch_size=64, verbose=0)
   add_row("stock (trained)", stock, accuracy(stock, x_te, y_te))
 
-  # 2-3. Epitomize from the trained kernels and look at the result.
+  # 2-3. Data-aware conversion, and a look at the result.
   kwargs = dict(
     min_params=FLAGS.min_params, sampler=FLAGS.sampler, learner=FLAGS.learner
   )
-  small = ke.epitomize(stock, FLAGS.compression, init="fit", **kwargs)
+  small = ke.epitomize(
+    stock,
+    FLAGS.compression,
+    calibration_data=x_tr[: FLAGS.calibration_size],
+    **kwargs,
+  )
   ke.summarize(small)
-  add_row("epitome, fit init", small, accuracy(small, x_te, y_te))
+  add_row("epitome, data-aware fit", small, accuracy(small, x_te, y_te))
 
-  # 4. Fine-tune.
-  compile_model(small, FLAGS.finetune_lr)
-  small.fit(x_tr, y_tr, epochs=FLAGS.finetune_epochs, batch_size=64, verbose=0)
-  add_row("epitome, fit init + fine-tune", small, accuracy(small, x_te, y_te))
+  # 4. Short recovery: distillation from the trained model.
+  ke.distill(
+    small,
+    stock,
+    x_tr,
+    epochs=FLAGS.finetune_epochs,
+    learning_rate=FLAGS.finetune_lr,
+    batch_size=64,
+    verbose=0,
+  )
+  add_row("epitome, data-aware fit + distill", small, accuracy(small, x_te, y_te))
 
   # 5. Back to stock layers.
   stripped = ke.strip_epitome(small)
   add_row("  strip_epitome of it", stripped, accuracy(stripped, x_te, y_te))
 
-  if FLAGS.compare_random:
-    rand = ke.epitomize(
-      stock, FLAGS.compression, init="random", verbose=False, **kwargs
-    )
-    compile_model(rand, FLAGS.finetune_lr)
-    rand.fit(x_tr, y_tr, epochs=FLAGS.finetune_epochs, batch_size=64, verbose=0)
-    add_row("epitome, random init + fine-tune", rand, accuracy(rand, x_te, y_te))
+  if FLAGS.compare_weight_fit:
+    fit = ke.epitomize(stock, FLAGS.compression, init="fit", verbose=False, **kwargs)
+    add_row("epitome, weight fit (init='fit')", fit, accuracy(fit, x_te, y_te))
+    compile_model(fit, FLAGS.weight_fit_lr)
+    fit.fit(x_tr, y_tr, epochs=FLAGS.finetune_epochs, batch_size=64, verbose=0)
+    add_row("epitome, weight fit + fine-tune", fit, accuracy(fit, x_te, y_te))
 
   if FLAGS.prune_sparsity > 0:
     import tensorflow_model_optimization as tfmot

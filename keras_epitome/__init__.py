@@ -20,6 +20,8 @@ from keras_epitome.backend import keras
 
 from keras_epitome import compression  # noqa: E402
 from keras_epitome.backend import custom_objects  # noqa: E402
+from keras_epitome.calibration import calibrate  # noqa: E402
+from keras_epitome.distillation import Distiller, distill  # noqa: E402
 from keras_epitome.export import (  # noqa: E402
   export_tflite,
   run_tflite,
@@ -58,6 +60,7 @@ __version__ = "0.1.0"
 # are importable from their modules: keras_epitome.sampling, .layers, ...
 __all__ = [
   "EPITOME_LAYERS",
+  "Distiller",
   "EpitomeConv1D",
   "EpitomeConv2D",
   "EpitomeDense",
@@ -67,8 +70,10 @@ __all__ = [
   "FactoredConv2D",
   "FactoredDense",
   "RoutingMap",
+  "calibrate",
   "compression",
   "custom_objects",
+  "distill",
   "epitome_shape_for_ratio",
   "epitomize",
   "export_tflite",

@@ -41,8 +41,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from absl import logging
 
+from keras_epitome import calibration, sampling, spec, walk
 from keras_epitome import layers as epitome_layers
-from keras_epitome import sampling, spec, walk
 from keras_epitome.backend import check_keras2
 
 # Arguments a policy entry may set for one layer.
@@ -67,9 +67,14 @@ class ConvertedLayer:
     kernel_shape: shape of the stock kernel.
     epitome_shape: shape of the epitome (``None`` if the model was not built).
     compression_ratio: achieved ratio, kernel over epitome plus routing map.
-    init: ``"fit"`` or ``"random"``.
+    init: ``"fit"``, ``"random"`` or ``"data"`` (fitted to the layer's
+      outputs on calibration data, see :mod:`keras_epitome.calibration`).
     fit_error: relative reconstruction error ``|K - K_fit| / |K|`` of the
       trained kernel by the fitted epitome (``init="fit"`` only).
+    output_error: relative output error on the calibration data after the
+      data-aware fit (``init="data"`` only).
+    weight_fit_output_error: the same error of the weight fit, for comparison
+      (``init="data"`` only).
   """
 
   name: str
@@ -78,6 +83,8 @@ class ConvertedLayer:
   compression_ratio: Optional[float]
   init: str
   fit_error: Optional[float] = None
+  output_error: Optional[float] = None
+  weight_fit_output_error: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -97,16 +104,25 @@ class EpitomeReport:
     converted: the layers turned into epitome layers.
     kept: layers with a kernel that stayed stock (skipped, too small, refused
       by the policy or of an unsupported type such as ``DepthwiseConv2D``).
+    calibration: with ``calibration_data``, one
+      :class:`keras_epitome.calibration.LayerCalibration` per layer the
+      data-aware pass fitted (epitome layers, then refitted stock layers).
   """
 
   converted: List[ConvertedLayer] = dataclasses.field(default_factory=list)
   kept: List[KeptLayer] = dataclasses.field(default_factory=list)
+  calibration: List[Any] = dataclasses.field(default_factory=list)
 
   def __str__(self) -> str:
     lines = [f"epitomize: {len(self.converted)} layer(s) converted"]
     for c in self.converted:
       ratio = f"{c.compression_ratio:.2f}x" if c.compression_ratio else "?"
       err = f", fit error {c.fit_error:.3f}" if c.fit_error is not None else ""
+      if c.output_error is not None:
+        err += (
+          f", output error {c.output_error:.3f} (weight fit "
+          f"{c.weight_fit_output_error:.3f})"
+        )
       lines.append(
         f"  {c.name}: {c.kernel_shape} -> {c.epitome_shape} ({ratio}, "
         f"init={c.init}{err})"
@@ -114,6 +130,12 @@ class EpitomeReport:
     lines.append(f"epitomize: {len(self.kept)} kernel layer(s) kept stock")
     for k in self.kept:
       lines.append(f"  {k.name} ({k.class_name}): {k.reason}")
+    for c in self.calibration:
+      if c.note and c.output_error is not None:  # a refitted stock layer
+        lines.append(
+          f"  {c.name}: {c.note}, output error {c.output_error:.3f} "
+          f"(before {c.weight_fit_output_error:.3f})"
+        )
     return "\n".join(lines)
 
 
@@ -218,6 +240,8 @@ def epitomize(
   init: str = "auto",
   spatial_stride=None,
   offset_scale: float = 1.0,
+  calibration_data=None,
+  calibration_options: Optional[Mapping[str, Any]] = None,
   verbose: bool = True,
 ):
   """Returns a copy of ``model`` whose Conv/Dense layers are epitome layers.
@@ -268,6 +292,17 @@ def epitomize(
       ``"fit"`` for a built model, ``"random"`` otherwise.
     spatial_stride: the epitome layers' ``spatial_stride``.
     offset_scale: the epitome layers' ``offset_scale``.
+    calibration_data: optional inputs of the model (a NumPy array, ``(x, y)``
+      or a ``tf.data.Dataset`` of ``x`` or ``(x, y)``; a few hundred samples):
+      then every epitome and routing map is fitted to reproduce the original
+      layer's outputs on these inputs, layer by layer with the converted
+      layers' outputs as inputs, and BatchNorm statistics are re-estimated
+      (:func:`keras_epitome.calibration.calibrate`; the layers' ``init``
+      becomes ``"data"``). Much closer to the trained model than the weight
+      fit before any fine-tuning.
+    calibration_options: keyword arguments of
+      :func:`keras_epitome.calibration.calibrate` (``ridge``, ``search``,
+      ``refit_batchnorm``, ``batch_size``, ``max_samples``...).
     verbose: print the report; otherwise it is logged at INFO level.
 
   Returns:
@@ -278,8 +313,10 @@ def epitomize(
       ``sampler``, ``learner``, ``spatial_stride`` or ``offset_scale``, an
       unknown ``init``, a policy or skip
       entry naming no layer of the model, a malformed policy value, epitome
-      arguments that do not fit a layer the policy names, or ``init="fit"``
-      on a model that is not built.
+      arguments that do not fit a layer the policy names, ``init="fit"``
+      or ``calibration_data`` on a model that is not built, ``init="random"``
+      with ``calibration_data``, or bad calibration data (empty, wrong
+      shape, non-finite values).
 
   Example:
     >>> model = keras.Sequential([
@@ -300,6 +337,18 @@ def epitomize(
       f"epitomize: init='fit' needs a built model with trained weights; "
       f"model '{model.name}' is not built (call it on data or give it an "
       "Input), or use init='random'"
+    )
+  if calibration_data is not None:
+    if not model.built or init == "random":
+      raise ValueError(
+        f"epitomize: calibration_data fits the epitomes to a trained model's "
+        f"layer outputs; it needs a built model and init='auto' or 'fit' "
+        f"(model '{model.name}': built={model.built}, init={init!r})"
+      )
+    calibration_data = calibration.calibration_array(
+      calibration_data,
+      model,
+      **{k: v for k, v in (calibration_options or {}).items() if k == "max_samples"},
     )
   if init == "auto":
     init = "fit" if model.built else "random"
@@ -387,6 +436,22 @@ def epitomize(
       elif init == "fit":
         record.init = "random"
     report.converted.append(record)
+  if calibration_data is not None:
+    fitted = calibration.calibrate(
+      new_model,
+      model,
+      calibration_data,
+      pairs=converted,
+      **dict(calibration_options or {}),
+    )
+    report.calibration = fitted
+    by_name = {r.name: r for r in fitted}
+    for record in report.converted:
+      result = by_name.get(record.name)
+      if result is not None and result.output_error is not None:
+        record.init = "data"
+        record.output_error = result.output_error
+        record.weight_fit_output_error = result.weight_fit_output_error
   new_model.epitome_report = report
   if verbose:
     print(report)

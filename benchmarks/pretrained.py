@@ -1,0 +1,320 @@
+r"""From a trained model: conversion and short recovery, epitomes vs pruning.
+
+A stock CNN is trained to convergence once (and cached). Then, at each
+compression ratio, from that same trained model:
+
+* ``weight_fit``: ``ke.epitomize(model, r, init="fit")`` (closed-form fit of
+  the trained kernels), recovered by fine-tuning on the labels;
+* ``data``: ``ke.epitomize(model, r, calibration_data=x_cal)`` (data-aware
+  fit, :mod:`keras_epitome.calibration`), recovered by fine-tuning on labels;
+* ``data_distill``: the same conversion, recovered by ``ke.distill`` with the
+  trained model as teacher (no labels used);
+* ``pruning``: TF-MOT ``prune_low_magnitude`` of the same layers to the same
+  stored size (per-layer sparsity = 1 - (epitome + routing map) / kernel,
+  ``ConstantSparsity`` from step 0: magnitude pruning at once), recovered by
+  fine-tuning on labels; its accuracy "after conversion" is the trained
+  model with those weights zeroed (what the first pruning step does);
+* ``pruning_distill``: the same pruning, recovered by ``ke.distill``.
+
+Each row gives the accuracy right after conversion and after each number of
+recovery epochs in ``--recovery_epochs`` (a separate run from the converted
+model for each, Adam at ``--recovery_lr`` with cosine decay to 0). Every
+recovery uses the same images, batch size and schedule. One JSON line per
+row goes to ``--out``.
+
+Usage:
+  python benchmarks/pretrained.py                       # Fashion-MNIST
+  python benchmarks/pretrained.py --ratios=4 --methods=data,pruning
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(
+  0,
+  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
+)
+
+import common as C  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_epitome as ke  # noqa: E402
+from keras_epitome import datasets  # noqa: E402
+
+keras = ke.keras
+METHODS = ("weight_fit", "data", "data_distill", "pruning", "pruning_distill")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("dataset", "fashion_mnist", ["fashion_mnist", "digits"], "Data.")
+flags.DEFINE_list("ratios", ["2", "4", "8"], "Compression ratios.")
+flags.DEFINE_list("methods", list(METHODS), f"Subset of {', '.join(METHODS)}.")
+flags.DEFINE_integer("train_size", 0, "Training images (0: all).")
+flags.DEFINE_integer("pretrain_epochs", 12, "Epochs of the stock model.")
+flags.DEFINE_float("pretrain_lr", 3e-3, "Adam peak learning rate, cosine decay.")
+flags.DEFINE_integer("batch_size", 128, "Batch size of every training run.")
+flags.DEFINE_integer("calibration_size", 1024, "Calibration images (training set).")
+flags.DEFINE_list("recovery_epochs", ["1", "3"], "Recovery run lengths.")
+flags.DEFINE_integer(
+  "recovery_size", 0, "Images per recovery epoch (0: the whole training set)."
+)
+flags.DEFINE_float("recovery_lr", 1e-3, "Adam peak learning rate of recovery.")
+flags.DEFINE_float("temperature", 4.0, "Distillation temperature.")
+flags.DEFINE_string("cache", "/tmp/ke_pretrained", "Folder of the trained model.")
+flags.DEFINE_string(
+  "out", "benchmarks/results_pretrained.jsonl", "JSON lines, one per row."
+)
+flags.DEFINE_integer("seed", 0, "Random seed.")
+
+
+def load_data():
+  if FLAGS.dataset == "fashion_mnist":
+    (x, y), (xt, yt) = datasets.load_fashion_mnist(download=False)
+    build = C.fashion_cnn
+  else:
+    (x, y), (xt, yt) = datasets.load_digits()
+    build = lambda: C.fashion_cnn(input_shape=(8, 8, 1))  # noqa: E731
+  rng = np.random.default_rng(FLAGS.seed)
+  if FLAGS.train_size:
+    keep = rng.permutation(len(x))[: FLAGS.train_size]
+    x, y = x[keep], y[keep]
+  return (x, y), (xt, yt), build
+
+
+def trained_model(build, data):
+  """The stock model trained to convergence, from the cache if there."""
+  os.makedirs(FLAGS.cache, exist_ok=True)
+  tag = f"{FLAGS.dataset}_n{len(data[0][0])}_e{FLAGS.pretrain_epochs}_s{FLAGS.seed}"
+  path = os.path.join(FLAGS.cache, tag + ".weights.h5")
+  model = build()
+  if os.path.exists(path):
+    model.load_weights(path)
+    print(f"loaded the trained model from {path}")
+    return model, 0.0
+  keras.utils.set_random_seed(FLAGS.seed)
+  with C.Timer() as t:
+    C.train(
+      model,
+      data,
+      epochs=FLAGS.pretrain_epochs,
+      batch_size=FLAGS.batch_size,
+      learning_rate=FLAGS.pretrain_lr,
+      verbose=2,
+    )
+  model.save_weights(path)
+  return model, t.seconds
+
+
+def copy_model(model):
+  """A copy with the same weights (epitome layers included)."""
+  clone = keras.models.clone_model(model)
+  clone.set_weights(model.get_weights())
+  return clone
+
+
+def magnitude_prune(stock, sparsity):
+  """The trained model with each named layer's smallest weights zeroed."""
+  pruned = copy_model(stock)
+  for layer in pruned.layers:
+    if layer.name in sparsity:
+      k = layer.kernel.numpy()
+      drop = int(round(sparsity[layer.name] * k.size))
+      if drop:
+        cut = np.sort(np.abs(k).reshape(-1))[drop - 1]
+        k = np.where(np.abs(k) <= cut, 0.0, k)
+      layer.kernel.assign(k)
+  return pruned
+
+
+def pruned_stored(model, names) -> int:
+  """Stored numbers of a pruned model: its kernels' zeros are not stored."""
+  zeros = 0
+  for name in names:
+    k = model.get_layer(name).kernel.numpy()
+    zeros += k.size - int(np.count_nonzero(k))
+  return C.stored_params(model) - zeros
+
+
+def pruning_recovery(stock, sparsity, recovery, epochs, distill):
+  import tensorflow_model_optimization as tfmot
+
+  sp = tfmot.sparsity.keras
+
+  def clone(layer):
+    if layer.name in sparsity:
+      schedule = sp.ConstantSparsity(sparsity[layer.name], begin_step=0, frequency=50)
+      return sp.prune_low_magnitude(layer, pruning_schedule=schedule)
+    return layer
+
+  base = copy_model(stock)
+  pruned = keras.models.clone_model(base, clone_function=clone)
+  # clone_model rebuilds the wrapped layers: copy the trained kernels in.
+  for layer in pruned.layers:
+    inner = getattr(layer, "layer", layer)
+    src = base.get_layer(inner.name)
+    for w_new, w_old in zip(inner.weights, src.weights, strict=True):
+      w_new.assign(w_old)
+  callbacks = [sp.UpdatePruningStep()]
+  if distill:
+    ke.distill(
+      pruned,
+      stock,
+      recovery[0],
+      epochs=epochs,
+      temperature=FLAGS.temperature,
+      learning_rate=FLAGS.recovery_lr,
+      batch_size=FLAGS.batch_size,
+      callbacks=callbacks,
+      verbose=2,
+    )
+  else:
+    fine_tune(pruned, recovery, epochs, callbacks)
+  return sp.strip_pruning(pruned)
+
+
+def fine_tune(model, recovery, epochs, callbacks=None):
+  """Label fine-tuning: Adam, cosine decay to 0 (as ``common.train``)."""
+  x, y = recovery
+  steps = epochs * -(-len(x) // FLAGS.batch_size)
+  schedule = keras.optimizers.schedules.CosineDecay(FLAGS.recovery_lr, steps)
+  model.compile(
+    optimizer=keras.optimizers.Adam(schedule),
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
+  model.fit(
+    x,
+    y,
+    batch_size=FLAGS.batch_size,
+    epochs=epochs,
+    shuffle=True,
+    verbose=2,
+    callbacks=callbacks or [],
+  )
+
+
+def main(argv):
+  del argv
+  ratios = [float(r) for r in FLAGS.ratios]
+  epochs_list = [int(e) for e in FLAGS.recovery_epochs]
+  unknown = sorted(set(FLAGS.methods) - set(METHODS))
+  if unknown:
+    raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+  data = load_data()
+  (x, y), (xt, yt), build = data
+  stock, pretrain_s = trained_model(build, ((x, y), (xt, yt)))
+  stock_acc = C.evaluate(stock, (xt, yt))
+  rng = np.random.default_rng(FLAGS.seed + 1)
+  x_cal = x[rng.permutation(len(x))[: FLAGS.calibration_size]]
+  rec = rng.permutation(len(x))
+  if FLAGS.recovery_size:
+    rec = rec[: FLAGS.recovery_size]
+  recovery = (x[rec], y[rec])
+  meta = dict(
+    dataset=FLAGS.dataset,
+    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    load=os.getloadavg()[0],
+    train_size=len(x),
+    pretrain_epochs=FLAGS.pretrain_epochs,
+    recovery_size=len(rec),
+    recovery_lr=FLAGS.recovery_lr,
+    calibration_size=len(x_cal),
+    stock_acc=stock_acc,
+    stock_params=C.stored_params(stock),
+  )
+  print(f"stock: {stock_acc:.4f} ({pretrain_s:.0f} s of training)")
+  rows = []
+
+  def emit(row):
+    row = {**meta, **row}
+    rows.append(row)
+    with open(FLAGS.out, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+  for ratio in ratios:
+    converted = {}
+    for method in FLAGS.methods:
+      keras.utils.set_random_seed(FLAGS.seed)
+      t0 = time.time()
+      if method == "weight_fit":
+        model = ke.epitomize(stock, ratio, init="fit", verbose=False)
+      elif method in ("data", "data_distill"):
+        if "data" not in converted:
+          converted["data"] = ke.epitomize(
+            stock, ratio, calibration_data=x_cal, verbose=True
+          )
+        model = converted["data"]
+      else:
+        reference = ke.epitomize(stock, ratio, init="fit", verbose=False)
+        sparsity = C.prune_spec(reference)
+        model = magnitude_prune(stock, sparsity)
+      convert_s = time.time() - t0
+      if method.startswith("pruning"):
+        stored = pruned_stored(model, sparsity)
+      else:
+        stored = C.stored_params(model)
+      row = dict(
+        method=method,
+        ratio=ratio,
+        stored_params=stored,
+        convert_s=round(convert_s, 1),
+        acc_0=C.evaluate(model, (xt, yt)),
+      )
+      for epochs in epochs_list:
+        keras.utils.set_random_seed(FLAGS.seed)
+        t0 = time.time()
+        if method.startswith("pruning"):
+          rec_model = pruning_recovery(
+            stock, sparsity, recovery, epochs, method == "pruning_distill"
+          )
+          row[f"stored_params_{epochs}"] = pruned_stored(rec_model, sparsity)
+        else:
+          rec_model = copy_model(model)
+          if method == "data_distill":
+            ke.distill(
+              rec_model,
+              stock,
+              recovery[0],
+              epochs=epochs,
+              temperature=FLAGS.temperature,
+              learning_rate=FLAGS.recovery_lr,
+              batch_size=FLAGS.batch_size,
+              verbose=2,
+            )
+          else:
+            fine_tune(rec_model, recovery, epochs)
+        row[f"acc_{epochs}"] = C.evaluate(rec_model, (xt, yt))
+        row[f"recovery_{epochs}_s"] = round(time.time() - t0, 1)
+      emit(row)
+  columns = ["method", "ratio", "stored_params", "acc_0"] + [
+    f"acc_{e}" for e in epochs_list
+  ]
+  table = [
+    {
+      k: (
+        f"{100 * v:.2f}"
+        if k.startswith("acc")
+        else f"{v:,}"
+        if k == "stored_params"
+        else v
+      )
+      for k, v in r.items()
+      if k in columns
+    }
+    for r in rows
+  ]
+  print(f"\nstock: {100 * stock_acc:.2f}%, {meta['stock_params']:,} stored params")
+  if table:
+    print(C.format_table(table, columns))
+
+
+if __name__ == "__main__":
+  app.run(main)

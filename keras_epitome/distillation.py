@@ -1,0 +1,234 @@
+"""Short recovery after conversion: output distillation from the original model.
+
+After :func:`keras_epitome.epitomize` (or pruning, or quantization) the usual
+next step is a short fine-tune. :func:`distill` does it in one call with the
+original model as teacher: the student is trained to match the teacher's
+softened output distribution (Hinton et al., 2015), optionally mixed with the
+ordinary label loss. The teacher is only run in inference mode and is not
+changed.
+
+Example:
+  >>> import numpy as np
+  >>> import keras_epitome as ke
+  >>> keras = ke.keras
+  >>> teacher = keras.Sequential([keras.Input((16,)), keras.layers.Dense(64),
+  ...                             keras.layers.Dense(10)])
+  >>> student = ke.epitomize(teacher, 4, min_params=0, verbose=False)
+  >>> x = np.random.default_rng(0).normal(size=(256, 16)).astype("float32")
+  >>> history = ke.distill(student, teacher, x, epochs=2, verbose=0)
+  >>> sorted(history.history)
+  ['agreement', 'loss']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from keras_epitome.backend import keras
+
+
+def _log_probs(outputs, temperature, from_logits):
+  if from_logits:
+    return tf.nn.log_softmax(outputs / temperature, axis=-1)
+  logp = tf.math.log(tf.clip_by_value(outputs, 1e-12, 1.0))
+  return tf.nn.log_softmax(logp / temperature, axis=-1)
+
+
+class Distiller(keras.Model):
+  """Trains ``student`` towards ``teacher``'s outputs; used by :func:`distill`.
+
+  The loss is ``alpha * CE(y, student) + (1 - alpha) * T^2 *
+  KL(softmax(teacher / T) || softmax(student / T))`` (only the distillation
+  term when the data has no labels), plus the student's own regularization
+  losses. Metrics: ``loss`` and ``agreement`` (fraction of samples where the
+  student's top class is the teacher's); with labels also ``accuracy``.
+
+  Args:
+    student: the model to train (updated in place).
+    teacher: the reference model (run with ``training=False``).
+    temperature: softmax temperature ``T``.
+    alpha: weight of the label loss, in ``[0, 1]``.
+    from_logits: whether the models output logits (else probabilities).
+  """
+
+  def __init__(self, student, teacher, temperature, alpha, from_logits, **kwargs):
+    super().__init__(**kwargs)
+    self.student = student
+    self.teacher = teacher
+    self.temperature = float(temperature)
+    self.alpha = float(alpha)
+    self.from_logits = bool(from_logits)
+    self.loss_tracker = keras.metrics.Mean(name="loss")
+    self.agreement = keras.metrics.Mean(name="agreement")
+    self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    self._has_labels = None
+
+  @property
+  def metrics(self):
+    out = [self.loss_tracker, self.agreement]
+    if self._has_labels:
+      out.append(self.accuracy)
+    return out
+
+  def call(self, inputs, training=None):
+    return self.student(inputs, training=training)
+
+  def _loss(self, x, y, training):
+    t = self.temperature
+    target = self.teacher(x, training=False)
+    out = self.student(x, training=training)
+    teacher_logp = _log_probs(target, t, self.from_logits)
+    student_logp = _log_probs(out, t, self.from_logits)
+    kl = tf.reduce_sum(tf.exp(teacher_logp) * (teacher_logp - student_logp), -1)
+    loss = (1.0 - self.alpha if y is not None else 1.0) * t * t * tf.reduce_mean(kl)
+    if y is not None and self.alpha > 0:
+      ce = -tf.reduce_mean(
+        tf.gather(
+          _log_probs(out, 1.0, self.from_logits),
+          tf.cast(tf.reshape(y, [-1]), tf.int32),
+          batch_dims=1,
+        )
+      )
+      loss += self.alpha * ce
+    if self.student.losses:
+      loss += tf.add_n(self.student.losses)
+    return loss, out, target
+
+  def _update(self, loss, out, target, y):
+    self.loss_tracker.update_state(loss)
+    same = tf.equal(tf.argmax(out, -1), tf.argmax(target, -1))
+    self.agreement.update_state(tf.cast(same, tf.float32))
+    if y is not None:
+      self.accuracy.update_state(y, out)
+    return {m.name: m.result() for m in self.metrics}
+
+  def train_step(self, data):
+    x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+    with tf.GradientTape() as tape:
+      loss, out, target = self._loss(x, y, True)
+    variables = self.student.trainable_variables
+    grads = tape.gradient(loss, variables)
+    self.optimizer.apply_gradients(
+      [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+    )
+    return self._update(loss, out, target, y)
+
+  def test_step(self, data):
+    x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+    loss, out, target = self._loss(x, y, False)
+    return self._update(loss, out, target, y)
+
+
+def _num_samples(data) -> Optional[int]:
+  if isinstance(data, tf.data.Dataset):
+    return None
+  x = data[0] if isinstance(data, (tuple, list)) else data
+  return len(x)
+
+
+def distill(
+  student,
+  teacher,
+  data,
+  *,
+  epochs: int = 1,
+  temperature: float = 4.0,
+  alpha: float = 0.0,
+  learning_rate: float = 1e-3,
+  optimizer=None,
+  batch_size: int = 128,
+  from_logits: bool = True,
+  validation_data=None,
+  callbacks=None,
+  verbose: int = 1,
+):
+  """Fine-tunes ``student`` to reproduce ``teacher``'s outputs (distillation).
+
+  One call for the recovery step after a conversion: Adam with a cosine
+  decay of ``learning_rate`` to 0 over the run (unless ``optimizer`` is
+  given), loss as in :class:`Distiller`. Labels are optional: unlabeled
+  inputs are enough, and with labels ``alpha`` mixes in the label loss. The
+  student's weights (epitomes, offsets, BatchNorm statistics...) are updated
+  in place; the teacher is not changed. TF-MOT callbacks such as
+  ``UpdatePruningStep`` work (the student is part of the trained model).
+
+  Args:
+    student: a Keras model (e.g. from :func:`keras_epitome.epitomize`).
+    teacher: the original model; same input and output shapes.
+    data: NumPy inputs ``x``, a tuple ``(x, y)``, or a ``tf.data.Dataset``
+      of batches of ``x`` or ``(x, y)``.
+    epochs: passes over ``data``.
+    temperature: softmax temperature (the KL term is scaled by its square).
+    alpha: weight of the label cross-entropy when labels are given, in
+      ``[0, 1]``.
+    learning_rate: peak Adam learning rate.
+    optimizer: a Keras optimizer to use instead of the default.
+    batch_size: for array data.
+    from_logits: whether the models output logits (``True``) or
+      probabilities.
+    validation_data: like ``data``; reports ``val_agreement`` (and
+      ``val_accuracy`` with labels).
+    callbacks: Keras callbacks.
+    verbose: Keras ``fit`` verbosity.
+
+  Returns:
+    The Keras ``History`` (``loss``, ``agreement``, with labels
+    ``accuracy``; ``val_*`` with validation data).
+
+  Raises:
+    ValueError: for a bad ``epochs``, ``temperature`` or ``alpha``, or
+      teacher and student outputs of different shapes.
+
+  Example:
+    >>> import numpy as np
+    >>> teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    >>> h = distill(student, teacher, x, epochs=1, verbose=0)
+    >>> len(h.history["loss"])
+    1
+  """
+  if not (isinstance(epochs, (int, np.integer)) and epochs >= 1):
+    raise ValueError(f"distill: epochs must be an int >= 1, got {epochs!r}")
+  if not (isinstance(temperature, (int, float)) and temperature > 0):
+    raise ValueError(f"distill: temperature must be > 0, got {temperature!r}")
+  if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+    raise ValueError(f"distill: alpha must be in [0, 1], got {alpha!r}")
+  s_shape = tuple(student.output_shape)[1:]
+  t_shape = tuple(teacher.output_shape)[1:]
+  if s_shape != t_shape:
+    raise ValueError(
+      f"distill: student '{student.name}' outputs shape {s_shape} but teacher "
+      f"'{teacher.name}' outputs {t_shape}; they must match"
+    )
+  if optimizer is None:
+    n = _num_samples(data)
+    if n is not None:
+      steps = epochs * math.ceil(n / batch_size)
+      lr = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+    else:
+      lr = learning_rate
+    optimizer = keras.optimizers.Adam(lr)
+  distiller = Distiller(student, teacher, temperature, alpha, from_logits)
+  has_labels = isinstance(data, (tuple, list)) and len(data) >= 2
+  if isinstance(data, tf.data.Dataset):
+    has_labels = isinstance(data.element_spec, tuple) and len(data.element_spec) >= 2
+  distiller._has_labels = has_labels  # pylint: disable=protected-access
+  distiller.compile(optimizer=optimizer)
+  kwargs = dict(
+    epochs=epochs,
+    verbose=verbose,
+    callbacks=callbacks or [],
+    validation_data=validation_data,
+  )
+  if isinstance(data, tf.data.Dataset):
+    return distiller.fit(data, **kwargs)
+  if isinstance(data, (tuple, list)):
+    x, y = data[0], data[1] if len(data) > 1 else None
+  else:
+    x, y = data, None
+  return distiller.fit(x, y, batch_size=batch_size, shuffle=True, **kwargs)

@@ -1,0 +1,279 @@
+"""Tests for keras_epitome.calibration (data-aware epitomize) and distillation.
+
+Forms checked: the training-time layer (``model(x)`` in inference mode), and
+the stock layers' outputs they are fitted to. Data: scikit-learn's digits
+(real images, held-out split for every error that is compared) and small
+synthetic arrays.
+"""
+
+import os
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+import keras_epitome as ke
+from keras_epitome import calibration, sampling
+
+keras = ke.keras
+
+
+def _digits():
+  from keras_epitome import datasets
+
+  return datasets.load_digits()
+
+
+def _digits_cnn():
+  x = inputs = keras.Input((8, 8, 1))
+  x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="c1")(x)
+  x = keras.layers.BatchNormalization(momentum=0.9, name="bn1")(x)
+  x = keras.layers.ReLU()(x)
+  x = keras.layers.Conv2D(32, 3, padding="same", use_bias=False, name="c2")(x)
+  x = keras.layers.BatchNormalization(momentum=0.9, name="bn2")(x)
+  x = keras.layers.ReLU()(x)
+  x = keras.layers.MaxPooling2D()(x)
+  x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="c3")(x)
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  outputs = keras.layers.Dense(10, name="logits")(x)
+  return keras.Model(inputs, outputs, name="digits_cnn")
+
+
+class _Trained:
+  """One digits CNN trained once for the whole module (a few seconds)."""
+
+  model = None
+
+  @classmethod
+  def get(cls):
+    if cls.model is None:
+      keras.utils.set_random_seed(0)
+      (x, y), _ = _digits()
+      model = _digits_cnn()
+      model.compile(
+        keras.optimizers.Adam(3e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      )
+      model.fit(x, y, epochs=8, batch_size=64, verbose=0)
+      cls.model = model
+    return cls.model
+
+
+def _bn_output(model, name, x):
+  probe = keras.Model(model.inputs, model.get_layer(name).output)
+  return probe.predict(x, verbose=0)
+
+
+class DataAwareFitTest(tf.test.TestCase, parameterized.TestCase):
+  def test_output_error_below_weight_fit_on_held_out_digits(self):
+    teacher = _Trained.get()
+    (x, _), (x_test, _) = _digits()
+    weight = ke.epitomize(teacher, 4, init="fit", verbose=False)
+    data = ke.epitomize(teacher, 4, calibration_data=x[:300], verbose=False)
+    names = [c.name for c in data.epitome_report.converted]
+    self.assertEqual(names, ["c2", "c3"])
+    for c in data.epitome_report.converted:
+      self.assertEqual(c.init, "data")
+      self.assertLess(c.output_error, c.weight_fit_output_error)
+    # Measured independently, on images the fit did not see: the output of
+    # the BatchNorm after c2 (what the next layers see; c2's inputs are the
+    # same in all three models, c1 is not converted), the data-aware model's
+    # channels taken in the order it reports.
+    ref = _bn_output(teacher, "bn2", x_test)
+    err_weight = np.linalg.norm(_bn_output(weight, "bn2", x_test) - ref)
+    order = data.epitome_report.calibration[0].output_order
+    self.assertEqual(sorted(order), list(range(32)))
+    err_data = np.linalg.norm(_bn_output(data, "bn2", x_test) - ref[..., order])
+    self.assertLess(err_data, 0.9 * err_weight)
+    # And the whole network: closer to the teacher's logits than the weight fit.
+    t = teacher.predict(x_test, verbose=0)
+    d_weight = np.abs(weight.predict(x_test, verbose=0) - t).mean()
+    d_data = np.abs(data.predict(x_test, verbose=0) - t).mean()
+    self.assertLess(d_data, d_weight)
+
+  def test_finds_the_routing_map_of_an_exact_epitome(self):
+    # The teacher's kernel is itself sampled from an epitome with a shuffled
+    # integer routing map: the data-aware fit must reproduce it (up to the
+    # epitome's channel relabelling), the weight fit from the default map not.
+    rng = np.random.default_rng(0)
+    g = sampling.EpitomeGeometry((3, 32, 24), (3, 8, 6))
+    routing = sampling.RoutingMap(
+      np.array([0, 3, 5, 6], np.float32),
+      np.array([0, 2, 5, 1], np.float32),
+      np.zeros((4, 1), np.float32),
+    )
+    epitome = rng.normal(size=g.epitome_shape).astype("float32")
+    kernel = sampling.sample_kernel_numpy(epitome, routing, g).astype("float32")
+    teacher = keras.Sequential(
+      [keras.Input((10, 32)), keras.layers.Conv1D(24, 3, padding="causal", name="c")]
+    )
+    teacher.get_layer("c").kernel.assign(kernel)
+    x = rng.normal(size=(64, 10, 32)).astype("float32")
+    small = ke.epitomize(
+      teacher,
+      policy={"c": {"epitome_shape": (3, 8, 6)}},
+      calibration_data=x,
+      calibration_options=dict(ridge=1e-6, search=True),
+      verbose=False,
+    )
+    record = small.epitome_report.converted[0]
+    self.assertLess(record.output_error, 1e-3)
+    self.assertGreater(record.weight_fit_output_error, 0.3)
+    self.assertAllClose(small(x), teacher(x), atol=1e-3)
+
+  def test_fixed_sampler_keeps_its_routing_map(self):
+    teacher = _Trained.get()
+    (x, _), _ = _digits()
+    data = ke.epitomize(
+      teacher, 4, sampler="fixed", calibration_data=x[:128], verbose=False
+    )
+    layer = data.get_layer("c3")
+    fixed = sampling.fixed_routing(layer.epitome_geometry)
+    self.assertAllEqual(layer.routing_map.in_offsets, fixed.in_offsets)
+    self.assertAllEqual(layer.routing_map.out_offsets, fixed.out_offsets)
+    for c in data.epitome_report.calibration:
+      if c.name in ("c2", "c3"):
+        self.assertFalse(c.routing_searched)  # fixed sampler: never searched
+
+  def test_dataset_and_arrays_give_the_same_model(self):
+    teacher = _Trained.get()
+    (x, y), _ = _digits()
+    a = ke.epitomize(teacher, 4, calibration_data=x[:96], verbose=False)
+    ds = tf.data.Dataset.from_tensor_slices((x[:96], y[:96])).batch(40)
+    b = ke.epitomize(teacher, 4, calibration_data=ds, verbose=False)
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+      self.assertAllClose(wa, wb, atol=1e-5)
+
+  @parameterized.parameters("keras", "h5")
+  def test_saved_and_loaded_model_is_identical(self, fmt):
+    teacher = _Trained.get()
+    (x, _), (x_test, _) = _digits()
+    data = ke.epitomize(teacher, 4, calibration_data=x[:128], verbose=False)
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, f"m.{fmt}")
+      data.save(path)
+      loaded = keras.models.load_model(path)
+    self.assertEqual(
+      [type(la).__name__ for la in loaded.layers],
+      [type(la).__name__ for la in data.layers],
+    )
+    for wa, wb in zip(data.get_weights(), loaded.get_weights(), strict=True):
+      self.assertAllEqual(wa, wb)
+    self.assertAllEqual(
+      data.predict(x_test, verbose=0), loaded.predict(x_test, verbose=0)
+    )
+
+  @parameterized.named_parameters(
+    ("wrong_shape", np.zeros((8, 8, 9, 1), "float32"), "shape \\(8, 9, 1\\)"),
+    ("wrong_rank", np.zeros((8, 64), "float32"), "inputs of shape"),
+    ("empty", np.zeros((0, 8, 8, 1), "float32"), "is empty"),
+    ("nan", np.full((4, 8, 8, 1), np.nan, "float32"), "non-finite"),
+    ("strings", np.array([["a"]]), "dtype"),
+  )
+  def test_bad_calibration_data(self, data, message):
+    teacher = _Trained.get()
+    with self.assertRaisesRegex(ValueError, f"digits_cnn.*{message}"):
+      ke.epitomize(teacher, 4, calibration_data=data, verbose=False)
+
+  def test_bad_calibration_dataset(self):
+    teacher = _Trained.get()
+    empty = tf.data.Dataset.from_tensor_slices(np.zeros((0, 8, 8, 1), "float32"))
+    with self.assertRaisesRegex(ValueError, "digits_cnn.*empty dataset"):
+      ke.epitomize(teacher, 4, calibration_data=empty, verbose=False)
+    nan = tf.data.Dataset.from_tensor_slices(np.full((4, 8, 8, 1), np.inf, "float32"))
+    with self.assertRaisesRegex(ValueError, "non-finite"):
+      ke.epitomize(teacher, 4, calibration_data=nan.batch(2), verbose=False)
+
+  def test_calibration_needs_a_built_model_and_fit_init(self):
+    teacher = _Trained.get()
+    x = np.zeros((4, 8, 8, 1), "float32")
+    with self.assertRaisesRegex(ValueError, "init='random'"):
+      ke.epitomize(teacher, 4, init="random", calibration_data=x, verbose=False)
+    with self.assertRaisesRegex(ValueError, "ridge"):
+      ke.calibrate(ke.epitomize(teacher, 4, verbose=False), teacher, x, ridge=-1.0)
+
+
+class PatchesTest(tf.test.TestCase, parameterized.TestCase):
+  """``layer_patches(x) @ kernel`` is the layer's linear map."""
+
+  @parameterized.named_parameters(
+    (
+      "conv2d_same_strided",
+      keras.layers.Conv2D(5, 3, strides=2, padding="same"),
+      (2, 9, 7, 3),
+    ),
+    ("conv2d_valid_dilated", keras.layers.Conv2D(5, 3, dilation_rate=2), (2, 9, 9, 3)),
+    (
+      "conv1d_causal_dilated",
+      keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2),
+      (2, 11, 3),
+    ),
+    (
+      "conv1d_same_strided",
+      keras.layers.Conv1D(4, 5, strides=2, padding="same"),
+      (2, 12, 3),
+    ),
+    ("dense_3d", keras.layers.Dense(6), (2, 5, 7)),
+  )
+  def test_matches_the_layer(self, layer, shape):
+    x = tf.random.stateless_normal(shape, seed=[1, 2])
+    y = layer(x) - layer.bias
+    k = tf.reshape(layer.kernel, [-1, layer.kernel.shape[-1]])
+    got = tf.matmul(calibration.layer_patches(layer, x), k)
+    self.assertAllClose(got, tf.reshape(y, [-1, y.shape[-1]]), atol=1e-5)
+
+
+class DistillTest(tf.test.TestCase):
+  def test_improves_agreement_with_the_teacher(self):
+    teacher = _Trained.get()
+    (x, y), (x_test, _) = _digits()
+    keras.utils.set_random_seed(1)
+    student = ke.epitomize(teacher, 4, init="fit", verbose=False)
+    t = np.argmax(teacher.predict(x_test, verbose=0), -1)
+
+    def agreement():
+      return np.mean(np.argmax(student.predict(x_test, verbose=0), -1) == t)
+
+    before = agreement()
+    history = ke.distill(
+      student, teacher, x, epochs=3, learning_rate=3e-3, batch_size=64, verbose=0
+    )
+    after = agreement()
+    self.assertEqual(len(history.history["loss"]), 3)
+    self.assertLess(history.history["loss"][-1], history.history["loss"][0])
+    self.assertGreater(after, before + 0.2)
+    self.assertGreater(after, 0.8)
+
+  def test_labels_and_datasets(self):
+    teacher = _Trained.get()
+    (x, y), _ = _digits()
+    student = ke.epitomize(teacher, 2, calibration_data=x[:128], verbose=False)
+    ds = tf.data.Dataset.from_tensor_slices((x[:256], y[:256])).batch(64)
+    h = ke.distill(student, teacher, ds, alpha=0.5, verbose=0)
+    self.assertEqual(sorted(h.history), ["accuracy", "agreement", "loss"])
+    h = ke.distill(
+      student,
+      teacher,
+      (x[:256], y[:256]),
+      validation_data=(x[256:320], y[256:320]),
+      verbose=0,
+    )
+    self.assertIn("val_agreement", h.history)
+
+  def test_bad_arguments(self):
+    teacher = _Trained.get()
+    x = np.zeros((4, 8, 8, 1), "float32")
+    with self.assertRaisesRegex(ValueError, "temperature"):
+      ke.distill(teacher, teacher, x, temperature=0.0)
+    with self.assertRaisesRegex(ValueError, "alpha"):
+      ke.distill(teacher, teacher, x, alpha=2.0)
+    other = keras.Sequential(
+      [keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
+    with self.assertRaisesRegex(ValueError, "outputs shape"):
+      ke.distill(other, teacher, x)
+
+
+if __name__ == "__main__":
+  tf.test.main()
