@@ -38,11 +38,12 @@ sys.path.insert(
 )
 
 import common as C  # noqa: E402
+import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_epitome as ke  # noqa: E402
-from keras_epitome import datasets, sampling  # noqa: E402
+from keras_epitome import sampling  # noqa: E402
 
 keras = ke.keras
 FLAGS = flags.FLAGS

@@ -44,10 +44,10 @@ sys.path.insert(
 )
 
 import common as C  # noqa: E402
+import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_epitome as ke  # noqa: E402
-from keras_epitome import datasets  # noqa: E402
 
 keras = ke.keras
 METHODS = ("weight_fit", "data", "data_distill", "pruning", "pruning_distill")

@@ -32,9 +32,10 @@ Where the layer has a bias, or feeds only a BatchNormalization whose moving
 mean is re-estimated, the statistics are centred and the shift is fitted in
 closed form.
 
-With integer offsets, the output channels ``b * Cout_E + w`` of all output
-chunks ``b`` are copies of one epitome filter ``w`` (up to the BatchNorm after
-them). By default (``permute_channels``) the original layer's output channels
+With integer offsets and ``channel_roll=0``, the output channels
+``b * Cout_E + w`` of all output chunks ``b`` are copies of one epitome filter
+``w`` (up to the BatchNorm after them). For such layers, by default
+(``permute_channels``), the original layer's output channels
 are reordered so that each such group holds the most correlated channels on
 the calibration data; the BatchNorm after the layer and the inputs of the
 layers it feeds follow the new order, so the model computes the same kind of
@@ -396,11 +397,16 @@ class _Problem:
       self._s_grid = np.zeros((1, 0), np.int64)
     self._ci = np.arange(g.cin)
 
-  def _index(self, in_off: Tuple[int, ...], sigma: Tuple[int, ...]) -> np.ndarray:
-    """Epitome-slice index (over ``(*S_E, Cin_E)``) read by each kernel row."""
+  def _index(self, in_off: Tuple[int, ...], key: Tuple) -> np.ndarray:
+    """Epitome-slice index (over ``(*S_E, Cin_E)``) read by each kernel row.
+
+    ``key`` is ``(sigma, roll)``: an output chunk's spatial window and the
+    static roll of the input channels it reads (``EpitomeGeometry.in_rolls``).
+    """
     g = self.g
+    sigma, roll = key
     a, u = np.divmod(self._ci, g.cin_e)
-    e_ch = (u + np.asarray(in_off, np.int64)[a]) % g.cin_e  # (Cin,)
+    e_ch = (u + np.asarray(in_off, np.int64)[a] + roll) % g.cin_e  # (Cin,)
     if g.rank:
       pos = self._s_grid + np.asarray(sigma, np.int64)  # (prod S, rank)
       flat_s = np.ravel_multi_index(tuple(pos.T), g.spatial_e)
@@ -441,6 +447,8 @@ class _Problem:
     ]
     if not g.slack_axes:
       sigmas = [tuple([0] * g.rank)] * len(out_off)
+    # What an output chunk reads: its window and its input-channel roll.
+    sigmas = [(s, int(r)) for s, r in zip(sigmas, g.in_rolls, strict=True)]
     co = np.arange(g.cout)
     b, v = np.divmod(co, g.cout_e)
     w = (v + np.asarray(out_off, np.int64)[b]) % g.cout_e
@@ -908,7 +916,9 @@ def _fit_layer(
   out_perm = None
   if permute and isinstance(new, epitome_layers.EPITOME_LAYERS):
     g = new.epitome_geometry
-    if g.num_out_chunks > 1:
+    # Grouping pays where output chunks are copies of the same filters
+    # (channel_roll=0); with a roll each chunk reads other input channels.
+    if g.num_out_chunks > 1 and not g.in_rolls.any():
       out_perm = _group_channels(stats.yyt, stats.sy, stats.n, g)
       stats = stats.permuted(out_perm)
       kernel = kernel[..., out_perm]
