@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from keras_epitome import sampling
+from keras_epitome import factored_training, sampling
 from keras_epitome.backend import keras
 from keras_epitome.learners import LEARNERS, FeatureOffsetLearner
 
@@ -51,6 +51,7 @@ EPITOME_ARGS = (
   "spatial_stride",
   "offset_scale",
   "routing_momentum",
+  "train_form",
 )
 
 
@@ -90,6 +91,13 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       channels and taps, much larger than typical weight steps.
     routing_momentum: momentum of the moving-average routing map of the
       ``feature`` learner.
+    train_form: how ``call`` computes the layer: ``"kernel"`` samples the full
+      kernel and runs the stock op; ``"factored"`` runs
+      ``R_out(conv(R_in(x), E))`` with the step's offsets (fewer multiply-adds,
+      same values and gradients); ``"auto"`` (default) picks the cheaper by a
+      cost estimate from the static shapes
+      (:func:`keras_epitome.factored_training.plan_for`). ``groups > 1`` always
+      uses the kernel.
   """
 
   _stock_class = None  # set by each concrete layer
@@ -104,6 +112,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     spatial_stride: Union[None, int, Sequence[int]] = None,
     offset_scale: float = 1.0,
     routing_momentum: float = 0.99,
+    train_form: str = "auto",
     **kwargs,
   ):
     super().__init__(*args, **kwargs)
@@ -177,6 +186,12 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         f"{desc}: data_format={self.data_format!r} is not supported; "
         "epitome layers take channels_last inputs"
       )
+    if train_form not in factored_training.TRAIN_FORMS:
+      raise ValueError(
+        f"{desc}: unknown train_form {train_form!r}; valid: "
+        f"{', '.join(factored_training.TRAIN_FORMS)}"
+      )
+    self.train_form = train_form
     self.compression = compression
     self.epitome_shape = epitome_shape
     self.sampler = sampler
@@ -466,6 +481,9 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     return offsets
 
   def call(self, inputs, training=None):
+    plan = self.train_plan(inputs.shape)
+    if not plan.is_kernel:
+      return self._call_factored(inputs, training, plan)
     if self.offset_learner is not None:
       if training is None:
         training = keras.backend.learning_phase()
@@ -489,6 +507,68 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     finally:
       self._kernel_override = None
 
+  # -- factored form in training (keras_epitome.factored_training) -------------
+
+  def train_plan(self, input_shape) -> factored_training.TrainPlan:
+    """How ``call`` computes the layer for inputs of ``input_shape``.
+
+    Returns:
+      A :class:`~keras_epitome.factored_training.TrainPlan`; its ``is_kernel``
+      is true when the full kernel is sampled.
+    """
+    if getattr(self, "groups", 1) != 1 or self._geometry is None:
+      return factored_training.KERNEL_PLAN
+    input_shape = tf.TensorShape(input_shape)
+    if input_shape.rank is None:
+      return factored_training.KERNEL_PLAN
+    output_shape = self.compute_output_shape(input_shape)
+    return factored_training.plan_for(
+      self._geometry, input_shape, output_shape, self.train_form
+    )
+
+  def _step_offsets(self, inputs, training):
+    """The offsets of this call (``in, out, spatial``), as ``call`` uses them."""
+    if self.offset_learner is None:
+      return self._base_offsets()
+    if training is None:
+      training = keras.backend.learning_phase()
+    if isinstance(training, (bool, int)) or training is None:
+      if training:
+        return self._training_offsets(inputs, training)
+      return self._inference_offsets()
+    return tf.cond(
+      tf.cast(training, tf.bool),
+      lambda: self._training_offsets(inputs, True),
+      self._inference_offsets,
+    )
+
+  def _call_factored(self, inputs, training, plan):
+    """``call`` in the factored form (same function, fewer multiply-adds)."""
+    in_o, out_o, sp_o = self._step_offsets(inputs, training)
+    rank = self._kernel_rank()
+    x = inputs
+    if rank:
+      causal = getattr(self, "_is_causal", False)
+
+      def conv_fn(t, kernel):
+        if causal:
+          t = tf.pad(t, self._compute_causal_padding(t))
+        return self.convolution_op(t, kernel)
+
+    else:
+
+      def conv_fn(t, kernel):
+        return factored_training._pointwise(t, kernel)  # noqa: SLF001
+
+    y = factored_training.factored_apply(
+      x, self.epitome, in_o, out_o, sp_o, self._geometry, conv_fn, plan
+    )
+    if self.use_bias:
+      y = tf.nn.bias_add(y, self.bias)
+    if not tf.executing_eagerly() and inputs.shape.rank:
+      y.set_shape(self.compute_output_shape(inputs.shape))
+    return self.activation(y) if self.activation is not None else y
+
   # -- TF-MOT pruning ----------------------------------------------------------
 
   def get_prunable_weights(self):
@@ -507,6 +587,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       spatial_stride=list(self.spatial_stride) if self.spatial_stride else None,
       offset_scale=self.offset_scale,
       routing_momentum=self.routing_momentum,
+      train_form=self.train_form,
     )
     return config
 
