@@ -31,7 +31,7 @@ Folding both sides is the sampled-kernel path. :func:`plan_for` picks the
 plan with the smallest estimated cost of one forward and backward pass: the
 multiply-adds of the convolution and matrix remixes, the elementwise passes of
 the lerp remixes and of the sampler, with constants measured on this
-machine's CPU (``benchmarks/train_step.py --calibrate``). The factored path
+machine's CPU (``benchmarks/train_step.py --plans``). The factored path
 computes the same function as the sampled-kernel path, and its gradients for
 the epitome and the offsets (through the interpolation weights) are equal to
 float rounding (``tests/test_factored_training.py``).
@@ -61,12 +61,13 @@ _MODES = ("matrix", "lerp", "fold")
 # convolution or matmul (times 3: forward, input and weight gradients), per
 # activation element remixed by a lerp (forward and backward: pad, reads,
 # blend, reduce), per kernel element sampled (about ten passes), and per
-# TensorFlow op. Measured with ``benchmarks/train_step.py --calibrate``.
+# TensorFlow op (graph-executor dispatch). Fitted to per-plan step times of
+# the ``benchmarks/train_step.py`` shapes (``--plans`` prints them).
 COST_NS = {
   "mac": 3 * 0.006,
   "lerp": 4.0,
   "sample": 4.5,
-  "op": 15.0,
+  "op": 5000.0,
 }
 # Batch assumed when the batch dimension is not known at trace time
 # (``model.fit`` traces with ``None``).
