@@ -78,7 +78,14 @@ def _check_layers(model):
 
 
 def inference_model(
-  model, form: str = "factored", *, fold_batchnorm: bool = True, remix: str = "slices"
+  model,
+  form: str = "factored",
+  *,
+  fold_batchnorm: bool = True,
+  remix: str = "slices",
+  precision: str = "float",
+  choose: str = "cost",
+  form_report: Optional[list] = None,
 ):
   """The Keras model that :func:`export_tflite` converts, in the given form.
 
@@ -86,8 +93,10 @@ def inference_model(
     model: a built Keras model (epitome layers anywhere, nested models too).
     form: ``"factored"`` or ``"materialized"``.
     fold_batchnorm: for ``"factored"``, fold following BatchNorms.
-    remix: for ``"factored"``: ``"slices"`` or ``"matmul"`` (see
+    remix: for ``"factored"``: ``"slices"``, ``"matmul"`` or ``"auto"`` (see
       :func:`keras_epitome.factored.factorize`).
+    precision, choose, form_report: for ``remix="auto"``, as in
+      :func:`keras_epitome.factored.factorize`.
 
   Returns:
     A new Keras model.
@@ -98,7 +107,14 @@ def inference_model(
   if form not in FORMS:
     raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
   if form == "factored":
-    return factored.factorize(model, fold_batchnorm=fold_batchnorm, remix=remix)
+    return factored.factorize(
+      model,
+      fold_batchnorm=fold_batchnorm,
+      remix=remix,
+      precision=precision,
+      choose=choose,
+      form_report=form_report,
+    )
   return materialize(model)
 
 
@@ -134,7 +150,9 @@ def export_tflite(
   representative_data=None,
   batch_size: Optional[int] = 1,
   fold_batchnorm: bool = True,
-  remix: str = "slices",
+  remix: str = "auto",
+  choose: str = "cost",
+  form_report: Optional[list] = None,
 ) -> bytes:
   """Converts an epitome model to a TFLite flatbuffer.
 
@@ -151,9 +169,18 @@ def export_tflite(
     batch_size: static batch size of the exported model (``None``: dynamic;
       static shapes run faster on LiteRT).
     fold_batchnorm: fold BatchNorms into factored layers.
-    remix: for ``"factored"``: ``"slices"`` (default; the smallest file) or
-      ``"matmul"`` (channel remixes as 1x1 convolutions: fewer ops, faster on
-      narrow layers, a larger file).
+    remix: for ``"factored"``: ``"auto"`` (default: per layer, the fastest
+      on LiteRT of the two remixes and the materialized stock layer, for the
+      precision being exported, so the model is never slower than stock),
+      ``"slices"`` (the smallest file) or ``"matmul"`` (channel remixes as
+      1x1 convolutions: fewer ops, faster on narrow layers, a larger file).
+    choose: for ``remix="auto"``: ``"cost"`` (default: a cost model
+      calibrated on LiteRT) or ``"measure"`` (each candidate layer converted
+      and timed with LiteRT, 1 thread; slower export).
+    form_report: optional list; for ``remix="auto"`` one
+      :class:`keras_epitome.form_choice.FormChoice` per epitome layer is
+      appended (the chosen form and every candidate's estimate or time; also
+      logged at INFO level).
 
   Returns:
     The ``.tflite`` bytes.
@@ -180,7 +207,15 @@ def export_tflite(
       f"model '{model.name}' must be built with known inputs (a functional or "
       "Sequential model with an Input) to be exported"
     )
-  inf = inference_model(model, form, fold_batchnorm=fold_batchnorm, remix=remix)
+  inf = inference_model(
+    model,
+    form,
+    fold_batchnorm=fold_batchnorm,
+    remix=remix,
+    precision="int8" if quantize == "int8" else "float",
+    choose=choose,
+    form_report=form_report,
+  )
   specs = [
     tf.TensorSpec([batch_size] + list(t.shape[1:]), tf.float32, name=f"input_{i}")
     for i, t in enumerate(inf.inputs)

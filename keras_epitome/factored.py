@@ -853,6 +853,9 @@ def factorize(
   fallback: str = "materialize",
   report: Optional[list] = None,
   remix: str = "slices",
+  precision: str = "float",
+  choose: str = "cost",
+  form_report: Optional[list] = None,
 ):
   """Replaces every epitome layer of ``model`` by its factored inference layer.
 
@@ -874,6 +877,16 @@ def factorize(
     remix: ``"slices"`` (default: the smallest file) or ``"matmul"`` (the
       channel remixes as 1x1 convolutions: fewer ops, faster on narrow
       layers, larger file); see :meth:`FactoredMixin.from_epitome_layer`.
+      ``"auto"``: per layer, the fastest of ``"slices"``, ``"matmul"`` and
+      the materialized stock layer on LiteRT
+      (:func:`keras_epitome.form_choice.choose_layer_form`).
+    precision: for ``remix="auto"``: ``"float"`` or ``"int8"``, the
+      precision whose latency the choice minimizes.
+    choose: for ``remix="auto"``: ``"cost"`` (calibrated cost model) or
+      ``"measure"`` (time each candidate with LiteRT).
+    form_report: optional list; for ``remix="auto"``, one
+      :class:`keras_epitome.form_choice.FormChoice` is appended per epitome
+      layer (what it became and the estimate or time of every candidate).
 
   Returns:
     A new ``keras.Model`` computing the same inference function.
@@ -888,8 +901,10 @@ def factorize(
     >>> np.allclose(fast(x), model(x, training=False), atol=1e-5)
     True
   """
-  if remix not in REMIXES:
-    raise ValueError(f"remix must be one of {', '.join(REMIXES)}, got {remix!r}")
+  if remix not in REMIXES + ("auto",):
+    raise ValueError(
+      f"remix must be one of {', '.join(REMIXES + ('auto',))}, got {remix!r}"
+    )
   if fallback not in ("materialize", "error"):
     raise ValueError(f"fallback must be 'materialize' or 'error', got {fallback!r}")
 
@@ -905,6 +920,15 @@ def factorize(
         layer.groups,
       )
       return _materialize_layer(layer)
+    if remix == "auto":
+      from keras_epitome import form_choice  # noqa: PLC0415  (imports this module)
+
+      new, record = form_choice.choose_layer_form(
+        layer, bn, precision=precision, choose=choose
+      )
+      if form_report is not None:
+        form_report.append(record)
+      return new
     return _factored_class(layer).from_epitome_layer(layer, bn, remix=remix)
 
   return _transform(model, replace, fold_batchnorm, report)

@@ -1,0 +1,308 @@
+"""Which inference form each epitome layer exports as: factored remixes or stock.
+
+The factored form (:mod:`keras_epitome.factored`) saves multiply-adds, but its
+channel remixes cost ops of their own, and on LiteRT an op over an activation
+costs about as much as thousands of multiply-adds (more in int8, where each
+elementwise op requantizes). So per layer the fastest form depends on the
+width, the spatial size, the chunks and offsets, and the precision. For every
+epitome layer, :func:`choose_layer_form` builds the candidates
+
+* ``"slices"``: factored, remixes as static slices and blends (smallest file);
+* ``"matmul"``: factored, remixes as two 1x1 convolutions;
+* ``"materialized"``: the stock layer holding the sampled kernel (a following
+  BatchNorm folded into its kernel and bias);
+
+and picks one, by
+
+* ``choose="cost"`` (default): a latency model of LiteRT (XNNPACK, 1 thread)
+  over the candidate's graph: ``mac * multiply-adds + elem * elements written
+  by the other ops + op * ops``, with constants per precision fitted to
+  measurements of single layers on this machine
+  (``benchmarks/calibrate_export.py``; :data:`LITERT_COST_US`); or
+* ``choose="measure"``: converting each candidate as a one-layer model and
+  timing it with LiteRT (interleaved, median), at the cost of a few seconds of
+  export time per layer.
+
+Each choice is recorded as a :class:`FormChoice` (the estimate or time of
+every candidate), logged at INFO level, and returned through
+``form_report=`` of :func:`keras_epitome.export_tflite` and
+:func:`keras_epitome.factorize`.
+
+Example:
+  >>> report = []
+  >>> tflite = ke.export_tflite(model, form_report=report)
+  >>> report[0].form, report[0].estimates_us
+  ('matmul', {'slices': 95.1, 'matmul': 40.2, 'materialized': 75.3})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from keras_epitome import factored, transform
+from keras_epitome.backend import keras
+
+_log = logging.getLogger(__name__)
+
+CANDIDATES = ("slices", "matmul", "materialized")
+CHOOSE = ("cost", "measure")
+PRECISIONS = ("float", "int8")
+
+# Microseconds per unit on LiteRT with XNNPACK, 1 thread, this machine's CPU
+# (AMD EPYC, AVX-512), batch 1: per convolution/fully-connected multiply-add,
+# per element written by any other op over an activation (slices, concats,
+# elementwise multiplies and adds, pads), and per such op. Fitted by
+# ``benchmarks/calibrate_export.py`` (least squares over single conv layers
+# of 16-256 channels in every candidate form; see benchmarks/RESULTS.md).
+LITERT_COST_US = {
+  "float": {"mac": 8.6e-6, "elem": 6.0e-5, "op": 0.5},
+  "int8": {"mac": 2.5e-6, "elem": 1.5e-4, "op": 1.0},
+}
+
+# Ops that TFLite fuses into their producer or that move no data.
+_FREE_OPS = {
+  "Identity",
+  "Reshape",
+  "ExpandDims",
+  "Squeeze",
+  "NoOp",
+  "BiasAdd",
+  "Relu",
+  "Relu6",
+  "Shape",
+  "Const",
+}
+_CONV_OPS = {"Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul", "BatchMatMulV2"}
+
+
+@dataclasses.dataclass
+class FormChoice:
+  """What one epitome layer became, and why.
+
+  Attributes:
+    layer: the epitome layer's name.
+    form: the chosen candidate (``"slices"``, ``"matmul"`` or
+      ``"materialized"``).
+    estimates_us: the cost model's latency estimate of each candidate
+      (microseconds, LiteRT 1 thread).
+    measured_us: with ``choose="measure"``, the measured median latency of
+      each candidate as a one-layer model; otherwise ``None``.
+    features: per candidate: ``macs``, ``elements`` and ``ops`` of its graph.
+    precision: ``"float"`` or ``"int8"``.
+  """
+
+  layer: str
+  form: str
+  estimates_us: Dict[str, float]
+  measured_us: Optional[Dict[str, float]]
+  features: Dict[str, Dict[str, int]]
+  precision: str
+
+  def __str__(self):
+    basis = self.measured_us if self.measured_us is not None else self.estimates_us
+    how = "measured" if self.measured_us is not None else "estimated"
+    parts = ", ".join(f"{k} {v:.1f} us" for k, v in basis.items())
+    return f"{self.layer}: {self.form} ({self.precision}, {how}: {parts})"
+
+
+def graph_features(layer, input_shape) -> Dict[str, int]:
+  """Multiply-adds, elements written and ops of ``layer``'s graph on one input.
+
+  Traces ``layer`` (built) on ``input_shape`` and counts the ops that depend
+  on the input (weight-only ops are constant-folded by the TFLite converter):
+  convolutions and matmuls by their multiply-adds, every other op (except
+  reshapes and the bias/ReLU that TFLite fuses) by the elements it writes.
+
+  Args:
+    layer: a Keras layer.
+    input_shape: a static input shape, batch included.
+
+  Returns:
+    ``{"macs": ..., "elements": ..., "ops": ...}``.
+  """
+  fn = tf.function(lambda x: layer(x, training=False))
+  graph = fn.get_concrete_function(tf.TensorSpec(input_shape, tf.float32)).graph
+  dynamic = set()
+  macs = elements = ops = 0
+  for op in graph.get_operations():
+    if op.type == "Placeholder" and not op.inputs:
+      if op.outputs[0].dtype == tf.float32 and list(op.outputs[0].shape) == list(
+        input_shape
+      ):
+        dynamic.add(op.name)
+      continue
+    if not any(t.op.name in dynamic for t in op.inputs):
+      continue
+    dynamic.add(op.name)
+    if op.type in _FREE_OPS:
+      continue
+    out = op.outputs[0].shape
+    size = int(np.prod(out.as_list())) if out.is_fully_defined() else 0
+    if op.type in _CONV_OPS:
+      w = op.inputs[1].shape.as_list()
+      inner = int(np.prod(w[:-1])) if op.type != "DepthwiseConv2dNative" else 1
+      if op.type in ("MatMul", "BatchMatMulV2"):
+        inner = int(op.inputs[0].shape.as_list()[-1])
+      macs += size * inner
+    else:
+      elements += size
+    ops += 1
+  return {"macs": int(macs), "elements": int(elements), "ops": int(ops)}
+
+
+def estimate_us(features: Dict[str, int], precision: str = "float") -> float:
+  """The cost model's LiteRT latency (microseconds) of a graph's features."""
+  c = LITERT_COST_US[precision]
+  return (
+    c["mac"] * features["macs"]
+    + c["elem"] * features["elements"]
+    + c["op"] * features["ops"]
+  )
+
+
+def materialized_candidate(layer, batchnorm=None):
+  """The stock layer holding ``layer``'s sampled kernel, ``batchnorm`` folded in."""
+  stock = transform.materialize_layer(layer)
+  if batchnorm is None:
+    return stock
+  channels = stock.kernel.shape[-1]
+  scale, shift = factored._batchnorm_affine(batchnorm, layer, channels)  # noqa: SLF001
+  kernel = stock.kernel.numpy().astype(np.float64) * scale
+  bias = shift + (scale * stock.bias.numpy() if stock.use_bias else 0.0)
+  config = dict(stock.get_config(), use_bias=True)
+  folded = type(stock).from_config(config)
+  folded.build(getattr(layer, "_build_input_shape", None) or layer.input_shape)
+  folded.kernel.assign(kernel.astype(folded.kernel.dtype.as_numpy_dtype))
+  folded.bias.assign(bias.astype(folded.bias.dtype.as_numpy_dtype))
+  return folded
+
+
+def build_candidate(layer, batchnorm, form: str):
+  """The layer computing ``layer`` (then ``batchnorm``) in ``form``."""
+  if form == "materialized":
+    return materialized_candidate(layer, batchnorm)
+  cls = factored._factored_class(layer)  # noqa: SLF001
+  return cls.from_epitome_layer(layer, batchnorm, remix=form)
+
+
+def _layer_input_shape(layer):
+  shape = getattr(layer, "_build_input_shape", None)
+  if shape is None:
+    shape = layer.input_shape
+  shape = tf.TensorShape(shape).as_list()
+  if any(d is None for d in shape[1:]):
+    raise ValueError(
+      f"{type(layer).__name__} '{layer.name}': form choice needs a static input "
+      f"shape, got {shape}; use remix='slices' or 'matmul'"
+    )
+  return [1] + shape[1:]
+
+
+def _measure(candidates, input_shape, precision, iterations=60, warmup=5):
+  """Median LiteRT latency (us, 1 thread) of each candidate as a one-layer model."""
+  from keras_epitome import export  # noqa: PLC0415  (export imports this module)
+
+  rng = np.random.default_rng(0)
+  data = rng.uniform(-1, 1, [8] + input_shape[1:]).astype(np.float32)
+  runners = {}
+  for name, cand in candidates.items():
+    inputs = keras.Input(batch_shape=input_shape)
+    model = keras.Model(inputs, cand(inputs))
+    tflite = export.export_tflite(
+      model,
+      form="materialized",
+      quantize=None if precision == "float" else "int8",
+      representative_data=data,
+    )
+    runner = export.LiteRTRunner(tflite, 1)
+    runner.set_inputs(data[:1])
+    for _ in range(warmup):
+      runner.invoke()
+    runners[name] = runner
+  times = {name: [] for name in runners}
+  names = list(runners)
+  for i in range(iterations):
+    for name in names[i % len(names) :] + names[: i % len(names)]:
+      start = time.perf_counter()
+      runners[name].invoke()
+      times[name].append(time.perf_counter() - start)
+  return {name: 1e6 * float(np.median(t)) for name, t in times.items()}
+
+
+def choose_layer_form(
+  layer,
+  batchnorm=None,
+  *,
+  precision: str = "float",
+  choose: str = "cost",
+  candidates: Sequence[str] = CANDIDATES,
+):
+  """Picks the fastest inference form of one epitome layer.
+
+  Args:
+    layer: a built epitome layer with a static input shape.
+    batchnorm: a following BatchNorm to fold in (as
+      :meth:`keras_epitome.factored.FactoredMixin.from_epitome_layer`).
+    precision: ``"float"`` or ``"int8"``: which latency the choice minimizes.
+    choose: ``"cost"`` (the calibrated model) or ``"measure"`` (LiteRT timing).
+    candidates: the forms to choose among (a subset of :data:`CANDIDATES`).
+
+  Returns:
+    ``(new layer, FormChoice)``: a fresh, unbuilt-or-built layer in the chosen
+    form, and the record of the choice.
+
+  Raises:
+    ValueError: for an unknown precision, choice or candidate, or a layer
+      without a static input shape.
+
+  Example:
+    >>> new, choice = choose_layer_form(model.layers[1], precision="int8")
+    >>> print(choice)
+    conv: matmul (int8, estimated: slices 310.2 us, matmul 95.4 us, ...)
+  """
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+  if choose not in CHOOSE:
+    raise ValueError(f"choose must be one of {CHOOSE}, got {choose!r}")
+  unknown = [c for c in candidates if c not in CANDIDATES]
+  if unknown or not candidates:
+    raise ValueError(
+      f"candidates must be a non-empty subset of {CANDIDATES}, got {list(candidates)}"
+    )
+  input_shape = _layer_input_shape(layer)
+  if getattr(layer, "groups", 1) != 1:
+    candidates = ["materialized"]
+  built = {}
+  features = {}
+  estimates = {}
+  for form in candidates:
+    cand = build_candidate(layer, batchnorm, form)
+    cand(tf.zeros(input_shape, layer.dtype))  # builds it (sets its weights)
+    built[form] = cand
+    features[form] = graph_features(cand, input_shape)
+    estimates[form] = estimate_us(features[form], precision)
+  measured = None
+  if choose == "measure" and len(candidates) > 1:
+    measured = _measure(
+      {f: build_candidate(layer, batchnorm, f) for f in candidates},
+      input_shape,
+      precision,
+    )
+  basis = measured if measured is not None else estimates
+  form = min(basis, key=basis.get)
+  record = FormChoice(
+    layer.name,
+    form,
+    {k: round(v, 2) for k, v in estimates.items()},
+    None if measured is None else {k: round(v, 2) for k, v in measured.items()},
+    features,
+    precision,
+  )
+  _log.info("form choice: %s", record)
+  return build_candidate(layer, batchnorm, form), record
