@@ -128,19 +128,25 @@ def graph_features(layer, input_shape) -> Dict[str, int]:
   """
   fn = tf.function(lambda x: layer(x, training=False))
   graph = fn.get_concrete_function(tf.TensorSpec(input_shape, tf.float32)).graph
-  dynamic = set()
+  # dynamic[op name]: the type of the last op that did work on the way to it.
+  dynamic = {}
   macs = elements = ops = 0
   for op in graph.get_operations():
     if op.type == "Placeholder" and not op.inputs:
       if op.outputs[0].dtype == tf.float32 and list(op.outputs[0].shape) == list(
         input_shape
       ):
-        dynamic.add(op.name)
+        dynamic[op.name] = "Placeholder"
       continue
-    if not any(t.op.name in dynamic for t in op.inputs):
+    sources = [dynamic[t.op.name] for t in op.inputs if t.op.name in dynamic]
+    if not sources:
       continue
-    dynamic.add(op.name)
+    dynamic[op.name] = op.type
     if op.type in _FREE_OPS:
+      dynamic[op.name] = sources[0]
+      continue
+    if op.type in ("AddV2", "Add") and len(sources) == 1 and sources[0] in _CONV_OPS:
+      dynamic[op.name] = sources[0]  # a bias: fused into the convolution
       continue
     out = op.outputs[0].shape
     size = int(np.prod(out.as_list())) if out.is_fully_defined() else 0
