@@ -6,7 +6,11 @@ For a conv-heavy image model (a small ResNet at 32x32) and a 1D audio CNN
 
 * ``stock``: the same architecture with stock layers;
 * ``materialized``: the epitome model with sampled full-size kernels;
-* ``factored``: the epitome model in the factored form (DESIGN.md 4.2).
+* ``factored/<remix>``: the epitome model in the factored form (DESIGN.md
+  4.2) with each remix: ``auto`` (the default of ``export_tflite``: per layer
+  the fastest of slices, matmul and the materialized stock layer by the
+  calibrated LiteRT cost model; the forms it picked are printed), ``slices``
+  and ``matmul``.
 
 and reports file size, analytic multiply-adds (from the converted graph's
 shapes: convolution and fully connected MACs plus the blends' multiplies) and
@@ -49,7 +53,10 @@ flags.DEFINE_integer("warmup", 10, "Untimed invokes per file first.")
 flags.DEFINE_enum("offsets", "fractional", ["fractional", "integer"], "Routing maps.")
 flags.DEFINE_string("json_out", None, "Optional path for the results as JSON lines.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, routing maps and inputs.")
-flags.DEFINE_list("remix", ["slices", "matmul"], "Factored remix variants.")
+flags.DEFINE_list("remix", ["auto", "slices", "matmul"], "Factored remix variants.")
+flags.DEFINE_enum(
+  "choose", "cost", ["cost", "measure"], "How remix=auto chooses (export_tflite)."
+)
 flags.DEFINE_integer("width", 32, "ResNet base width (stages w, 2w, 4w).")
 flags.DEFINE_bool(
   "profile",
@@ -252,13 +259,29 @@ def main(argv):
           model, form="materialized", quantize=quantize, representative_data=data
         )
         for remix in FLAGS.remix:
-          name = "factored" if remix == "slices" else f"factored/{remix}"
-          files[name] = export.export_tflite(
-            model, quantize=quantize, representative_data=data, remix=remix
+          report = []
+          files[f"factored/{remix}"] = export.export_tflite(
+            model,
+            quantize=quantize,
+            representative_data=data,
+            remix=remix,
+            choose=FLAGS.choose,
+            form_report=report,
           )
-        # Parity of the factored file against the Keras model, for the record.
+          if report:
+            forms = [r.form for r in report]
+            print(
+              f"# {model_name} {c:g}x {precision} remix={remix}: "
+              + ", ".join(f"{f} x{forms.count(f)}" for f in sorted(set(forms)))
+              + " ("
+              + " ".join(f"{r.layer}={r.form}" for r in report)
+              + ")",
+              flush=True,
+            )
+        # Parity of the first factored file against the Keras model.
         y = model(data[:2], training=False).numpy()
-        err = np.abs(export.run_tflite(files["factored"], data[:2]) - y).max()
+        first = f"factored/{FLAGS.remix[0]}"
+        err = np.abs(export.run_tflite(files[first], data[:2]) - y).max()
         err /= np.abs(y).max()
         lat = {
           t: _latencies(files, t, FLAGS.iterations, FLAGS.warmup, data[:1])
