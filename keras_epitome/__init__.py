@@ -18,7 +18,7 @@ Example:
 from keras_epitome.backend import keras
 # isort: on
 
-from keras_epitome import sampling  # noqa: E402
+from keras_epitome import factored_training, form_choice, sampling  # noqa: E402
 from keras_epitome.export import (  # noqa: E402
   export_tflite,
   run_tflite,
@@ -82,8 +82,10 @@ __all__ = [
   "epitome_shape_for_ratio",
   "epitomize",
   "export_tflite",
+  "factored_training",
   "factorize",
   "fit_epitome",
+  "form_choice",
   "keras",
   "materialize_layer",
   "quantize_model",
