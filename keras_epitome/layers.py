@@ -97,7 +97,9 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       same values and gradients); ``"auto"`` (default) picks the cheaper by a
       cost estimate from the static shapes
       (:func:`keras_epitome.factored_training.plan_for`). ``groups > 1`` always
-      uses the kernel.
+      uses the kernel. The estimate does not know about XLA, whose CPU
+      convolutions are slow on channel counts like 11: for such epitomes under
+      ``jit_compile`` prefer ``"kernel"`` (benchmarks/RESULTS.md).
   """
 
   _stock_class = None  # set by each concrete layer
