@@ -53,7 +53,11 @@ flags.DEFINE_integer("warmup", 10, "Untimed invokes per file first.")
 flags.DEFINE_enum("offsets", "fractional", ["fractional", "integer"], "Routing maps.")
 flags.DEFINE_string("json_out", None, "Optional path for the results as JSON lines.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, routing maps and inputs.")
-flags.DEFINE_list("remix", ["auto", "slices", "matmul"], "Factored remix variants.")
+flags.DEFINE_list(
+  "remix",
+  ["auto", "slices", "matmul"],
+  "Factored remix variants (auto:size: remix=auto, objective=size).",
+)
 flags.DEFINE_enum(
   "choose", "cost", ["cost", "measure"], "How remix=auto chooses (export_tflite)."
 )
@@ -267,20 +271,23 @@ def main(argv):
         files["materialized"] = export.export_tflite(
           model, form="materialized", quantize=quantize, representative_data=data
         )
-        for remix in FLAGS.remix:
+        for variant in FLAGS.remix:
+          # "auto:size": remix="auto" with objective="size".
+          remix, _, objective = variant.partition(":")
           report = []
-          files[f"factored/{remix}"] = export.export_tflite(
+          files[f"factored/{variant}"] = export.export_tflite(
             model,
             quantize=quantize,
             representative_data=data,
             remix=remix,
             choose=FLAGS.choose,
             form_report=report,
+            objective=objective or "latency",
           )
           if report:
             forms = [r.form for r in report]
             print(
-              f"# {model_name} {c:g}x {precision} remix={remix}: "
+              f"# {model_name} {c:g}x {precision} remix={variant}: "
               + ", ".join(f"{f} x{forms.count(f)}" for f in sorted(set(forms)))
               + " ("
               + " ".join(f"{r.layer}={r.form}" for r in report)

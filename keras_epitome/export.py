@@ -86,6 +86,7 @@ def inference_model(
   precision: str = "float",
   choose: str = "cost",
   form_report: Optional[list] = None,
+  objective: str = "latency",
 ):
   """The Keras model that :func:`export_tflite` converts, in the given form.
 
@@ -95,7 +96,7 @@ def inference_model(
     fold_batchnorm: for ``"factored"``, fold following BatchNorms.
     remix: for ``"factored"``: ``"slices"``, ``"matmul"`` or ``"auto"`` (see
       :func:`keras_epitome.factored.factorize`).
-    precision, choose, form_report: for ``remix="auto"``, as in
+    precision, choose, form_report, objective: for ``remix="auto"``, as in
       :func:`keras_epitome.factored.factorize`.
 
   Returns:
@@ -114,6 +115,7 @@ def inference_model(
       precision=precision,
       choose=choose,
       form_report=form_report,
+      objective=objective,
     )
   return materialize(model)
 
@@ -153,6 +155,7 @@ def export_tflite(
   remix: str = "auto",
   choose: str = "cost",
   form_report: Optional[list] = None,
+  objective: str = "latency",
 ) -> bytes:
   """Converts an epitome model to a TFLite flatbuffer.
 
@@ -181,6 +184,10 @@ def export_tflite(
       :class:`keras_epitome.form_choice.FormChoice` per epitome layer is
       appended (the chosen form and every candidate's estimate or time; also
       logged at INFO level).
+    objective: for ``remix="auto"``: ``"latency"`` (default: the fastest form
+      per layer) or ``"size"`` (per layer the form with the fewest stored
+      weights among those estimated not slower than the stock layer: a
+      smaller file, still never slower than stock).
 
   Returns:
     The ``.tflite`` bytes.
@@ -215,6 +222,7 @@ def export_tflite(
     precision="int8" if quantize == "int8" else "float",
     choose=choose,
     form_report=form_report,
+    objective=objective,
   )
   specs = [
     tf.TensorSpec([batch_size] + list(t.shape[1:]), tf.float32, name=f"input_{i}")

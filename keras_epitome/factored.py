@@ -856,6 +856,7 @@ def factorize(
   precision: str = "float",
   choose: str = "cost",
   form_report: Optional[list] = None,
+  objective: str = "latency",
 ):
   """Replaces every epitome layer of ``model`` by its factored inference layer.
 
@@ -884,6 +885,8 @@ def factorize(
       precision whose latency the choice minimizes.
     choose: for ``remix="auto"``: ``"cost"`` (calibrated cost model) or
       ``"measure"`` (time each candidate with LiteRT).
+    objective: for ``remix="auto"``: ``"latency"`` (the fastest form) or
+      ``"size"`` (the smallest among those not slower than stock).
     form_report: optional list; for ``remix="auto"``, one
       :class:`keras_epitome.form_choice.FormChoice` is appended per epitome
       layer (what it became and the estimate or time of every candidate).
@@ -924,7 +927,7 @@ def factorize(
       from keras_epitome import form_choice  # noqa: PLC0415  (imports this module)
 
       new, record = form_choice.choose_layer_form(
-        layer, bn, precision=precision, choose=choose
+        layer, bn, precision=precision, choose=choose, objective=objective
       )
       if form_report is not None:
         form_report.append(record)

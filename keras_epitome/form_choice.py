@@ -52,6 +52,7 @@ _log = logging.getLogger(__name__)
 
 CANDIDATES = ("slices", "matmul", "materialized")
 CHOOSE = ("cost", "measure")
+OBJECTIVES = ("latency", "size")
 PRECISIONS = ("float", "int8")
 
 # Microseconds per unit on LiteRT with XNNPACK, 1 thread, batch 1, on this
@@ -102,6 +103,8 @@ class FormChoice:
       each candidate as a one-layer model; otherwise ``None``.
     features: per candidate: ``macs``, ``elements`` and ``ops`` of its graph.
     precision: ``"float"`` or ``"int8"``.
+    weights: per candidate: the number of stored weights.
+    objective: ``"latency"`` or ``"size"``.
   """
 
   layer: str
@@ -110,6 +113,8 @@ class FormChoice:
   measured_us: Optional[Dict[str, float]]
   features: Dict[str, Dict[str, int]]
   precision: str
+  weights: Optional[Dict[str, int]] = None
+  objective: str = "latency"
 
   def __str__(self):
     basis = self.measured_us if self.measured_us is not None else self.estimates_us
@@ -255,8 +260,9 @@ def choose_layer_form(
   precision: str = "float",
   choose: str = "cost",
   candidates: Sequence[str] = CANDIDATES,
+  objective: str = "latency",
 ):
-  """Picks the fastest inference form of one epitome layer.
+  """Picks the fastest (or smallest) inference form of one epitome layer.
 
   Args:
     layer: a built epitome layer with a static input shape.
@@ -265,6 +271,10 @@ def choose_layer_form(
     precision: ``"float"`` or ``"int8"``: which latency the choice minimizes.
     choose: ``"cost"`` (the calibrated model) or ``"measure"`` (LiteRT timing).
     candidates: the forms to choose among (a subset of :data:`CANDIDATES`).
+    objective: ``"latency"`` (default: the fastest candidate) or ``"size"``
+      (the candidate with the fewest stored weights among those not slower
+      than the materialized stock layer: the smallest file that still never
+      loses to stock).
 
   Returns:
     ``(new layer, FormChoice)``: a fresh, unbuilt-or-built layer in the chosen
@@ -283,6 +293,8 @@ def choose_layer_form(
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
   if choose not in CHOOSE:
     raise ValueError(f"choose must be one of {CHOOSE}, got {choose!r}")
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
   unknown = [c for c in candidates if c not in CANDIDATES]
   if unknown or not candidates:
     raise ValueError(
@@ -294,11 +306,13 @@ def choose_layer_form(
   built = {}
   features = {}
   estimates = {}
+  weights = {}
   for form in candidates:
     cand = build_candidate(layer, batchnorm, form)
     cand(tf.zeros(input_shape, layer.dtype))  # builds it (sets its weights)
     built[form] = cand
     features[form] = graph_features(cand, input_shape)
+    weights[form] = int(sum(int(np.prod(w.shape)) for w in cand.weights))
     estimates[form] = estimate_us(features[form], precision)
   measured = None
   if choose == "measure" and len(candidates) > 1:
@@ -309,6 +323,10 @@ def choose_layer_form(
     )
   basis = measured if measured is not None else estimates
   form = min(basis, key=basis.get)
+  if objective == "size":
+    limit = basis.get("materialized", max(basis.values()))
+    fit = [f for f in basis if basis[f] <= limit]
+    form = min(fit, key=lambda f: (weights[f], basis[f]))
   record = FormChoice(
     layer.name,
     form,
@@ -316,6 +334,8 @@ def choose_layer_form(
     None if measured is None else {k: round(v, 2) for k, v in measured.items()},
     features,
     precision,
+    weights,
+    objective,
   )
   _log.info("form choice: %s", record)
   return build_candidate(layer, batchnorm, form), record

@@ -78,6 +78,31 @@ class FormChoiceTest(tf.test.TestCase, parameterized.TestCase):
     y = model(x, training=False).numpy()
     self.assertAllClose(ke.run_tflite(tflite, x), y, atol=1e-5 * np.abs(y).max())
 
+  def test_size_objective(self):
+    """objective='size': the fewest weights among forms not slower than stock."""
+    model = _model(128, (3, 3, 64, 64))
+    conv, bn = model.get_layer("conv"), model.get_layer("bn")
+    _, fast = form_choice.choose_layer_form(conv, bn)
+    _, small = form_choice.choose_layer_form(conv, bn, objective="size")
+    w = small.weights
+    self.assertLess(w["slices"], w["matmul"])
+    self.assertLess(w["matmul"], w["materialized"])
+    self.assertLessEqual(
+      small.estimates_us["slices"], small.estimates_us["materialized"]
+    )
+    self.assertEqual(small.form, "slices")
+    self.assertEqual(small.objective, "size")
+    self.assertEqual(fast.objective, "latency")
+    # Near-full epitome: every factored form is slower than stock, so the
+    # size objective cannot pick one either.
+    near = _model(32, (3, 3, 32, 30))
+    _, rec = form_choice.choose_layer_form(
+      near.get_layer("conv"), near.get_layer("bn"), objective="size"
+    )
+    self.assertEqual(rec.form, "materialized", str(rec))
+    with self.assertRaisesRegex(ValueError, "objective must be one of"):
+      form_choice.choose_layer_form(conv, bn, objective="speed")
+
   def test_features_and_cost_model(self):
     model = _model(32, (3, 3, 16, 16))
     conv, bn = model.get_layer("conv"), model.get_layer("bn")
