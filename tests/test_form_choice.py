@@ -82,7 +82,6 @@ class FormChoiceTest(tf.test.TestCase, parameterized.TestCase):
     """objective='size': the fewest weights among forms not slower than stock."""
     model = _model(128, (3, 3, 64, 64))
     conv, bn = model.get_layer("conv"), model.get_layer("bn")
-    _, fast = form_choice.choose_layer_form(conv, bn)
     _, small = form_choice.choose_layer_form(conv, bn, objective="size")
     w = small.weights
     self.assertLess(w["slices"], w["matmul"])
@@ -92,7 +91,6 @@ class FormChoiceTest(tf.test.TestCase, parameterized.TestCase):
     )
     self.assertEqual(small.form, "slices")
     self.assertEqual(small.objective, "size")
-    self.assertEqual(fast.objective, "latency")
     # Near-full epitome: every factored form is slower than stock, so the
     # size objective cannot pick one either.
     near = _model(32, (3, 3, 32, 30))
