@@ -6,7 +6,11 @@ For a conv-heavy image model (a small ResNet at 32x32) and a 1D audio CNN
 
 * ``stock``: the same architecture with stock layers;
 * ``materialized``: the epitome model with sampled full-size kernels;
-* ``factored``: the epitome model in the factored form (DESIGN.md 4.2).
+* ``factored/<remix>``: the epitome model in the factored form (DESIGN.md
+  4.2) with each remix: ``auto`` (the default of ``export_tflite``: per layer
+  the fastest of slices, matmul and the materialized stock layer by the
+  calibrated LiteRT cost model; the forms it picked are printed), ``slices``
+  and ``matmul``.
 
 and reports file size, analytic multiply-adds (from the converted graph's
 shapes: convolution and fully connected MACs plus the blends' multiplies) and
@@ -49,7 +53,14 @@ flags.DEFINE_integer("warmup", 10, "Untimed invokes per file first.")
 flags.DEFINE_enum("offsets", "fractional", ["fractional", "integer"], "Routing maps.")
 flags.DEFINE_string("json_out", None, "Optional path for the results as JSON lines.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, routing maps and inputs.")
-flags.DEFINE_list("remix", ["slices", "matmul"], "Factored remix variants.")
+flags.DEFINE_list(
+  "remix",
+  ["auto", "slices", "matmul"],
+  "Factored remix variants (auto:size: remix=auto, objective=size).",
+)
+flags.DEFINE_enum(
+  "choose", "cost", ["cost", "measure"], "How remix=auto chooses (export_tflite)."
+)
 flags.DEFINE_integer("width", 32, "ResNet base width (stages w, 2w, 4w).")
 flags.DEFINE_bool(
   "profile",
@@ -59,6 +70,14 @@ flags.DEFINE_bool(
   "fractional offsets) and factored/matmul, with the op list of each.",
 )
 flags.DEFINE_list("profile_widths", ["32", "64", "128"], "Channel counts to profile.")
+flags.DEFINE_enum(
+  "statistic",
+  "median",
+  ["median", "min"],
+  "Latency statistic over the interleaved invokes. On a loaded machine the "
+  "scheduler preempts long invokes more often than short ones, which inflates "
+  "the median of the slower files; the minimum is the least disturbed.",
+)
 
 
 def resnet(conv, width=32):
@@ -128,8 +147,8 @@ def _randomize(model, rng, fractional):
     layer.set_routing_map(routing)
 
 
-def _latencies(files, threads, iterations, warmup, x):
-  """Median ms per invoke of each file, measured interleaved."""
+def _latencies(files, threads, iterations, warmup, x, statistic=np.median):
+  """ms per invoke of each file (``statistic`` over invokes), measured interleaved."""
   runners = {name: export.LiteRTRunner(b, threads) for name, b in files.items()}
   for name, runner in runners.items():
     runner.set_inputs(x[name] if isinstance(x, dict) else x)
@@ -143,7 +162,7 @@ def _latencies(files, threads, iterations, warmup, x):
       start = time.perf_counter()
       runners[name].invoke()
       times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+  return {name: 1e3 * float(statistic(t)) for name, t in times.items()}
 
 
 def _macs(tflite):
@@ -222,7 +241,8 @@ def main(argv):
   print(
     f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
     f"{platform.processor() or platform.machine()}, "
-    f"offsets={FLAGS.offsets}, iterations={FLAGS.iterations}"
+    f"offsets={FLAGS.offsets}, iterations={FLAGS.iterations}, "
+    f"latency statistic={FLAGS.statistic}"
   )
   for model_name in FLAGS.models:
     build, stock_cls, epitome_cls, shape = MODELS[model_name]
@@ -251,17 +271,37 @@ def main(argv):
         files["materialized"] = export.export_tflite(
           model, form="materialized", quantize=quantize, representative_data=data
         )
-        for remix in FLAGS.remix:
-          name = "factored" if remix == "slices" else f"factored/{remix}"
-          files[name] = export.export_tflite(
-            model, quantize=quantize, representative_data=data, remix=remix
+        for variant in FLAGS.remix:
+          # "auto:size": remix="auto" with objective="size".
+          remix, _, objective = variant.partition(":")
+          report = []
+          files[f"factored/{variant}"] = export.export_tflite(
+            model,
+            quantize=quantize,
+            representative_data=data,
+            remix=remix,
+            choose=FLAGS.choose,
+            form_report=report,
+            objective=objective or "latency",
           )
-        # Parity of the factored file against the Keras model, for the record.
+          if report:
+            forms = [r.form for r in report]
+            print(
+              f"# {model_name} {c:g}x {precision} remix={variant}: "
+              + ", ".join(f"{f} x{forms.count(f)}" for f in sorted(set(forms)))
+              + " ("
+              + " ".join(f"{r.layer}={r.form}" for r in report)
+              + ")",
+              flush=True,
+            )
+        # Parity of the first factored file against the Keras model.
         y = model(data[:2], training=False).numpy()
-        err = np.abs(export.run_tflite(files["factored"], data[:2]) - y).max()
+        first = f"factored/{FLAGS.remix[0]}"
+        err = np.abs(export.run_tflite(files[first], data[:2]) - y).max()
         err /= np.abs(y).max()
+        stat = np.median if FLAGS.statistic == "median" else np.min
         lat = {
-          t: _latencies(files, t, FLAGS.iterations, FLAGS.warmup, data[:1])
+          t: _latencies(files, t, FLAGS.iterations, FLAGS.warmup, data[:1], stat)
           for t in threads
         }
         for form, tflite in files.items():

@@ -6,10 +6,18 @@ One forward+backward+SGD step of a single layer, compiled with ``tf.function``
 reports the median time per step of each, so that load from other processes
 hits both sides alike.
 
+Epitome rows: ``kernel`` (``train_form="kernel"``: the full kernel sampled
+every step, then the stock op) and ``auto`` (the default ``train_form="auto"``:
+the plan of :mod:`keras_epitome.factored_training` with the lowest estimated
+cost, printed in the last column; ``fold/fold`` is the kernel path).
+``--plans`` adds one column per candidate plan (how the cost model's
+constants were checked).
+
 Usage:
   PYTHONPATH=. python benchmarks/train_step.py
   PYTHONPATH=. python benchmarks/train_step.py --shapes=conv3x3 --reps=5 \
       --learners=param --xla=false
+  PYTHONPATH=. python benchmarks/train_step.py --learners=param --plans
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import tensorflow as tf
 from absl import app, flags
 
 import keras_epitome as ke  # noqa: I001  (selects Keras 2 before TF is used)
+from keras_epitome import factored_training as ft
 
 keras = ke.keras
 
@@ -58,12 +67,15 @@ flags.DEFINE_integer("reps", 9, "Alternating rounds (the median is reported).")
 flags.DEFINE_integer("iters", 3, "Train steps per round.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps before timing.")
 flags.DEFINE_integer("threads", 0, "intra-op threads (0: TensorFlow's default).")
+flags.DEFINE_bool("plans", False, "Also time every candidate factored plan.")
 
 
-def make_step(layer, x, jit_compile):
-  """A compiled SGD step on ``mean(layer(x)^2)``."""
+def make_step(layer, x, jit_compile, plan=None):
+  """A compiled SGD step on ``mean(layer(x)^2)`` (``plan``: force a factored plan)."""
   optimizer = keras.optimizers.SGD(1e-3)
   layer(x)  # build
+  if plan is not None:
+    layer.train_plan = lambda shape: plan
   optimizer.build(layer.trainable_variables)
 
   @tf.function(jit_compile=jit_compile)
@@ -87,28 +99,44 @@ def time_steps(step, iters):
   return (time.perf_counter() - start) / iters
 
 
+def _plan_name(plan):
+  return f"{plan.in_mode}/{plan.out_mode}"
+
+
 def bench(shape_name, learner, xla):
+  """Median ms per step of each variant, and the plan ``auto`` runs."""
   _, input_shape, (cls_name, kwargs) = SHAPES[shape_name]
   x = tf.constant(np.random.default_rng(0).standard_normal(input_shape), tf.float32)
   stock = getattr(keras.layers, cls_name)(**kwargs)
-  epitome = ke.layers.STOCK_TO_EPITOME[type(stock)](
-    **kwargs, compression=FLAGS.compression, learner=learner
-  )
+  epitome_cls = ke.layers.STOCK_TO_EPITOME[type(stock)]
+
+  def epitome(form="auto"):
+    return epitome_cls(
+      **kwargs, compression=FLAGS.compression, learner=learner, train_form=form
+    )
+
+  auto = epitome()
   steps = {
     "stock": make_step(stock, x, xla),
-    "epitome": make_step(epitome, x, xla),
+    "kernel": make_step(epitome("kernel"), x, xla),
+    "auto": make_step(auto, x, xla),
   }
+  plan = auto.train_plan(x.shape)
+  if FLAGS.plans:
+    for p in ft.candidate_plans(auto.epitome_geometry):
+      if not p.is_kernel:
+        steps[_plan_name(p)] = make_step(epitome(), x, xla, plan=p)
   for step in steps.values():
     for _ in range(FLAGS.warmup):
       step()
-  times = {"stock": [], "epitome": []}
+  times = {name: [] for name in steps}
+  names = list(steps)
   for rep in range(FLAGS.reps):
-    order = ("stock", "epitome") if rep % 2 == 0 else ("epitome", "stock")
+    order = names[rep % len(names) :] + names[: rep % len(names)]
     for name in order:
       times[name].append(time_steps(steps[name], FLAGS.iters))
-  stock_ms = 1e3 * statistics.median(times["stock"])
-  epitome_ms = 1e3 * statistics.median(times["epitome"])
-  return stock_ms, epitome_ms, epitome.compression_ratio
+  ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+  return ms, _plan_name(plan), auto.compression_ratio
 
 
 def main(argv):
@@ -118,25 +146,31 @@ def main(argv):
   for name in FLAGS.shapes:
     if name not in SHAPES:
       raise app.UsageError(f"unknown shape {name!r}; valid: {list(SHAPES)}")
-  rows = []
-  header = "| shape | learner | xla | stock ms | epitome ms | ratio |"
+  header = (
+    "| shape | learner | xla | stock ms | kernel ms (x stock) | auto ms (x stock) "
+    "| auto plan |"
+  )
   print(header)
-  print("|---|---|---|---:|---:|---:|")
+  print("|---|---|---|---:|---:|---:|---|")
   for name in FLAGS.shapes:
     for learner in FLAGS.learners:
       for xla in FLAGS.xla:
         jit = xla.lower() in ("1", "true", "yes")
-        stock_ms, epitome_ms, compression = bench(name, learner, jit)
+        ms, plan, _ = bench(name, learner, jit)
+        st = ms["stock"]
         row = (
           f"| {SHAPES[name][0]} | {learner} | {'yes' if jit else 'no'} | "
-          f"{stock_ms:.2f} | {epitome_ms:.2f} | {epitome_ms / stock_ms:.3f} |"
+          f"{st:.2f} | {ms['kernel']:.2f} ({ms['kernel'] / st:.3f}) | "
+          f"{ms['auto']:.2f} ({ms['auto'] / st:.3f}) | {plan} |"
         )
-        rows.append(row)
+        extra = [k for k in ms if k not in ("stock", "kernel", "auto")]
+        if extra:
+          row += " " + ", ".join(f"{k} {ms[k] / st:.2f}" for k in extra)
         print(row, flush=True)
   print(
     f"\ncompression={FLAGS.compression:g}, reps={FLAGS.reps}, "
-    f"iters={FLAGS.iters}, warmup={FLAGS.warmup}; "
-    "ratio = epitome ms / stock ms (medians)"
+    f"iters={FLAGS.iters}, warmup={FLAGS.warmup}; ratios = ms / stock ms "
+    "(medians, measured interleaved in one process)"
   )
 
 

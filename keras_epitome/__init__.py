@@ -31,8 +31,8 @@ from keras_epitome.factored import (  # noqa: E402
   FactoredConv1D,
   FactoredConv2D,
   FactoredDense,
-  factorize,
 )
+from keras_epitome.form_choice import factorize  # noqa: E402
 from keras_epitome.harden import harden_layer, harden_routing  # noqa: E402
 from keras_epitome.layers import (  # noqa: E402
   EPITOME_LAYERS,
@@ -77,6 +77,7 @@ __all__ = [
   "epitome_shape_for_ratio",
   "epitomize",
   "export_tflite",
+  "factored_training",
   "factorize",
   "harden_layer",
   "harden_routing",

@@ -50,7 +50,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -889,53 +889,31 @@ def _transform(model, epitome_fn, fold_batchnorm: bool, report: Optional[list]):
   return new_model
 
 
-def factorize(
+def factorize_layers(
   model,
+  choose_layer: Callable,
   *,
   fold_batchnorm: bool = True,
   fallback: str = "materialize",
   report: Optional[list] = None,
-  remix: str = "slices",
 ):
-  """Replaces every epitome layer of ``model`` by its factored inference layer.
+  """Replaces every epitome layer of ``model`` by ``choose_layer(layer, batchnorm)``.
 
-  A ``BatchNormalization`` that directly follows an epitome layer with a
-  linear activation, normalizes the channel axis and is its only consumer
-  (always so in a ``Sequential``) is folded into the factored layer's scale
-  and bias: dropped from a ``Sequential``, replaced by an ``Identity`` layer
-  in a functional model (the TFLite converter removes it). Nested models are
-  transformed recursively; other layers are copied with their weights.
+  The model walk of :func:`keras_epitome.factorize`: BatchNorm folding,
+  nested models, the ``groups > 1`` fallback and the checks. What each layer
+  becomes (a remix, or the stock layer) is ``choose_layer``'s decision.
 
   Args:
     model: a built Keras model containing epitome layers.
+    choose_layer: ``(epitome layer, following BatchNorm or None) -> layer``.
     fold_batchnorm: whether to fold following BatchNorms.
-    fallback: what to do with an epitome layer that has no factored form
-      (``groups > 1``): ``"materialize"`` (a stock layer holding the sampled
-      kernel, logged) or ``"error"``.
-    report: optional list; ``(layer name, new class name)`` is appended for
-      every epitome layer replaced.
-    remix: ``"slices"`` (default: the smallest file) or ``"matmul"`` (the
-      channel remixes as 1x1 convolutions: fewer ops, faster on narrow
-      layers, larger file); see :meth:`FactoredMixin.from_epitome_layer`.
+    fallback: ``"materialize"`` or ``"error"`` for a layer without factored
+      form (``groups > 1``).
+    report: optional list; ``(layer name, new class name)`` per replaced layer.
 
   Returns:
     A new ``keras.Model`` computing the same inference function.
-
-  Raises:
-    ValueError: for an unbuilt epitome layer, an epitome layer inside a
-      training wrapper (pruning, QAT), non-finite weights, or (with
-      ``fallback="error"``) a layer without factored form.
-
-  Example:
-    >>> model = keras.Sequential([
-    ...     keras.Input((8, 8, 16)), ke.EpitomeConv2D(32, 3, compression=4)])
-    >>> x = np.random.rand(2, 8, 8, 16).astype("float32")
-    >>> fast = ke.factorize(model)
-    >>> np.allclose(fast(x), model(x, training=False), atol=1e-5)
-    True
   """
-  if remix not in REMIXES:
-    raise ValueError(f"remix must be one of {', '.join(REMIXES)}, got {remix!r}")
   check_keras2(model, "factorize")
   walk.check_no_training_wrappers(
     model,
@@ -958,6 +936,6 @@ def factorize(
         layer.groups,
       )
       return _materialize_layer(layer)
-    return _factored_class(layer).from_epitome_layer(layer, bn, remix=remix)
+    return choose_layer(layer, bn)
 
   return _transform(model, replace, fold_batchnorm, report)

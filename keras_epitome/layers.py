@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from keras_epitome import sampling, spec
+from keras_epitome import factored_training, sampling, spec
 from keras_epitome.backend import keras
 from keras_epitome.learners import FeatureOffsetLearner
 
@@ -77,6 +77,15 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       ``Cout_E`` filters (the kernel's rank is at most ``Cout_E``, a thin
       layer in disguise; it cost 8-10 points on FSDD, benchmarks/RESULTS.md).
       Configs saved without this key load with ``0``, as they were trained.
+    train_form: how ``call`` computes the layer: ``"kernel"`` samples the full
+      kernel and runs the stock op; ``"factored"`` runs
+      ``R_out(conv(R_in(x), E))`` with the step's offsets (fewer multiply-adds,
+      same values and gradients); ``"auto"`` (default) picks the cheaper by a
+      cost estimate from the static shapes
+      (:func:`keras_epitome.factored_training.plan_for`). ``groups > 1`` always
+      uses the kernel. The estimate does not know about XLA, whose CPU
+      convolutions are slow on channel counts like 11: for such epitomes under
+      ``jit_compile`` prefer ``"kernel"`` (benchmarks/RESULTS.md).
   """
 
   _stock_class = None  # set by each concrete layer
@@ -92,6 +101,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     offset_scale: float = 1.0,
     routing_momentum: float = 0.99,
     channel_roll: int = 1,
+    train_form: str = "auto",
     **kwargs,
   ):
     super().__init__(*args, **kwargs)
@@ -107,6 +117,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       offset_scale=offset_scale,
       routing_momentum=routing_momentum,
       channel_roll=channel_roll,
+      train_form=train_form,
     )
     if getattr(self, "data_format", "channels_last") != "channels_last":
       raise ValueError(
@@ -363,6 +374,9 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     return offsets
 
   def call(self, inputs, training=None):
+    plan = self.train_plan(inputs.shape)
+    if not plan.is_kernel:
+      return self._call_factored(inputs, training, plan)
     if self.offset_learner is not None:
       if training is None:
         training = keras.backend.learning_phase()
@@ -386,6 +400,68 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     finally:
       self._kernel_override = None
 
+  # -- factored form in training (keras_epitome.factored_training) -------------
+
+  def train_plan(self, input_shape) -> factored_training.TrainPlan:
+    """How ``call`` computes the layer for inputs of ``input_shape``.
+
+    Returns:
+      A :class:`~keras_epitome.factored_training.TrainPlan`; its ``is_kernel``
+      is true when the full kernel is sampled.
+    """
+    if getattr(self, "groups", 1) != 1 or self._geometry is None:
+      return factored_training.KERNEL_PLAN
+    input_shape = tf.TensorShape(input_shape)
+    if input_shape.rank is None:
+      return factored_training.KERNEL_PLAN
+    output_shape = self.compute_output_shape(input_shape)
+    return factored_training.plan_for(
+      self._geometry, input_shape, output_shape, self.train_form
+    )
+
+  def _step_offsets(self, inputs, training):
+    """The offsets of this call (``in, out, spatial``), as ``call`` uses them."""
+    if self.offset_learner is None:
+      return self._base_offsets()
+    if training is None:
+      training = keras.backend.learning_phase()
+    if isinstance(training, (bool, int)) or training is None:
+      if training:
+        return self._training_offsets(inputs, training)
+      return self._inference_offsets()
+    return tf.cond(
+      tf.cast(training, tf.bool),
+      lambda: self._training_offsets(inputs, True),
+      self._inference_offsets,
+    )
+
+  def _call_factored(self, inputs, training, plan):
+    """``call`` in the factored form (same function, fewer multiply-adds)."""
+    in_o, out_o, sp_o = self._step_offsets(inputs, training)
+    rank = self._kernel_rank()
+    x = inputs
+    if rank:
+      causal = getattr(self, "_is_causal", False)
+
+      def conv_fn(t, kernel):
+        if causal:
+          t = tf.pad(t, self._compute_causal_padding(t))
+        return self.convolution_op(t, kernel)
+
+    else:
+
+      def conv_fn(t, kernel):
+        return factored_training._pointwise(t, kernel)  # noqa: SLF001
+
+    y = factored_training.factored_apply(
+      x, self.epitome, in_o, out_o, sp_o, self._geometry, conv_fn, plan
+    )
+    if self.use_bias:
+      y = tf.nn.bias_add(y, self.bias)
+    if not tf.executing_eagerly() and inputs.shape.rank:
+      y.set_shape(self.compute_output_shape(inputs.shape))
+    return self.activation(y) if self.activation is not None else y
+
   # -- TF-MOT pruning ----------------------------------------------------------
 
   def get_prunable_weights(self):
@@ -405,6 +481,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       offset_scale=self.offset_scale,
       routing_momentum=self.routing_momentum,
       channel_roll=self.channel_roll,
+      train_form=self.train_form,
     )
     return config
 

@@ -479,6 +479,7 @@ def _window_lerp(x, starts, frac, axis: int, length: int, batch_axis, wrap: bool
       if stacked:
         shape = aa.shape.as_list()
         merged = shape[:chunk_axis] + [num * 2 * big] + shape[out_axis + 1 :]
+        merged = [-1 if d is None else d for d in merged]  # an unknown batch
         flat = back + (2 * big * np.arange(num, dtype=np.int32))[:, tf.newaxis]
         dxs = tf.gather(tf.reshape(aa, merged), flat, axis=chunk_axis)
         dx = tf.reduce_sum(dxs, axis=chunk_axis)
@@ -594,6 +595,146 @@ def sample_kernel(
 
   # Stage 3: input channels, (*S, Cin_E, Cout) -> (*S, Cin, Cout).
   return _expand_channels(x, tf.cast(in_offsets, dtype), g.cin, g.cin_e, axis=rank)
+
+
+# ----------------------------------------------------------------------------
+# Channel remixes with live offsets (training in the factored form).
+
+
+def remix_matrix_in(in_offsets, geometry: EpitomeGeometry, dtype=tf.float32):
+  """``R_in`` as a ``(Cin, Cin_E)`` matrix: the sampled kernel of an identity epitome.
+
+  ``conv(x, K) == conv(x @ R_in, K')`` where ``K'`` is ``K`` sampled with zero
+  input offsets. Differentiable in ``in_offsets`` (through
+  :func:`sample_kernel`).
+
+  Example:
+    >>> g = EpitomeGeometry((3, 3, 6, 4), (3, 3, 3, 4))
+    >>> remix_matrix_in(tf.constant([1.0, 0.5]), g).shape
+    TensorShape([6, 3])
+  """
+  g = geometry
+  ident = EpitomeGeometry((g.cin, g.cin_e), (g.cin_e, g.cin_e))
+  return sample_kernel(
+    tf.eye(g.cin_e, dtype=dtype), in_offsets, tf.zeros([1], dtype), None, ident
+  )
+
+
+def remix_matrix_out(out_offsets, geometry: EpitomeGeometry, dtype=tf.float32):
+  """``R_out`` as a ``(Cout_E, Cout)`` matrix: the sampled kernel of an identity epitome.
+
+  Example:
+    >>> g = EpitomeGeometry((3, 3, 6, 4), (3, 3, 3, 2))
+    >>> remix_matrix_out(tf.constant([1.0, 0.5]), g).shape
+    TensorShape([2, 4])
+  """
+  g = geometry
+  ident = EpitomeGeometry((g.cout_e, g.cout), (g.cout_e, g.cout_e))
+  return sample_kernel(
+    tf.eye(g.cout_e, dtype=dtype), tf.zeros([1], dtype), out_offsets, None, ident
+  )
+
+
+def _with_channels(x, channels):
+  """``x``'s shape with the last axis replaced by ``channels`` (a list)."""
+  static = x.shape.as_list()[:-1]
+  if all(d is not None for d in static):
+    return static + list(channels)
+  return tf.concat([tf.shape(x)[:-1], channels], axis=0)
+
+
+def remix_in(x, in_offsets, geometry: EpitomeGeometry):
+  """``R_in`` applied to activations: ``(..., Cin) -> (..., Cin_E)``.
+
+  ``x'[e] = sum_a (1 - f_a) x_a[(e - n_a) mod Cin_E] + f_a x_a[(e - n_a - 1)
+  mod Cin_E]`` (``x`` zero-padded to ``A * Cin_E`` channels): each chunk reads
+  a window that starts at ``-n_a - 1`` and blends its two views with weights
+  ``(f_a, 1 - f_a)``, one :func:`_window_lerp` with a chunk axis. The
+  transpose of the input-channel stage of :func:`sample_kernel`.
+  """
+  g = geometry
+  a = g.num_in_chunks
+  n, frac = _split_channel_offset(tf.cast(in_offsets, x.dtype), g.cin_e)
+  pad = a * g.cin_e - g.cin
+  if pad:
+    x = tf.pad(x, [[0, 0]] * (x.shape.rank - 1) + [[0, pad]])
+  x = tf.reshape(x, _with_channels(x, [a, g.cin_e]))
+  axis = x.shape.rank - 1
+  starts = tf.math.floormod(-n - 1, g.cin_e)
+  y = _window_lerp(x, starts, 1.0 - frac, axis, g.cin_e, batch_axis=axis - 1, wrap=True)
+  return tf.reduce_sum(y, axis=axis - 1)
+
+
+def remix_out(y, out_offsets, geometry: EpitomeGeometry):
+  """``R_out`` applied to activations: ``(..., Cout_E) -> (..., Cout)``.
+
+  ``out[b*Cout_E + v] = (1 - g_b) y[(v + m_b) mod Cout_E] + g_b y[(v + m_b + 1)
+  mod Cout_E]``: the output-channel stage of :func:`sample_kernel` run on the
+  activations.
+  """
+  g = geometry
+  n, frac = _split_channel_offset(tf.cast(out_offsets, y.dtype), g.cout_e)
+  axis = y.shape.rank - 1
+  out = _window_lerp(y, n, frac, axis, g.cout_e, batch_axis=None, wrap=True)
+  out = tf.reshape(out, _with_channels(y, [g.num_out_chunks * g.cout_e]))
+  if g.num_out_chunks * g.cout_e > g.cout:
+    out = out[..., : g.cout]
+  return out
+
+
+def sample_kernel_numpy(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
+  """Reference sampler: a plain loop over kernel entries, straight from the formula.
+
+  Slow; for tests and for checking other forms. Offsets are read as in
+  :func:`sample_kernel` (channel offsets wrap, spatial offsets clip).
+  """
+  g = geometry
+  e = np.asarray(epitome, dtype=np.float64)
+  kernel = np.zeros(g.kernel_shape, dtype=np.float64)
+
+  def channel_taps_1(offset, pos, size):
+    n = math.floor(offset)
+    f = offset - n
+    return [((pos + n) % size, 1.0 - f), ((pos + n + 1) % size, f)]
+
+  def spatial_taps_1(offset, s, slack):
+    o = min(max(float(offset), 0.0), float(slack))
+    if slack == 0:
+      return [(s, 1.0)]
+    n = min(math.floor(o), slack - 1)
+    f = o - n
+    return [(s + n, 1.0 - f), (s + n + 1, f)]
+
+  for idx in np.ndindex(*g.kernel_shape):
+    *s, ci, co = idx
+    a, u = divmod(ci, g.cin_e)
+    b, v = divmod(co, g.cout_e)
+    in_taps = channel_taps_1(float(routing.in_offsets[a]), u, g.cin_e)
+    out_taps = channel_taps_1(float(routing.out_offsets[b]), v, g.cout_e)
+    sp_taps = [
+      spatial_taps_1(
+        routing.spatial_offsets[b][d] if g.slack[d] else 0.0, s[d], g.slack[d]
+      )
+      for d in range(g.rank)
+    ]
+    total = 0.0
+    for sp in np.ndindex(*([2] * g.rank)) if g.rank else [()]:
+      sw = 1.0
+      sidx = []
+      for d, t in enumerate(sp):
+        taps = sp_taps[d]
+        if t >= len(taps):
+          sw = 0.0
+          break
+        sidx.append(taps[t][0])
+        sw *= taps[t][1]
+      if sw == 0.0:
+        continue
+      for ii, iw in in_taps:
+        for oo, ow in out_taps:
+          total += sw * iw * ow * e[tuple(sidx) + (ii, oo)]
+    kernel[idx] = total
+  return kernel
 
 
 # ----------------------------------------------------------------------------

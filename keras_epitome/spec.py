@@ -29,6 +29,8 @@ import numpy as np
 
 SAMPLERS = ("learned", "fixed")
 LEARNERS = ("param", "feature")
+# How a layer computes its training step (keras_epitome.factored_training).
+TRAIN_FORMS = ("auto", "kernel", "factored")
 # The keyword arguments an epitome layer adds to its stock layer (what the
 # transform's policies may set, and what a stock config lacks).
 EPITOME_ARGS = (
@@ -40,6 +42,7 @@ EPITOME_ARGS = (
   "offset_scale",
   "routing_momentum",
   "channel_roll",
+  "train_form",
 )
 
 
@@ -89,6 +92,15 @@ def check_channel_roll(value, desc: str = "") -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
     raise ValueError(f"{_prefix(desc)}channel_roll must be an int >= 0, got {value!r}")
   return int(value)
+
+
+def check_train_form(value, desc: str = "") -> str:
+  """``train_form``: one of :data:`TRAIN_FORMS`."""
+  if value not in TRAIN_FORMS:
+    raise ValueError(
+      f"{_prefix(desc)}unknown train_form {value!r}; valid: {', '.join(TRAIN_FORMS)}"
+    )
+  return value
 
 
 def check_sampler(sampler, learner, desc: str = "") -> Tuple[str, str]:
@@ -164,6 +176,7 @@ def check_epitome_args(
   offset_scale=1.0,
   routing_momentum=0.99,
   channel_roll=1,
+  train_form="auto",
   require_one: bool = True,
 ) -> Dict[str, Any]:
   """Validates the epitome arguments together and returns them normalized.
@@ -173,7 +186,7 @@ def check_epitome_args(
     kernel_rank: spatial axes of the kernel (0 Dense, 1 Conv1D, 2 Conv2D), or
       ``None`` when not known yet (the rank-dependent checks are skipped).
     compression, epitome_shape, sampler, learner, spatial_stride,
-      offset_scale, routing_momentum, channel_roll: see
+      offset_scale, routing_momentum, channel_roll, train_form: see
       :class:`~keras_epitome.layers.EpitomeMixin`.
     require_one: exactly one of ``compression``/``epitome_shape`` must be
       given (a layer); ``False`` allows both (defaults a policy may override).
@@ -207,6 +220,7 @@ def check_epitome_args(
     offset_scale=check_offset_scale(offset_scale, desc),
     routing_momentum=check_routing_momentum(routing_momentum, desc),
     channel_roll=check_channel_roll(channel_roll, desc),
+    train_form=check_train_form(train_form, desc),
   )
 
 

@@ -40,6 +40,8 @@ def build_model(layers: str, learner: str):
     conv = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")
     dense = keras.layers.Dense(4, name="dense")
   else:
+    # "factored": the factored training path (R_out(conv(R_in(x), E))).
+    form = "factored" if layers == "factored" else "auto"
     conv = ke.EpitomeConv2D(
       8,
       3,
@@ -48,8 +50,11 @@ def build_model(layers: str, learner: str):
       compression=2,
       learner=learner,
       name="conv",
+      train_form=form,
     )
-    dense = ke.EpitomeDense(4, compression=2, learner=learner, name="dense")
+    dense = ke.EpitomeDense(
+      4, compression=2, learner=learner, name="dense", train_form=form
+    )
   return keras.Sequential(
     [
       keras.Input((6, 6, 4)),
@@ -75,7 +80,7 @@ def run_case(devices, layers, learner, jit, x, y, rng):
   report = {"layers": layers, "learner": learner, "jit": jit}
   keras.utils.set_random_seed(0)
   init = build_model(layers, learner)
-  if layers == "epitome":
+  if layers != "stock":
     for layer in init.layers:
       if isinstance(layer, ke.EPITOME_LAYERS):  # fractional offsets
         g = layer.epitome_geometry

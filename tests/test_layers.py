@@ -462,7 +462,7 @@ class MirroredStrategyTest(tf.test.TestCase):
     # so the feature learner (synchronized BatchNorm) gets its own process.
     groups = [
       ["epitome:feature:0"],
-      ["epitome:param:0", "epitome:param:1", "stock:param:1"],
+      ["epitome:param:0", "epitome:param:1", "stock:param:1", "factored:param:0"],
     ]
     procs = [
       subprocess.Popen(
@@ -483,8 +483,12 @@ class MirroredStrategyTest(tf.test.TestCase):
       report["cases"] += part["cases"]
     self.assertLen(report["devices"], 2)
     by_case = {(c["layers"], c["learner"], c["jit"]): c for c in report["cases"]}
-    for learner in ("param", "feature"):
-      case = by_case[("epitome", learner, 0)]
+    for kind, learner in (
+      ("epitome", "param"),
+      ("epitome", "feature"),
+      ("factored", "param"),
+    ):
+      case = by_case[(kind, learner, 0)]
       self.assertNotIn("error", case)
       self.assertEqual(case["replicas"], 2)
       for name, diff in case["max_diff"].items():
