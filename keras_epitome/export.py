@@ -43,6 +43,11 @@ import tensorflow as tf
 from keras_epitome import factored, form_choice, litert, transform, walk
 from keras_epitome.backend import check_keras2
 from keras_epitome.layers import EpitomeMixin
+from keras_epitome.litert import (  # noqa: F401  (the exporters' runtime side, re-exported)
+  LiteRTRunner,
+  run_tflite,
+  tflite_tensor_report,
+)
 
 _log = logging.getLogger(__name__)
 

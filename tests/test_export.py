@@ -18,7 +18,7 @@ import tensorflow_model_optimization as tfmot
 from absl.testing import parameterized
 
 import keras_epitome as ke
-from keras_epitome import export, sampling
+from keras_epitome import export, litert, sampling
 
 keras = ke.keras
 
@@ -282,7 +282,7 @@ class Int8CalibrationTest(tf.test.TestCase):
 
   def test_every_sample_is_used(self):
     x = np.arange(7, dtype=np.float32)[:, None, None, None] * np.ones((1, 6, 6, 4))
-    batches = list(export._representative(x, 3, [[3, 6, 6, 4]])())  # noqa: SLF001
+    batches = list(litert._representative(x, 3, [[3, 6, 6, 4]])())  # noqa: SLF001
     self.assertLen(batches, 3)
     seen = np.concatenate([b[0][:, 0, 0, 0] for b in batches])
     self.assertEqual(sorted(set(seen.tolist())), list(range(7)))
@@ -318,7 +318,7 @@ class ExportMixedPolicyTest(tf.test.TestCase):
     self.assertEqual(y.dtype, tf.bfloat16)
     for form in ("factored", "materialized"):
       tflite = ke.export_tflite(model, form=form, batch_size=4)
-      inputs = export._interpreter(tflite).get_input_details()  # noqa: SLF001
+      inputs = litert._interpreter(tflite).get_input_details()  # noqa: SLF001
       self.assertEqual(inputs[0]["dtype"], np.float32)
       keras.mixed_precision.set_global_policy("float32")
       # The float32 function of the same weights.
