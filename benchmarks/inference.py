@@ -62,6 +62,9 @@ flags.DEFINE_enum(
   "choose", "cost", ["cost", "measure"], "How remix=auto chooses (export_tflite)."
 )
 flags.DEFINE_integer("width", 32, "ResNet base width (stages w, 2w, 4w).")
+flags.DEFINE_integer(
+  "channel_roll", 1, "Epitome layers' channel_roll (1: the default; 0: separable map)."
+)
 flags.DEFINE_bool(
   "profile",
   False,
@@ -187,7 +190,12 @@ def _profile_layer(width, compression, rng, iterations, threads):
 
   def epi():
     return ke.EpitomeConv2D(
-      width, 3, padding="same", use_bias=False, compression=compression
+      width,
+      3,
+      padding="same",
+      use_bias=False,
+      compression=compression,
+      channel_roll=FLAGS.channel_roll,
     )
 
   cin_e, cout_e = sampling.epitome_shape_for_ratio((3, 3, width, width), compression)[
@@ -260,7 +268,7 @@ def main(argv):
     for c in (float(c) for c in FLAGS.compressions):
 
       def conv(*args, c=c, cls=epitome_cls, **kwargs):
-        return cls(*args, compression=c, **kwargs)
+        return cls(*args, compression=c, channel_roll=FLAGS.channel_roll, **kwargs)
 
       model = build(conv)
       _randomize(model, rng, FLAGS.offsets == "fractional")

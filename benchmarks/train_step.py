@@ -68,6 +68,9 @@ flags.DEFINE_integer("iters", 3, "Train steps per round.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps before timing.")
 flags.DEFINE_integer("threads", 0, "intra-op threads (0: TensorFlow's default).")
 flags.DEFINE_bool("plans", False, "Also time every candidate factored plan.")
+flags.DEFINE_integer(
+  "channel_roll", 1, "Epitome layers' channel_roll (1: the default; 0: separable map)."
+)
 
 
 def make_step(layer, x, jit_compile, plan=None):
@@ -112,7 +115,11 @@ def bench(shape_name, learner, xla):
 
   def epitome(form="auto"):
     return epitome_cls(
-      **kwargs, compression=FLAGS.compression, learner=learner, train_form=form
+      **kwargs,
+      compression=FLAGS.compression,
+      learner=learner,
+      train_form=form,
+      channel_roll=FLAGS.channel_roll,
     )
 
   auto = epitome()

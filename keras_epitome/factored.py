@@ -146,9 +146,6 @@ class FactoredMixin:
     self.activation = keras.activations.get(activation)
     self.remix = str(remix)
     self.window_rolls = None if window_rolls is None else [int(r) for r in window_rolls]
-    ce, coe = self.epitome_shape[-2:]
-    a = -(-self.input_channels // ce)
-    b = -(-self.filters // coe)
     desc = f"{type(self).__name__} '{self.name}'"
     if self.remix not in REMIXES:
       raise ValueError(
@@ -158,6 +155,14 @@ class FactoredMixin:
       raise ValueError(
         f"{desc}: epitome_shape {self.epitome_shape} must have {self._rank + 2} entries"
       )
+    # The channel chunks, as the sampler cuts them.
+    try:
+      self._channels = sampling.EpitomeGeometry(
+        (self.input_channels, self.filters), self.epitome_shape[-2:]
+      )
+    except ValueError as e:
+      raise ValueError(f"{desc}: {e}") from None
+    a, b = self._channels.num_in_chunks, self._channels.num_out_chunks
     for what, values, want in (
       ("in_shift", self.in_shift, a),
       ("in_frac", self.in_frac, a),
@@ -289,8 +294,8 @@ class FactoredMixin:
     if self.remix == "matmul":
       return self._pointwise(x, self.in_matrix)
     ce = self.epitome_shape[-2]
-    a = len(self.in_shift)
-    pad = a * ce - self.input_channels
+    a = self._channels.num_in_chunks
+    pad = self._channels.in_pad
     if pad:
       x = tf.pad(x, [[0, 0]] * (x.shape.rank - 1) + [[0, pad]])
     total = None
@@ -473,8 +478,7 @@ class FactoredMixin:
     new = cls(**config)
     values = {"kernel": kernel}
     if np.any(out_frac):
-      chunk = np.arange(g.cout) // g.cout_e
-      h = out_frac[chunk]
+      h = out_frac[g.out_chunk_of_channel]
       s = np.ones(g.cout) if scale is None else scale
       values["out_weights"] = np.stack([(1.0 - h) * s, h * s])
     elif scale is not None:

@@ -182,6 +182,16 @@ class EpitomeGeometry:
     return -(-self.cout // self.cout_e)
 
   @property
+  def in_pad(self) -> int:
+    """Zero channels that complete the last (partial) input chunk."""
+    return self.num_in_chunks * self.cin_e - self.cin
+
+  @property
+  def out_chunk_of_channel(self) -> np.ndarray:
+    """``(Cout,)`` output chunk ``b`` of each output channel."""
+    return np.arange(self.cout) // self.cout_e
+
+  @property
   def in_rolls(self) -> np.ndarray:
     """``(B,)`` static roll ``r_b`` of the input channels read by output chunk ``b``."""
     b = np.arange(self.num_out_chunks, dtype=np.int64)
@@ -655,7 +665,7 @@ def remix_in(x, in_offsets, geometry: EpitomeGeometry):
   g = geometry
   a = g.num_in_chunks
   n, frac = _split_channel_offset(tf.cast(in_offsets, x.dtype), g.cin_e)
-  pad = a * g.cin_e - g.cin
+  pad = g.in_pad
   if pad:
     x = tf.pad(x, [[0, 0]] * (x.shape.rank - 1) + [[0, pad]])
   x = tf.reshape(x, _with_channels(x, [a, g.cin_e]))
