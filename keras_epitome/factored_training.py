@@ -40,8 +40,8 @@ Example:
   >>> import keras_epitome as ke
   >>> layer = ke.EpitomeDense(1024, compression=4, train_form="auto")
   >>> y = layer(tf.zeros([64, 1024]), training=True)
-  >>> layer.train_plan(tf.TensorShape([64, 1024]))
-  TrainPlan(in_mode='lerp', out_mode='lerp')
+  >>> layer.train_plan(tf.TensorShape([64, 1024]))  # the roll folds the output side
+  TrainPlan(in_mode='lerp', out_mode='fold')
 """
 
 from __future__ import annotations
@@ -233,6 +233,12 @@ def factored_apply(
   in_offsets = tf.cast(in_offsets, dtype)
   out_offsets = tf.cast(out_offsets, dtype)
   spatial = tf.cast(spatial_offsets, dtype) if g.slack_axes else None
+  if plan not in candidate_plans(g):
+    raise ValueError(
+      f"train plan {plan} cannot compute this layer (epitome {g.epitome_shape}, "
+      f"kernel {g.kernel_shape}): spatial slack or a channel roll needs "
+      "out_mode='fold'; valid: " + ", ".join(map(str, candidate_plans(g)))
+    )
   in_fold = plan.in_mode == "fold"
   out_fold = plan.out_mode == "fold"
   # The convolution's kernel: the epitome with the folded sides sampled in.

@@ -29,10 +29,12 @@ every candidate), logged at INFO level, and returned through
 :func:`keras_epitome.factorize`.
 
 Example:
+  >>> model = keras.Sequential([
+  ...     keras.Input((16, 16, 32)), ke.EpitomeConv2D(32, 3, compression=4)])
   >>> report = []
   >>> tflite = ke.export_tflite(model, form_report=report)
-  >>> report[0].form, report[0].estimates_us
-  ('matmul', {'slices': 95.1, 'matmul': 40.2, 'materialized': 75.3})
+  >>> report[0].form in CANDIDATES, sorted(report[0].estimates_us)
+  (True, ['materialized', 'matmul', 'slices'])
 """
 
 from __future__ import annotations
@@ -278,9 +280,11 @@ def choose_layer_form(
       without a static input shape.
 
   Example:
-    >>> new, choice = choose_layer_form(model.layers[1], precision="int8")
-    >>> print(choice)
-    conv: matmul (int8, estimated: slices 310.2 us, matmul 95.4 us, ...)
+    >>> model = keras.Sequential([
+    ...     keras.Input((16, 16, 32)), ke.EpitomeConv2D(32, 3, compression=4)])
+    >>> new, choice = choose_layer_form(model.layers[0], precision="int8")
+    >>> choice.form == min(choice.estimates_us, key=choice.estimates_us.get)
+    True
   """
   if precision not in PRECISIONS:
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

@@ -116,9 +116,20 @@ class FactoredTrainingTest(tf.test.TestCase, parameterized.TestCase):
   def test_xla_and_feature_learner(self):
     rng = np.random.default_rng(1)
     x = tf.constant(rng.standard_normal((4, 8, 8, 12)), tf.float32)
-    for learner in ("param", "feature"):
+    # With the channel roll the output side folds (each chunk its own kernel).
+    for learner, roll, plan in (
+      ("param", 0, ft.TrainPlan("matrix", "lerp")),
+      ("feature", 0, ft.TrainPlan("matrix", "lerp")),
+      ("param", 1, ft.TrainPlan("matrix", "fold")),
+      ("feature", 1, ft.TrainPlan("lerp", "fold")),
+    ):
       layer = ke.EpitomeConv2D(
-        16, 3, padding="same", epitome_shape=(3, 3, 5, 6), learner=learner
+        16,
+        3,
+        padding="same",
+        epitome_shape=(3, 3, 5, 6),
+        learner=learner,
+        channel_roll=roll,
       )
       layer(x)
       _random_routing(layer, rng)
@@ -126,22 +137,34 @@ class FactoredTrainingTest(tf.test.TestCase, parameterized.TestCase):
       y0, g0 = self._values_and_grads(layer, x, ft.KERNEL_PLAN, jit=True)
       for v, s in zip(layer.non_trainable_variables, start, strict=True):
         v.assign(s)  # the same moving routing map for both paths
-      y1, g1 = self._values_and_grads(
-        layer, x, ft.TrainPlan("matrix", "lerp"), jit=True
-      )
+      y1, g1 = self._values_and_grads(layer, x, plan, jit=True)
       self.assertAllClose(y0, y1, atol=1e-5 * np.abs(y0).max())
       for a, b in zip(g0, g1, strict=True):
         self.assertAllClose(a, b, atol=1e-5 * max(1.0, np.abs(a).max()))
 
+  def test_a_plan_that_cannot_express_the_roll_is_refused(self):
+    layer = ke.EpitomeConv2D(16, 3, padding="same", epitome_shape=(3, 3, 5, 6))
+    x = tf.zeros([2, 8, 8, 12])
+    layer(x)
+    with self.assertRaisesRegex(ValueError, "fold"):
+      self._values_and_grads(layer, x, ft.TrainPlan("matrix", "lerp"), jit=False)
+
   def test_auto_picks_by_cost(self):
     # A 3x3 conv at 32x32: the epitome convolution and two 1x1 remixes cost a
     # third of the stock convolution.
-    conv = ke.EpitomeConv2D(64, 3, padding="same", compression=4)
+    # (channel_roll=0: both remixes can leave the kernel; with the default
+    # roll every output chunk needs its own kernel, so the output side folds.)
+    conv = ke.EpitomeConv2D(64, 3, padding="same", compression=4, channel_roll=0)
     conv(tf.zeros([1, 32, 32, 64]))
     plan = conv.train_plan(tf.TensorShape([32, 32, 32, 64]))
     self.assertEqual(plan, ft.TrainPlan("matrix", "matrix"))
+    rolled = ke.EpitomeConv2D(64, 3, padding="same", compression=4)
+    rolled(tf.zeros([1, 32, 32, 64]))
+    plan = rolled.train_plan(tf.TensorShape([32, 32, 32, 64]))
+    self.assertEqual(plan.out_mode, "fold")
+    self.assertNotEqual(plan.in_mode, "fold")
     # Dense at batch 64: remixing the activations is cheap, matrices are not.
-    dense = ke.EpitomeDense(1024, compression=4)
+    dense = ke.EpitomeDense(1024, compression=4, channel_roll=0)
     dense(tf.zeros([1, 1024]))
     self.assertEqual(dense.train_plan((64, 1024)), ft.TrainPlan("lerp", "lerp"))
     # compression close to 1: the factored form has as many multiply-adds as

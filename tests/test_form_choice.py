@@ -19,7 +19,13 @@ def _model(width, epitome_shape, size=16, rng=None):
   rng = rng or np.random.default_rng(0)
   inputs = keras.Input((size, size, width))
   conv = ke.EpitomeConv2D(
-    width, 3, padding="same", use_bias=False, epitome_shape=epitome_shape, name="conv"
+    width,
+    3,
+    padding="same",
+    use_bias=False,
+    epitome_shape=epitome_shape,
+    channel_roll=0,  # the MAC arithmetic below is the separable map's
+    name="conv",
   )
   h = keras.layers.BatchNormalization(name="bn")(conv(inputs))
   out = keras.layers.ReLU()(h)
