@@ -36,10 +36,15 @@ sys.path.insert(
   0,
   os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
 )
+# The tests' NumPy oracle: an independent loop over kernel entries.
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+)
 
 import common as C  # noqa: E402
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
+import oracle  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_epitome as ke  # noqa: E402
@@ -80,10 +85,10 @@ class RefEpitomeConv1D(keras.layers.Layer):
 
   def build(self, input_shape):
     ks = (self.k, int(input_shape[-1]), self.filters)
-    g = sampling.EpitomeGeometry(ks, self.es)
+    g = sampling.EpitomeGeometry(ks, self.es)  # channel_roll=0: the separable map
     routing = sampling.fixed_routing(g)
     ids = np.arange(g.epitome_size, dtype=np.float64).reshape(self.es)
-    table = sampling.sample_kernel_numpy(ids, routing, g)
+    table = oracle.sample_kernel(ids, routing, g)
     if self.roll:  # output chunk b reads input channels rolled by b (wrapping)
       table = np.zeros(ks)
       for s, ci, co in np.ndindex(*ks):
