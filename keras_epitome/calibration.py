@@ -390,29 +390,25 @@ class _Problem:
     self.mu = mu
     self.q = int(np.prod(g.spatial_e)) * g.cin_e if g.rank else g.cin_e
     self._cache: Dict[Tuple, Any] = {}
-    if g.rank:
-      grid = np.meshgrid(*[np.arange(d) for d in g.spatial], indexing="ij")
-      self._s_grid = np.stack(grid, -1).reshape(-1, g.rank)
-    else:
-      self._s_grid = np.zeros((1, 0), np.int64)
-    self._ci = np.arange(g.cin)
 
   def _index(self, in_off: Tuple[int, ...], key: Tuple) -> np.ndarray:
     """Epitome-slice index (over ``(*S_E, Cin_E)``) read by each kernel row.
 
     ``key`` is ``(sigma, roll)``: an output chunk's spatial window and the
     static roll of the input channels it reads (``EpitomeGeometry.in_rolls``).
+    Read off the sampler (:func:`keras_epitome.sampling.epitome_reads`) for an
+    output chunk with that roll, placed at that window.
     """
     g = self.g
     sigma, roll = key
-    a, u = np.divmod(self._ci, g.cin_e)
-    e_ch = (u + np.asarray(in_off, np.int64)[a] + roll) % g.cin_e  # (Cin,)
-    if g.rank:
-      pos = self._s_grid + np.asarray(sigma, np.int64)  # (prod S, rank)
-      flat_s = np.ravel_multi_index(tuple(pos.T), g.spatial_e)
-    else:
-      flat_s = np.zeros(1, np.int64)
-    return (flat_s[:, None] * g.cin_e + e_ch[None, :]).reshape(-1)
+    b = int(np.flatnonzero(g.in_rolls == roll)[0])
+    spatial = np.zeros((g.num_out_chunks, g.rank))
+    spatial[b] = sigma
+    routing = sampling.RoutingMap(
+      np.asarray(in_off, np.float64), np.zeros(g.num_out_chunks), spatial
+    )
+    reads = sampling.epitome_reads(routing, g, "calibration").reshape(-1, g.cout)
+    return reads[:, b * g.cout_e] // g.cout_e
 
   def _block(self, in_off, sigma):
     key = (in_off, sigma)

@@ -751,6 +751,56 @@ def fixed_routing(
 # Closed-form fit (DESIGN.md section 5).
 
 
+def epitome_reads(
+  routing: RoutingMap, geometry: EpitomeGeometry, what: str = "epitome_reads"
+) -> np.ndarray:
+  """The epitome entry each kernel entry reads, for an integer routing map.
+
+  Args:
+    routing: integer-valued :class:`RoutingMap`.
+    geometry: the layer's geometry.
+    what: the caller's name, for error messages.
+
+  Returns:
+    A kernel-shaped ``int64`` array of flat indices into the epitome.
+
+  Raises:
+    ValueError: if an offset is fractional or not finite.
+
+  Example:
+    >>> g = EpitomeGeometry((4, 2), (2, 2))
+    >>> r = RoutingMap(np.array([0.0, 1.0]), np.zeros(1), np.zeros((1, 0)))
+    >>> epitome_reads(r, g).tolist()
+    [[0, 1], [2, 3], [2, 3], [0, 1]]
+  """
+  g = geometry
+  spec.check_finite_offsets(routing, what)
+  for name, arr in zip(RoutingMap._fields, routing, strict=True):
+    arr = np.asarray(arr, np.float64)
+    if arr.size and not np.allclose(arr, np.round(arr)):
+      raise ValueError(
+        f"{what} needs integer offsets; {name} has fractional values "
+        f"{arr[np.abs(arr - np.round(arr)) > 1e-9][:4]}"
+      )
+  # With integer offsets every kernel entry reads exactly one epitome entry:
+  # sampling an epitome that holds its own flat indices gives, per kernel
+  # entry, the entry it reads (exactly: the interpolation weights are 0).
+  # Eager under init_scope, so this also works while a graph is being built
+  # and without a gradient tape (Keras builds layers with tapes paused).
+  with tf.init_scope():
+    ids = tf.reshape(tf.range(g.epitome_size, dtype=tf.float64), g.epitome_shape)
+    k = sample_kernel(
+      ids,
+      tf.constant(np.round(routing.in_offsets), tf.float64),
+      tf.constant(np.round(routing.out_offsets), tf.float64),
+      tf.constant(np.round(routing.spatial_offsets), tf.float64)
+      if g.slack_axes
+      else None,
+      g,
+    )
+    return np.rint(k.numpy()).astype(np.int64)
+
+
 def fit_epitome(
   kernel, routing: RoutingMap, geometry: EpitomeGeometry, fill=None
 ) -> np.ndarray:
@@ -788,32 +838,8 @@ def fit_epitome(
       f"kernel shape {tuple(kernel.shape)} does not match the geometry's "
       f"{g.kernel_shape}"
     )
-  spec.check_finite_offsets(routing, "fit_epitome")
-  for name, arr in zip(RoutingMap._fields, routing, strict=True):
-    arr = np.asarray(arr, np.float64)
-    if arr.size and not np.allclose(arr, np.round(arr)):
-      raise ValueError(
-        f"fit_epitome needs integer offsets; {name} has fractional values "
-        f"{arr[np.abs(arr - np.round(arr)) > 1e-9][:4]}"
-      )
   dtype = kernel.dtype if kernel.dtype.kind == "f" else np.float32
-  # With integer offsets every kernel entry reads exactly one epitome entry:
-  # sampling an epitome that holds its own flat indices gives, per kernel
-  # entry, the entry it reads (exactly: the interpolation weights are 0).
-  # Eager under init_scope, so this also works while a graph is being built
-  # and without a gradient tape (Keras builds layers with tapes paused).
-  with tf.init_scope():
-    ids = tf.reshape(tf.range(g.epitome_size, dtype=tf.float64), g.epitome_shape)
-    k = sample_kernel(
-      ids,
-      tf.constant(np.round(routing.in_offsets), tf.float64),
-      tf.constant(np.round(routing.out_offsets), tf.float64),
-      tf.constant(np.round(routing.spatial_offsets), tf.float64)
-      if g.slack_axes
-      else None,
-      g,
-    )
-    reads = np.rint(k.numpy()).astype(np.int64).reshape(-1)
+  reads = epitome_reads(routing, g, "fit_epitome").reshape(-1)
   sums = np.bincount(
     reads, weights=kernel.astype(np.float64).reshape(-1), minlength=g.epitome_size
   ).reshape(g.epitome_shape)
