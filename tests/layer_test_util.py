@@ -28,10 +28,14 @@ def stock_kwargs(kwargs: dict) -> dict:
   return {k: v for k, v in kwargs.items() if k not in EPITOME_ARGS}
 
 
-def randomize_routing(layer, seed: int = 0):
-  """Gives a built layer fractional offsets, so every gradient path is exercised."""
+def randomize_routing(layer, seed: int = 0, rng=None):
+  """Gives a built layer fractional offsets, so every gradient path is exercised.
+
+  ``rng`` (a NumPy generator) continues a stream shared across layers; else a
+  generator seeded with ``seed`` is used.
+  """
   g = layer.epitome_geometry
-  rng = np.random.default_rng(seed)
+  rng = np.random.default_rng(seed) if rng is None else rng
   routing = ke.RoutingMap(
     rng.uniform(0, g.cin_e, g.num_in_chunks),
     rng.uniform(0, g.cout_e, g.num_out_chunks),

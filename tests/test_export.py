@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 from absl.testing import parameterized
+from layer_test_util import randomize_routing
 
 import keras_epitome as ke
 from keras_epitome import export, litert, sampling
@@ -61,14 +62,7 @@ def _cnn(
 def _fractional(model, seed=0):
   rng = np.random.default_rng(seed)
   for layer in export.epitome_layers(model):
-    g = layer.epitome_geometry
-    layer.set_routing_map(
-      sampling.RoutingMap(
-        rng.uniform(0, g.cin_e, g.num_in_chunks),
-        rng.uniform(0, g.cout_e, g.num_out_chunks),
-        rng.uniform(0, 1, (g.num_out_chunks, g.rank)) * np.asarray(g.slack, float),
-      )
-    )
+    randomize_routing(layer, rng=rng)
 
 
 def _audio(seed=0, channel_roll=1):

@@ -9,6 +9,7 @@ interpolation weights), to 1e-5 relative to their scale.
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
+from layer_test_util import randomize_routing
 
 import keras_epitome as ke
 from keras_epitome import factored_training as ft
@@ -58,17 +59,6 @@ CASES = [
 ]
 
 
-def _random_routing(layer, rng):
-  g = layer.epitome_geometry
-  layer.set_routing_map(
-    sampling.RoutingMap(
-      rng.uniform(0, g.cin_e, g.num_in_chunks),
-      rng.uniform(0, g.cout_e, g.num_out_chunks),
-      rng.uniform(0, 1, (g.num_out_chunks, g.rank)) * np.asarray(g.slack, float),
-    )
-  )
-
-
 def _forced(layer, plan):
   """``layer`` with its plan fixed (train_plan is looked up per call)."""
   layer.train_plan = lambda shape: plan
@@ -98,7 +88,7 @@ class FactoredTrainingTest(tf.test.TestCase, parameterized.TestCase):
     x = tf.constant(rng.standard_normal(shape), tf.float32)
     layer = cls(**kwargs, bias_initializer="random_normal")
     layer(x)
-    _random_routing(layer, rng)
+    randomize_routing(layer, rng=rng)
     names = [v.name for v in layer.trainable_variables]
     self.assertTrue(any("offsets" in n for n in names), names)
     y0, g0 = self._values_and_grads(layer, x, ft.KERNEL_PLAN)
@@ -132,7 +122,7 @@ class FactoredTrainingTest(tf.test.TestCase, parameterized.TestCase):
         channel_roll=roll,
       )
       layer(x)
-      _random_routing(layer, rng)
+      randomize_routing(layer, rng=rng)
       start = [v.numpy() for v in layer.non_trainable_variables]
       y0, g0 = self._values_and_grads(layer, x, ft.KERNEL_PLAN, jit=True)
       for v, s in zip(layer.non_trainable_variables, start, strict=True):

@@ -5,22 +5,11 @@ import os
 import numpy as np
 import oracle
 import tensorflow as tf
+from layer_test_util import randomize_routing
 
 import keras_epitome as ke
-from keras_epitome import sampling
 
 keras = ke.keras
-
-
-def _fractional(layer, rng):
-  g = layer.epitome_geometry
-  layer.set_routing_map(
-    sampling.RoutingMap(
-      rng.uniform(0, g.cin_e, g.num_in_chunks),
-      rng.uniform(0, g.cout_e, g.num_out_chunks),
-      rng.uniform(0, 1, (g.num_out_chunks, g.rank)) * np.asarray(g.slack, float),
-    )
-  )
 
 
 def _is_integer(routing):
@@ -43,7 +32,7 @@ class HardenTest(tf.test.TestCase):
     rng = np.random.default_rng(0)
     layer = ke.EpitomeConv2D(8, 3, epitome_shape=(4, 3, 3, 4))
     layer(tf.zeros((1, 6, 6, 6)))
-    _fractional(layer, rng)
+    randomize_routing(layer, rng=rng)
     before = layer.kernel.numpy()
     g = layer.epitome_geometry
     # Rounding alone, for comparison: the refit can only be closer.
@@ -64,7 +53,7 @@ class HardenTest(tf.test.TestCase):
     rng = np.random.default_rng(1)
     model = _model()
     for name in ("c1", "d"):
-      _fractional(model.get_layer(name), rng)
+      randomize_routing(model.get_layer(name), rng=rng)
     model.get_layer("bn").set_weights(
       [rng.uniform(0.5, 2, w.shape) for w in model.get_layer("bn").get_weights()]
     )
