@@ -109,25 +109,24 @@ def convert(model, quantize=None, representative_data=None, batch_size=None) -> 
   Raises:
     ValueError: if ``"int8"`` calibration produced no batch.
   """
-  inf = model
   specs = [
     tf.TensorSpec([batch_size] + list(t.shape[1:]), tf.float32, name=f"input_{i}")
-    for i, t in enumerate(inf.inputs)
+    for i, t in enumerate(model.inputs)
   ]
 
   @tf.function(input_signature=specs)
   def serve(*args):
-    return inf(list(args) if len(args) > 1 else args[0], training=False)
+    return model(list(args) if len(args) > 1 else args[0], training=False)
 
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
-    [serve.get_concrete_function()], inf
+    [serve.get_concrete_function()], model
   )
   if quantize is not None:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
   batches = [0]
   if quantize == "int8":
     source = _representative(
-      representative_data, batch_size, [list(t.shape) for t in inf.inputs]
+      representative_data, batch_size, [list(t.shape) for t in model.inputs]
     )
 
     def counted():
