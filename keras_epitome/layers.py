@@ -168,14 +168,9 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
   def _build_epitome(self, kernel_shape, kernel_kwargs):
     desc = self._desc()
     try:
-      if self.epitome_shape is not None:
-        epitome_shape = tuple(self.epitome_shape)
-      else:
-        epitome_shape = sampling.epitome_shape_for_ratio(kernel_shape, self.compression)
-      geometry = sampling.EpitomeGeometry(
-        kernel_shape, epitome_shape, channel_roll=self.channel_roll
+      geometry = sampling.layer_geometry(
+        kernel_shape, self.compression, self.epitome_shape, self.channel_roll
       )
-      spec.check_stored_size(geometry)
       routing = sampling.fixed_routing(geometry, self.spatial_stride)
     except ValueError as e:
       raise ValueError(f"{desc}: {e}") from None
@@ -195,7 +190,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     # cast to the compute dtype, in call().
     self.epitome = super().add_weight(
       "epitome",
-      shape=epitome_shape,
+      shape=geometry.epitome_shape,
       initializer=epitome_initializer,
       regularizer=self.kernel_regularizer,
       constraint=self.kernel_constraint,

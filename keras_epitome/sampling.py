@@ -343,6 +343,30 @@ def epitome_shape_for_ratio(
   return kernel_shape[:-2] + (cin_e, cout_e)
 
 
+def layer_geometry(
+  kernel_shape: Sequence[int],
+  compression: Optional[float] = None,
+  epitome_shape: Optional[Sequence[int]] = None,
+  channel_roll: int = 0,
+) -> EpitomeGeometry:
+  """The geometry a layer builds: its explicit epitome shape, else the ratio rule's.
+
+  Checks that the epitome and its routing map store no more than the kernel
+  (:func:`keras_epitome.spec.check_stored_size`).
+
+  Example:
+    >>> layer_geometry((3, 3, 64, 64), compression=4).epitome_shape
+    (3, 3, 32, 32)
+  """
+  if epitome_shape is None:
+    epitome_shape = epitome_shape_for_ratio(kernel_shape, compression)
+  geometry = EpitomeGeometry(
+    kernel_shape, tuple(int(d) for d in epitome_shape), channel_roll=channel_roll
+  )
+  spec.check_stored_size(geometry)
+  return geometry
+
+
 # ----------------------------------------------------------------------------
 # Index tables (NumPy, once per geometry).
 

@@ -202,13 +202,9 @@ def _epitome_config(layer, kwargs) -> Dict[str, Any]:
 
 def _check_geometry(kernel_shape, kwargs):
   """Raises the ValueError the epitome layer's build would raise, if any."""
-  if kwargs.get("epitome_shape") is not None:
-    epitome_shape = tuple(int(d) for d in kwargs["epitome_shape"])
-  else:
-    epitome_shape = sampling.epitome_shape_for_ratio(
-      kernel_shape, kwargs["compression"]
-    )
-  spec.check_stored_size(sampling.EpitomeGeometry(kernel_shape, epitome_shape))
+  sampling.layer_geometry(
+    kernel_shape, kwargs.get("compression"), kwargs.get("epitome_shape")
+  )
 
 
 def _fit_layer(old, new) -> float:
