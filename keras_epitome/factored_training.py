@@ -27,6 +27,16 @@ interpolation weights. Each side runs in one of three ways (a
   ``(*S, Cin, Cout_E)``). Spatial offsets (``S_E > S``) always fold the
   output side: each output chunk reads its own window.
 
+With a channel roll, output chunk ``b`` reads the epitome's input channels
+rolled by ``r_b``, so the chunks do not share one ``Cout_E``-channel
+convolution. An unfolded output side then runs one convolution with the
+*stacked rolled epitome* ``(*S, Cin_mid, B * Cout_E)`` (chunk ``b``'s block is
+the epitome rolled by ``r_b``: static slices, no interpolation) and remixes
+each chunk's own ``Cout_E`` outputs (``"lerp"``: a per-chunk window;
+``"matrix"``: a per-chunk ``Cout_E x Cout_E`` matrix). Its multiply-adds are
+``1/A`` of the stock layer's (the input side still folds ``A``-fold), and the
+kernel-sized sampling of the folded output side is gone.
+
 Folding both sides is the sampled-kernel path. :func:`plan_for` picks the
 plan with the smallest estimated cost of one forward and backward pass: the
 multiply-adds of the convolution and matrix remixes, the elementwise passes of
@@ -40,8 +50,8 @@ Example:
   >>> import keras_epitome as ke
   >>> layer = ke.EpitomeDense(1024, compression=4, train_form="auto")
   >>> y = layer(tf.zeros([64, 1024]), training=True)
-  >>> layer.train_plan(tf.TensorShape([64, 1024]))  # the roll folds the output side
-  TrainPlan(in_mode='lerp', out_mode='fold')
+  >>> layer.train_plan(tf.TensorShape([64, 1024]))
+  TrainPlan(in_mode='lerp', out_mode='lerp')
 """
 
 from __future__ import annotations
@@ -60,13 +70,16 @@ _MODES = ("matrix", "lerp", "fold")
 # float32), for one forward and backward pass: per multiply-add of a
 # convolution or matmul (times 3: forward, input and weight gradients), per
 # activation element remixed by a lerp (forward and backward: pad, reads,
-# blend, reduce), per kernel element sampled (about ten passes), and per
+# blend, reduce), per kernel element sampled (about ten passes), per kernel
+# element of a stacked rolled epitome (static slices, forward and backward),
+# and per
 # TensorFlow op (graph-executor dispatch). Fitted to per-plan step times of
 # the ``benchmarks/train_step.py`` shapes (``--plans`` prints them).
 COST_NS = {
   "mac": 3 * 0.006,
   "lerp": 4.0,
   "sample": 4.5,
+  "stack": 1.0,
   "op": 5000.0,
 }
 # Batch assumed when the batch dimension is not known at trace time
@@ -124,11 +137,17 @@ def plan_cost(
   g = geometry
   s = int(np.prod(g.spatial)) if g.rank else 1
   cin_mid = g.cin if plan.in_mode == "fold" else g.cin_e
-  cout_mid = g.cout if plan.out_mode == "fold" else g.cout_e
+  stacked = _stacks_rolls(plan, g)
+  if plan.out_mode == "fold":
+    cout_mid = g.cout
+  else:
+    cout_mid = g.num_out_chunks * g.cout_e if stacked else g.cout_e
   total = c["mac"] * out_positions * s * cin_mid * cout_mid + 6 * c["op"]
-  folded = plan.in_mode == "fold" or plan.out_mode == "fold"
-  if folded:  # the convolution's kernel is sampled
+  if plan.in_mode == "fold" or plan.out_mode == "fold":
+    # the convolution's kernel is sampled
     total += c["sample"] * s * cin_mid * cout_mid + 60 * c["op"]
+  elif stacked:  # the rolled epitomes, stacked by static slices
+    total += c["stack"] * s * cin_mid * cout_mid + 10 * g.num_out_chunks * c["op"]
   if plan.in_mode == "matrix":
     total += c["mac"] * in_positions * g.cin * g.cin_e
     total += c["sample"] * g.cin * g.cin_e + 60 * c["op"]
@@ -142,14 +161,19 @@ def plan_cost(
   return float(total)
 
 
+def _stacks_rolls(plan: TrainPlan, geometry: sampling.EpitomeGeometry) -> bool:
+  """Whether ``plan`` convolves with the stacked rolled epitome (see module doc)."""
+  return plan.out_mode != "fold" and bool(geometry.in_rolls.any())
+
+
 def candidate_plans(geometry: sampling.EpitomeGeometry):
   """The plans that apply to ``geometry``.
 
-  Spatial slack, and a channel roll (each output chunk reads the epitome's
-  input channels rolled by its own amount), fold the output side: each output
-  chunk then needs its own convolution kernel.
+  Spatial slack folds the output side: each output chunk reads its own
+  epitome window, so each needs its own convolution kernel. A channel roll
+  does not: the chunks' rolled epitomes are stacked into one kernel.
   """
-  outs = ("fold",) if geometry.slack_axes or geometry.in_rolls.any() else _MODES
+  outs = ("fold",) if geometry.slack_axes else _MODES
   return [TrainPlan(i, o) for i in _MODES for o in outs]
 
 
@@ -236,19 +260,27 @@ def factored_apply(
   if plan not in candidate_plans(g):
     raise ValueError(
       f"train plan {plan} cannot compute this layer (epitome {g.epitome_shape}, "
-      f"kernel {g.kernel_shape}): spatial slack or a channel roll needs "
-      "out_mode='fold'; valid: " + ", ".join(map(str, candidate_plans(g)))
+      f"kernel {g.kernel_shape}): spatial slack needs out_mode='fold'; valid: "
+      + ", ".join(map(str, candidate_plans(g)))
     )
   in_fold = plan.in_mode == "fold"
   out_fold = plan.out_mode == "fold"
-  # The convolution's kernel: the epitome with the folded sides sampled in.
-  if in_fold or out_fold:
-    mid_shape = g.spatial + (
-      g.cin if in_fold else g.cin_e,
-      g.cout if out_fold else g.cout_e,
-    )
+  stacked = _stacks_rolls(plan, g)
+  b = g.num_out_chunks
+  # The convolution's kernel: the epitome with the folded sides sampled in
+  # (and, with a roll and an unfolded output side, one rolled copy per chunk).
+  if stacked and not in_fold:
+    kernel = sampling.stack_rolls(epitome, g)
+  elif in_fold or out_fold:
+    cin_mid = g.cin if in_fold else g.cin_e
+    if out_fold:
+      cout_mid = g.cout
+    else:
+      cout_mid = b * g.cout_e if stacked else g.cout_e
     mid_g = sampling.EpitomeGeometry(
-      mid_shape, g.epitome_shape, channel_roll=g.channel_roll if out_fold else 0
+      g.spatial + (cin_mid, cout_mid),
+      g.epitome_shape,
+      channel_roll=g.channel_roll if (out_fold or stacked) else 0,
     )
     zero_in = tf.zeros([mid_g.num_in_chunks], dtype)
     zero_out = tf.zeros([mid_g.num_out_chunks], dtype)
@@ -266,8 +298,11 @@ def factored_apply(
   elif plan.in_mode == "lerp":
     x = sampling.remix_in(x, in_offsets, g)
   y = conv_fn(x, kernel)
+  if stacked:
+    return sampling.remix_out_chunks(y, out_offsets, g, plan.out_mode)
   if plan.out_mode == "matrix":
     y = _pointwise(y, sampling.remix_matrix_out(out_offsets, g, dtype))
   elif plan.out_mode == "lerp":
     y = sampling.remix_out(y, out_offsets, g)
   return y
+

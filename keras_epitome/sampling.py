@@ -716,6 +716,58 @@ def remix_out(y, out_offsets, geometry: EpitomeGeometry):
   return out
 
 
+def stack_rolls(epitome, geometry: EpitomeGeometry):
+  """The rolled epitomes of every output chunk, ``(*S_E, Cin_E, B * Cout_E)``.
+
+  Used by training in the factored form with a channel roll
+  (:mod:`keras_epitome.factored_training`).
+
+  Block ``b`` is the epitome with its input channels read from ``r_b`` on
+  (``(u + r_b) mod Cin_E``): ``conv(x', stack_rolls(E))`` gives every output
+  chunk's epitome convolution before its output remix. Static slices and
+  concats only; the gradient is their transpose.
+
+  Example:
+    >>> g = EpitomeGeometry((4, 4), (2, 2), channel_roll=1)
+    >>> stack_rolls(tf.constant([[1.0, 2.0], [3.0, 4.0]]), g).numpy().tolist()
+    [[1.0, 2.0, 3.0, 4.0], [3.0, 4.0, 1.0, 2.0]]
+  """
+  g = geometry
+  rank = g.rank
+  e = tf.expand_dims(tf.convert_to_tensor(epitome), rank + 1)  # (.., Cin_E, 1, Cout_E)
+  e = tf.concat([e] * g.num_out_chunks, axis=rank + 1) if g.num_out_chunks > 1 else e
+  e = _roll_chunks(e, g.in_rolls, axis=rank, chunk_axis=rank + 1)
+  return tf.reshape(e, list(g.spatial_e) + [g.cin_e, g.num_out_chunks * g.cout_e])
+
+
+def remix_out_chunks(y, out_offsets, geometry: EpitomeGeometry, mode: str):
+  """``R_out`` of per-chunk outputs: ``(..., B * Cout_E) -> (..., Cout)``.
+
+  The counterpart of :func:`remix_out` when every output chunk has its own
+  epitome convolution (the convolution with :func:`stack_rolls`'s kernel).
+
+  Chunk ``b`` reads its own ``Cout_E`` channels (``"lerp"``: an interpolated
+  window at its offset; ``"matrix"``: its block of the ``R_out`` matrix).
+  """
+  g = geometry
+  b, coe = g.num_out_chunks, g.cout_e
+  chunks = tf.reshape(y, _with_channels(y, [b, coe]))
+  axis = chunks.shape.rank - 1
+  if mode == "lerp":
+    n, frac = _split_channel_offset(tf.cast(out_offsets, y.dtype), coe)
+    out = _window_lerp(chunks, n, frac, axis, coe, batch_axis=axis - 1, wrap=True)
+  else:
+    m = remix_matrix_out(out_offsets, g, y.dtype)  # (Cout_E, Cout)
+    if b * coe > g.cout:
+      m = tf.pad(m, [[0, 0], [0, b * coe - g.cout]])
+    m = tf.transpose(tf.reshape(m, [coe, b, coe]), [1, 0, 2])  # (B, Cout_E, Cout_E)
+    out = tf.einsum("...bi,bij->...bj", chunks, m)
+  out = tf.reshape(out, _with_channels(y, [b * coe]))
+  if b * coe > g.cout:
+    out = out[..., : g.cout]
+  return out
+
+
 # ----------------------------------------------------------------------------
 # Routing maps that need no training.
 

@@ -54,6 +54,20 @@ CASES = [
     (2, 15, 9),
   ),
   ("dense_partial", ke.EpitomeDense, dict(units=20, epitome_shape=(6, 8)), (5, 14)),
+  # A roll of 2 (rolls 0, 2, 4), partial output chunk.
+  (
+    "dense_roll2",
+    ke.EpitomeDense,
+    dict(units=20, epitome_shape=(6, 7), channel_roll=2),
+    (5, 14),
+  ),
+  # The separable map (no roll): the chunks share one epitome convolution.
+  (
+    "conv2d_no_roll",
+    ke.EpitomeConv2D,
+    dict(filters=20, kernel_size=3, epitome_shape=(3, 3, 6, 8), channel_roll=0),
+    (2, 7, 7, 14),
+  ),
   # Dense on a rank-3 input.
   ("dense_rank3", ke.EpitomeDense, dict(units=9, epitome_shape=(4, 4)), (2, 3, 10)),
 ]
@@ -106,12 +120,12 @@ class FactoredTrainingTest(tf.test.TestCase, parameterized.TestCase):
   def test_xla_and_feature_learner(self):
     rng = np.random.default_rng(1)
     x = tf.constant(rng.standard_normal((4, 8, 8, 12)), tf.float32)
-    # With the channel roll the output side folds (each chunk its own kernel).
+    # With the channel roll the unfolded output side remixes per-chunk outputs.
     for learner, roll, plan in (
       ("param", 0, ft.TrainPlan("matrix", "lerp")),
       ("feature", 0, ft.TrainPlan("matrix", "lerp")),
-      ("param", 1, ft.TrainPlan("matrix", "fold")),
-      ("feature", 1, ft.TrainPlan("lerp", "fold")),
+      ("param", 1, ft.TrainPlan("matrix", "lerp")),
+      ("feature", 1, ft.TrainPlan("lerp", "matrix")),
     ):
       layer = ke.EpitomeConv2D(
         16,
@@ -132,18 +146,19 @@ class FactoredTrainingTest(tf.test.TestCase, parameterized.TestCase):
       for a, b in zip(g0, g1, strict=True):
         self.assertAllClose(a, b, atol=1e-5 * max(1.0, np.abs(a).max()))
 
-  def test_a_plan_that_cannot_express_the_roll_is_refused(self):
-    layer = ke.EpitomeConv2D(16, 3, padding="same", epitome_shape=(3, 3, 5, 6))
+  def test_a_plan_that_cannot_express_spatial_slack_is_refused(self):
+    layer = ke.EpitomeConv2D(16, 3, padding="same", epitome_shape=(5, 3, 5, 6))
     x = tf.zeros([2, 8, 8, 12])
     layer(x)
-    with self.assertRaisesRegex(ValueError, "fold"):
+    with self.assertRaisesRegex(ValueError, "slack needs out_mode='fold'"):
       self._values_and_grads(layer, x, ft.TrainPlan("matrix", "lerp"), jit=False)
 
   def test_auto_picks_by_cost(self):
     # A 3x3 conv at 32x32: the epitome convolution and two 1x1 remixes cost a
     # third of the stock convolution.
-    # (channel_roll=0: both remixes can leave the kernel; with the default
-    # roll every output chunk needs its own kernel, so the output side folds.)
+    # (channel_roll=0: one epitome convolution serves every output chunk. With
+    # the default roll each chunk has its own, and the folded output side is
+    # the same convolution, 32 -> 64 channels, without an output remix.)
     conv = ke.EpitomeConv2D(64, 3, padding="same", compression=4, channel_roll=0)
     conv(tf.zeros([1, 32, 32, 64]))
     plan = conv.train_plan(tf.TensorShape([32, 32, 32, 64]))
@@ -151,12 +166,14 @@ class FactoredTrainingTest(tf.test.TestCase, parameterized.TestCase):
     rolled = ke.EpitomeConv2D(64, 3, padding="same", compression=4)
     rolled(tf.zeros([1, 32, 32, 64]))
     plan = rolled.train_plan(tf.TensorShape([32, 32, 32, 64]))
-    self.assertEqual(plan.out_mode, "fold")
-    self.assertNotEqual(plan.in_mode, "fold")
-    # Dense at batch 64: remixing the activations is cheap, matrices are not.
-    dense = ke.EpitomeDense(1024, compression=4, channel_roll=0)
-    dense(tf.zeros([1, 1024]))
-    self.assertEqual(dense.train_plan((64, 1024)), ft.TrainPlan("lerp", "lerp"))
+    self.assertEqual(plan, ft.TrainPlan("matrix", "fold"))
+    # Dense at batch 64: remixing the activations is cheap, matrices and
+    # sampling a 512 x 1024 folded kernel are not; with the roll the chunks'
+    # rolled epitomes are stacked (static slices).
+    for roll in (0, 1):
+      dense = ke.EpitomeDense(1024, compression=4, channel_roll=roll)
+      dense(tf.zeros([1, 1024]))
+      self.assertEqual(dense.train_plan((64, 1024)), ft.TrainPlan("lerp", "lerp"), roll)
     # compression close to 1: the factored form has as many multiply-adds as
     # the kernel's, plus the remixes, so the kernel path wins.
     near = ke.EpitomeConv2D(64, 3, padding="same", epitome_shape=(3, 3, 64, 60))
