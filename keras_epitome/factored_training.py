@@ -305,4 +305,3 @@ def factored_apply(
   elif plan.out_mode == "lerp":
     y = sampling.remix_out(y, out_offsets, g)
   return y
-
