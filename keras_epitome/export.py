@@ -107,8 +107,8 @@ def inference_model(
     model: a built Keras model (epitome layers anywhere, nested models too).
     form: ``"factored"`` or ``"materialized"``.
     fold_batchnorm: for ``"factored"``, fold following BatchNorms.
-    remix: for ``"factored"``: ``"slices"``, ``"matmul"`` or ``"auto"`` (see
-      :func:`keras_epitome.factorize`).
+    remix: for ``"factored"``: one of :data:`keras_epitome.factored.FORMS`
+      or ``"auto"`` (see :func:`keras_epitome.factorize`).
     precision, choose, form_report, objective: for ``remix="auto"``, as in
       :func:`keras_epitome.factorize`.
 
@@ -190,10 +190,13 @@ def export_tflite(
       static shapes run faster on LiteRT).
     fold_batchnorm: fold BatchNorms into factored layers.
     remix: for ``"factored"``: ``"auto"`` (default: per layer, the fastest
-      on LiteRT of the two remixes and the materialized stock layer, for the
-      precision being exported, so the model is never slower than stock),
-      ``"slices"`` (the smallest file) or ``"matmul"`` (channel remixes as
-      1x1 convolutions: fewer ops, faster on narrow layers, a larger file).
+      on LiteRT of the factored forms and the materialized stock layer, for
+      the precision being exported, so the model is never slower than stock),
+      ``"slices"`` (the smallest file), ``"matmul"`` (channel remixes as
+      1x1 convolutions: fewer ops, faster on narrow layers, a larger file),
+      ``"fold_slices"`` or ``"fold_matmul"`` (``R_out`` folded into one
+      ``(*S, Cin_E, Cout)`` kernel: one convolution per layer however many
+      channel rolls or spatial windows it has).
     choose: for ``remix="auto"``: ``"cost"`` (default: a cost model
       calibrated on LiteRT) or ``"measure"`` (each candidate layer converted
       and timed with LiteRT, 1 thread; slower export).

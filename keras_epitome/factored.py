@@ -62,6 +62,9 @@ from keras_epitome.layers import EpitomeMixin
 _log = logging.getLogger(__name__)
 
 REMIXES = ("slices", "matmul")
+# Forms of :meth:`FactoredMixin.from_epitome_layer`: the remixes, and the same
+# with ``R_out`` folded into the kernel (``"fold_slices"``, ``"fold_matmul"``).
+FORMS = REMIXES + ("fold_slices", "fold_matmul")
 
 
 def _merge_ranges(ranges: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
@@ -198,6 +201,18 @@ class FactoredMixin:
     )
 
   @property
+  def _out_is_identity(self) -> bool:
+    """``R_out`` is the identity: one window of all ``Cout`` channels, unshifted."""
+    return (
+      self.num_windows == 1
+      and self.window_rolls is None
+      and self.epitome_shape[-1] == self.filters
+      and not any(self.out_shift)
+      and not any(self.out_frac)
+      and not self.use_scale
+    )
+
+  @property
   def _num_out_taps(self) -> int:
     if self.remix == "matmul":
       return 0
@@ -224,6 +239,8 @@ class FactoredMixin:
     if self.remix == "matmul":
       if not self._in_is_identity:
         macs += self.input_channels * ce
+      if self._out_is_identity:
+        return macs
       return macs + self.num_windows * coe * self.filters
     macs += 2 * ce * sum(1 for f in self.in_frac if f != 0.0)
     if self._num_out_taps == 2:
@@ -251,7 +268,8 @@ class FactoredMixin:
     if self.remix == "matmul":
       if not self._in_is_identity:
         shapes["in_matrix"] = (self.input_channels, self.epitome_shape[-2])
-      shapes["out_matrix"] = (self.num_windows * self.epitome_shape[-1], self.filters)
+      if not self._out_is_identity:
+        shapes["out_matrix"] = (self.num_windows * self.epitome_shape[-1], self.filters)
     if self.use_bias:
       shapes["bias"] = (self.filters,)
     for name, shape in shapes.items():
@@ -330,7 +348,8 @@ class FactoredMixin:
 
   def _remix_out(self, y):
     if self.remix == "matmul":
-      y = self._pointwise(y, self.out_matrix)
+      if self.out_matrix is not None:
+        y = self._pointwise(y, self.out_matrix)
       return y + self.bias if self.use_bias else y
     width = self.num_windows * self.epitome_shape[-1]
     y0 = _take(y, self._out_ranges(0), width)
@@ -397,6 +416,12 @@ class FactoredMixin:
         ``"matmul"`` (two 1x1 convolutions holding the same linear maps as
         ``Cin x Cin_E`` and ``W*Cout_E x Cout`` matrices: a few ops instead of
         tens, faster on narrow layers, at the cost of storing the matrices).
+        ``"fold_slices"`` / ``"fold_matmul"``: ``R_out`` (with the channel
+        roll, the spatial windows and a folded BatchNorm scale) folded into
+        one ``(*S, Cin_E, Cout)`` kernel, ``R_in`` as slices or a 1x1
+        convolution: two ops per layer and ``1/A`` of the stock
+        multiply-adds, storing ``Cin_E * Cout`` per tap (the rolled layers'
+        fastest form; see :data:`FORMS`).
 
     Returns:
       An unbuilt factored layer; its weights are set when it is first built.
@@ -417,10 +442,16 @@ class FactoredMixin:
         f"of rank {cls._rank}"
       )
     _check_factorizable(layer)
+    if remix not in FORMS:
+      raise ValueError(
+        f"{desc}: remix must be one of {', '.join(FORMS)}, got {remix!r}"
+      )
     g = layer.epitome_geometry
     epitome = layer.epitome.numpy().astype(np.float64)
     routing = layer.routing_map
     plan = sampling.factored_plan(epitome, routing, g)
+    if remix.startswith("fold_"):
+      return cls._folded(layer, batchnorm, name, remix[len("fold_") :], plan, epitome)
     windows = np.moveaxis(plan.windows, 0, -2)  # (*S, Cin_E, W, Cout_E)
     kernel = windows.reshape(g.spatial + (g.cin_e, -1))
     window_rolls = None
@@ -489,8 +520,61 @@ class FactoredMixin:
     if remix == "matmul":
       values = _matmul_values(cls, config, values)
       new = cls(**config, remix="matmul")
-    elif remix != "slices":
-      raise ValueError(f"remix must be one of {', '.join(REMIXES)}, got {remix!r}")
+    new._initial_values = {k: np.asarray(v, dtype) for k, v in values.items()}
+    return new
+
+  @classmethod
+  def _folded(cls, layer, batchnorm, name, remix, plan, epitome):
+    """``R_in`` (slices or matmul), then one conv with ``R_out`` folded in."""
+    g = layer.epitome_geometry
+    routing = layer.routing_map
+    # The kernel with zero input offsets: every output chunk's window, roll,
+    # channel offset and blend sampled in, (*S, Cin_E, Cout).
+    mid = sampling.EpitomeGeometry(
+      g.spatial + (g.cin_e, g.cout), g.epitome_shape, channel_roll=g.channel_roll
+    )
+    spatial = routing.spatial_offsets if g.slack_axes else None
+    kernel = sampling.sample_kernel(
+      tf.constant(epitome), np.zeros([1]), routing.out_offsets, spatial, mid
+    ).numpy()
+    # The plan's input shifts are relative to its most common shift n0.
+    n, _ = sampling.channel_taps(routing.in_offsets, g.cin_e)
+    n0 = int(np.bincount(n, minlength=g.cin_e).argmax())
+    kernel = np.roll(kernel, -n0, axis=-2)
+    bias = layer.bias.numpy().astype(np.float64) if layer.use_bias else None
+    activation = layer.activation
+    if batchnorm is not None:
+      if activation is not keras.activations.linear:
+        raise ValueError(
+          f"{type(layer).__name__} '{layer.name}': cannot fold {batchnorm.name!r} "
+          f"after a non-linear activation ({keras.activations.serialize(activation)})"
+        )
+      scale, shift = _batchnorm_affine(batchnorm, layer, g.cout)
+      kernel = kernel * scale
+      bias = shift if bias is None else scale * bias + shift
+    config = dict(
+      input_channels=g.cin,
+      epitome_shape=g.spatial + (g.cin_e, g.cout),
+      num_windows=1,
+      window_of_chunk=[0],
+      in_shift=plan.in_shift,
+      in_frac=plan.in_frac,
+      out_shift=[0],
+      out_frac=[0.0],
+      use_scale=False,
+      use_bias=bias is not None,
+      activation=activation,
+      name=name or layer.name,
+      dtype=layer.dtype,
+    )
+    config.update(cls._stock_kwargs(layer))
+    values = {"kernel": kernel}
+    if bias is not None:
+      values["bias"] = bias
+    if remix == "matmul":
+      values = _matmul_values(cls, config, values)
+    new = cls(**config, remix=remix)
+    dtype = np.dtype(layer.dtype)
     new._initial_values = {k: np.asarray(v, dtype) for k, v in values.items()}
     return new
 
@@ -509,9 +593,10 @@ def _matmul_values(cls, config, values):
   out = {"kernel": values["kernel"]}
   if not slices._in_is_identity:
     out["in_matrix"] = slices._remix_in(tf.eye(slices.input_channels, dtype="float64"))
-  width = slices.num_windows * slices.epitome_shape[-1]
-  eye = tf.eye(width, dtype="float64")
-  out["out_matrix"] = slices._remix_out(eye) - slices._remix_out(tf.zeros_like(eye))
+  if not slices._out_is_identity:
+    width = slices.num_windows * slices.epitome_shape[-1]
+    eye = tf.eye(width, dtype="float64")
+    out["out_matrix"] = slices._remix_out(eye) - slices._remix_out(tf.zeros_like(eye))
   if "bias" in values:
     out["bias"] = values["bias"]
   return {k: np.asarray(v) for k, v in out.items()}

@@ -9,6 +9,10 @@ epitome layer, :func:`choose_layer_form` builds the candidates
 
 * ``"slices"``: factored, remixes as static slices and blends (smallest file);
 * ``"matmul"``: factored, remixes as two 1x1 convolutions;
+* ``"fold_slices"`` / ``"fold_matmul"``: factored with ``R_out`` folded into
+  one ``(*S, Cin_E, Cout)`` kernel (``R_in`` as slices / a 1x1 convolution):
+  with a channel roll or spatial windows each output chunk needs its own
+  epitome convolution, and these run them all as one;
 * ``"materialized"``: the stock layer holding the sampled kernel (a following
   BatchNorm folded into its kernel and bias);
 
@@ -34,7 +38,7 @@ Example:
   >>> report = []
   >>> tflite = ke.export_tflite(model, form_report=report)
   >>> report[0].form in CANDIDATES, sorted(report[0].estimates_us)
-  (True, ['materialized', 'matmul', 'slices'])
+  (True, ['fold_matmul', 'fold_slices', 'materialized', 'matmul', 'slices'])
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from keras_epitome.backend import keras
 
 _log = logging.getLogger(__name__)
 
-CANDIDATES = ("slices", "matmul", "materialized")
+CANDIDATES = ("slices", "matmul", "fold_slices", "fold_matmul", "materialized")
 CHOOSE = ("cost", "measure")
 OBJECTIVES = ("latency", "size")
 PRECISIONS = ("float", "int8")
@@ -369,9 +373,10 @@ def factorize(
       every epitome layer replaced.
     remix: ``"slices"`` (default: the smallest file) or ``"matmul"`` (the
       channel remixes as 1x1 convolutions: fewer ops, faster on narrow
-      layers, larger file); see :meth:`FactoredMixin.from_epitome_layer`.
-      ``"auto"``: per layer, the fastest of ``"slices"``, ``"matmul"`` and
-      the materialized stock layer on LiteRT
+      layers, larger file), ``"fold_slices"`` or ``"fold_matmul"`` (``R_out``
+      folded into the kernel); see :meth:`FactoredMixin.from_epitome_layer`.
+      ``"auto"``: per layer, the fastest of these forms and the
+      materialized stock layer on LiteRT
       (:func:`keras_epitome.form_choice.choose_layer_form`).
     precision: for ``remix="auto"``: ``"float"`` or ``"int8"``, the
       precision whose latency the choice minimizes.
@@ -400,9 +405,9 @@ def factorize(
     True
   """
 
-  if remix not in factored.REMIXES + ("auto",):
+  if remix not in factored.FORMS + ("auto",):
     raise ValueError(
-      f"remix must be one of {', '.join(factored.REMIXES + ('auto',))}, got {remix!r}"
+      f"remix must be one of {', '.join(factored.FORMS + ('auto',))}, got {remix!r}"
     )
 
   def choose_layer(layer, bn):

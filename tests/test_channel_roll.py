@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import keras_epitome as ke
-from keras_epitome import sampling
+from keras_epitome import factored, sampling
 
 keras = ke.keras
 
@@ -214,17 +214,24 @@ class FactoredRollTest(tf.test.TestCase):
     model = keras.Model(inputs, layer(inputs))
     g = layer.epitome_geometry
     x = np.random.default_rng(0).standard_normal((2, 6, 6, 32)).astype(np.float32)
-    for remix in ("slices", "matmul"):
+    for remix in factored.FORMS:
       fast = ke.factorize(model, remix=remix)
       f = fast.get_layer("epi")
       windows = len(set(g.in_rolls.tolist()))
       if remix == "slices":  # one stored epitome, rolled activations
         self.assertEqual(f.window_rolls, sorted(set(g.in_rolls.tolist())))
         self.assertEqual(tuple(f.kernel.shape), g.epitome_shape)
-      else:  # one convolution over the stored rolled windows
+      elif remix == "matmul":  # one convolution over the stored rolled windows
         self.assertIsNone(f.window_rolls)
         self.assertEqual(f.kernel.shape[-1], windows * g.cout_e)
-      self.assertGreaterEqual(f.macs_per_position(), 9 * g.cin_e * g.cout_e * windows)
+      else:  # R_out folded: one (*S, Cin_E, Cout) kernel, no output remix
+        self.assertIsNone(f.window_rolls)
+        self.assertEqual(tuple(f.kernel.shape), g.spatial + (g.cin_e, g.cout))
+        self.assertIsNone(getattr(f, "out_matrix", None))
+        self.assertIsNone(f.out_weights)
+      # every output chunk's own epitome convolution (the last one partial)
+      chunk_channels = g.cout if remix.startswith("fold_") else windows * g.cout_e
+      self.assertGreaterEqual(f.macs_per_position(), 9 * g.cin_e * chunk_channels)
       y = model(x, training=False).numpy()
       self.assertAllClose(fast(x), y, atol=1e-5 * np.abs(y).max())
       again = type(f).from_config(f.get_config())
