@@ -55,7 +55,7 @@ flags.DEFINE_string("json_out", None, "Optional path for the results as JSON lin
 flags.DEFINE_integer("seed", 0, "Seed for weights, routing maps and inputs.")
 flags.DEFINE_list(
   "remix",
-  ["auto", "slices", "matmul"],
+  ["auto", "slices", "matmul", "fold_slices", "fold_matmul"],
   "Factored remix variants (auto:size: remix=auto, objective=size).",
 )
 flags.DEFINE_enum(
