@@ -71,6 +71,13 @@ flags.DEFINE_integer("iters", 3, "Train steps per round.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps before timing.")
 flags.DEFINE_integer("threads", 0, "intra-op threads (0: TensorFlow's default).")
 flags.DEFINE_bool("plans", False, "Also time every candidate factored plan.")
+flags.DEFINE_bool(
+  "input_grad",
+  False,
+  "Also compute the gradient for the layer's input, as every layer but a "
+  "network's first does (without it, a stock step skips its input-gradient "
+  "convolution, which the factored plans' input remix still needs).",
+)
 flags.DEFINE_integer(
   "channel_roll", 1, "Epitome layers' channel_roll (1: the default; 0: separable map)."
 )
@@ -84,13 +91,20 @@ def make_step(layer, x, jit_compile, plan=None):
     layer.train_plan = lambda shape: plan
   optimizer.build(layer.trainable_variables)
 
+  input_grad = FLAGS.input_grad
+
   @tf.function(jit_compile=jit_compile)
   def step():
     with tf.GradientTape() as tape:
+      tape.watch(x)
       y = layer(x, training=True)
       loss = tf.reduce_mean(tf.square(y))
     variables = layer.trainable_variables
-    grads = tape.gradient(loss, variables)
+    if input_grad:  # as for every layer but a network's first
+      dx, *grads = tape.gradient(loss, [x] + variables)
+      loss = loss + 0.0 * tf.reduce_sum(dx)
+    else:
+      grads = tape.gradient(loss, variables)
     optimizer.apply_gradients(zip(grads, variables, strict=True))
     return loss
 
