@@ -206,10 +206,7 @@ def plan_for(
     >>> plan_for(g, (32, 32, 32, 64), (32, 32, 32, 64))
     TrainPlan(in_mode='matrix', out_mode='matrix')
   """
-  if train_form not in TRAIN_FORMS:
-    raise ValueError(
-      f"train_form must be one of {', '.join(TRAIN_FORMS)}, got {train_form!r}"
-    )
+  spec.check_train_form(train_form, "plan_for")
   if train_form == "kernel":
     return KERNEL_PLAN
   n_in = _positions(input_shape, geometry.rank, None)

@@ -313,6 +313,30 @@ class WrapperTest(tf.test.TestCase, parameterized.TestCase):
         )
       )(tf.zeros(2))
 
+  def test_channel_roll(self):
+    """The default compressor rolls like the layers; old configs load unrolled."""
+    with self.assertRaisesRegex(
+      ValueError, "EpitomeCompressor: channel_roll must be an int >= 0, got -1"
+    ):
+      EpitomeCompressor(4, channel_roll=-1)
+    layer = keras.layers.Dense(16)
+    layer.build((None, 16))
+    distinct = {}
+    for roll in (0, 1):
+      alg = EpitomeCompressor(4, channel_roll=roll)
+      self.assertEqual(alg.geometry_for((16, 16)).channel_roll, roll)
+      wrapper = compression.create_layer_for_training(layer, alg)
+      kernel = wrapper(tf.eye(16)).numpy()  # the bias is zero
+      distinct[roll] = len({tuple(np.round(c, 6)) for c in kernel.T})
+    # 16 output columns from an 8x8 epitome: the separable map repeats its 8
+    # filters, the roll makes every filter distinct.
+    self.assertEqual(distinct, {0: 8, 1: 16})
+    self.assertEqual(EpitomeCompressor(4).channel_roll, 1)
+    old = {"compression": 4.0, "learn_offsets": True, "min_kernel_size": 0}
+    self.assertEqual(EpitomeCompressor.from_config(old).channel_roll, 0)
+    again = EpitomeCompressor.from_config(EpitomeCompressor(4).get_config())
+    self.assertEqual(again.channel_roll, 1)
+
   def test_layers_left_alone(self):
     alg = EpitomeCompressor(compression=4, min_kernel_size=100)
     small = keras.layers.Dense(4)

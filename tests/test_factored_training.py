@@ -209,7 +209,7 @@ class FactoredTrainingTest(tf.test.TestCase, parameterized.TestCase):
     layer = ke.EpitomeDense(4, compression=2, train_form="kernel")
     clone = ke.EpitomeDense.from_config(layer.get_config())
     self.assertEqual(clone.train_form, "kernel")
-    with self.assertRaisesRegex(ValueError, "train_form must be one of"):
+    with self.assertRaisesRegex(ValueError, "plan_for: unknown train_form 'x'; valid"):
       ft.plan_for(sampling.EpitomeGeometry((4, 4), (2, 2)), (1, 4), (1, 4), "x")
 
   def test_fit_with_unknown_batch(self):

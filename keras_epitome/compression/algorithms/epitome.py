@@ -79,9 +79,14 @@ class EpitomeCompressor(WeightCompressor):
     learn_offsets: train the routing map's offsets along with the epitome
       (NES); ``False`` keeps the fixed (WSNet) routing.
     min_kernel_size: kernels with fewer entries are left alone.
+    channel_roll: output chunk ``b`` reads the epitome's input channels
+      rolled by ``b * channel_roll`` (as the epitome layers' argument of the
+      same name; default 1). ``0`` is the separable map, whose output chunks
+      hold the same filters. Configs saved without it load with ``0``, as they
+      were trained.
 
   Raises:
-    ValueError: for a ratio below 1 or a negative minimum size.
+    ValueError: for a ratio below 1, a negative minimum size or roll.
 
   Example:
     >>> dense = keras.layers.Dense(64)
@@ -98,8 +103,10 @@ class EpitomeCompressor(WeightCompressor):
     compression: float = 4.0,
     learn_offsets: bool = True,
     min_kernel_size: int = 0,
+    channel_roll: int = 1,
   ):
     compression = spec.check_compression(compression, "EpitomeCompressor")
+    self.channel_roll = spec.check_channel_roll(channel_roll, "EpitomeCompressor")
     if int(min_kernel_size) < 0:
       raise ValueError(
         f"EpitomeCompressor: min_kernel_size must be >= 0, got {min_kernel_size!r}"
@@ -112,7 +119,9 @@ class EpitomeCompressor(WeightCompressor):
     """The epitome geometry this algorithm gives a kernel of ``kernel_shape``."""
     kernel_shape = tuple(int(d) for d in kernel_shape)
     return sampling.EpitomeGeometry(
-      kernel_shape, sampling.epitome_shape_for_ratio(kernel_shape, self.compression)
+      kernel_shape,
+      sampling.epitome_shape_for_ratio(kernel_shape, self.compression),
+      channel_roll=self.channel_roll,
     )
 
   def get_compressible_weights(self, original_layer) -> List[tf.Variable]:
@@ -157,7 +166,9 @@ class EpitomeCompressor(WeightCompressor):
 
   def _geometry(self, kernel_shape, epitome) -> sampling.EpitomeGeometry:
     shape = _static_value(kernel_shape, "EpitomeCompressor: kernel_shape")
-    return sampling.EpitomeGeometry(tuple(shape), tuple(epitome.shape))
+    return sampling.EpitomeGeometry(
+      tuple(shape), tuple(epitome.shape), channel_roll=self.channel_roll
+    )
 
   def project_training_weights(
     self, kernel_shape, epitome, in_offsets, out_offsets, *spatial_offsets
@@ -208,4 +219,10 @@ class EpitomeCompressor(WeightCompressor):
       "compression": self.compression,
       "learn_offsets": self.learn_offsets,
       "min_kernel_size": self.min_kernel_size,
+      "channel_roll": self.channel_roll,
     }
+
+  @classmethod
+  def from_config(cls, config: dict) -> "EpitomeCompressor":
+    # Saved before the roll existed: trained with the separable map.
+    return cls(**{"channel_roll": 0, **config})
