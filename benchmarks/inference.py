@@ -69,8 +69,9 @@ flags.DEFINE_bool(
   "profile",
   False,
   "Instead of the table: one 3x3 conv layer (+BN+ReLU) at --profile_widths and "
-  "32x32, timed as stock, epitome-sized conv alone, factored (integer and "
-  "fractional offsets) and factored/matmul, with the op list of each.",
+  "32x32, timed as stock, the epitome convolution alone (Cin_E -> Cout_E per "
+  "distinct channel roll), factored (integer and fractional offsets), each "
+  "other remix and auto, with the op list of each.",
 )
 flags.DEFINE_list("profile_widths", ["32", "64", "128"], "Channel counts to profile.")
 flags.DEFINE_enum(
@@ -198,17 +199,24 @@ def _profile_layer(width, compression, rng, iterations, threads):
       channel_roll=FLAGS.channel_roll,
     )
 
-  cin_e, cout_e = sampling.epitome_shape_for_ratio((3, 3, width, width), compression)[
-    2:
-  ]
+  g = sampling.layer_geometry(
+    (3, 3, width, width), compression, channel_roll=FLAGS.channel_roll
+  )
+  cin_e = g.cin_e
+  # The convolution the factored form cannot avoid: Cin_E -> Cout_E per
+  # distinct channel roll (all output chunks' rolled epitomes in one conv).
+  cout_alone = min(g.cout, len(set(g.in_rolls.tolist())) * g.cout_e)
   files = {
     "stock": export_one(
       lambda: keras.layers.Conv2D(width, 3, padding="same", use_bias=False)
     ),
-    "epitome conv alone": _export_conv_alone(cin_e, cout_e),
+    "epitome conv alone": _export_conv_alone(cin_e, cout_alone),
     "factored, integer offsets": export_one(epi, "integer"),
     "factored, fractional": export_one(epi),
     "factored/matmul, fractional": export_one(epi, remix="matmul"),
+    "factored/fold_slices, fractional": export_one(epi, remix="fold_slices"),
+    "factored/fold_matmul, fractional": export_one(epi, remix="fold_matmul"),
+    "factored/auto, fractional": export_one(epi, remix="auto"),
   }
   x = rng.uniform(-1, 1, (1,) + shape).astype(np.float32)
   xs = {name: x for name in files}
