@@ -134,9 +134,10 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
   def test_audio_conv1d_dense(self, channel_roll, slices_int8_tolerance):
     # The default export (remix="auto": fold_matmul here) is as accurate in
     # int8 as the materialized file (0.006 of max |y|) with either map. Known
-    # gap: with the channel roll the slices forms' int8 files reach 0.12-0.15
-    # (the rolled 32->48 layer, whose 22-channel epitome pads 12 input
-    # channels; 0.009-0.014 with channel_roll=0). Float parity is exact.
+    # gap: the slices forms' int8 files reach 0.12-0.15 on this model with the
+    # roll (0.009-0.014 without); their input remix (slices, blends, adds,
+    # each requantized) loses accuracy on some data with either map
+    # (RESULTS.md, "the folded forms"). Float parity is exact.
     model = _audio(channel_roll=channel_roll)
     x = np.random.default_rng(2).standard_normal((3, 400, 1)).astype(np.float32)
     y = model(x, training=False).numpy()
