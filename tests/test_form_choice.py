@@ -15,7 +15,7 @@ from keras_epitome import form_choice, sampling
 keras = ke.keras
 
 
-def _model(width, epitome_shape, size=16, rng=None):
+def _model(width, epitome_shape, size=16, rng=None, channel_roll=0):
   rng = rng or np.random.default_rng(0)
   inputs = keras.Input((size, size, width))
   conv = ke.EpitomeConv2D(
@@ -24,7 +24,7 @@ def _model(width, epitome_shape, size=16, rng=None):
     padding="same",
     use_bias=False,
     epitome_shape=epitome_shape,
-    channel_roll=0,  # the MAC arithmetic below is the separable map's
+    channel_roll=channel_roll,  # 0: the MAC arithmetic below is the separable map's
     name="conv",
   )
   h = keras.layers.BatchNormalization(name="bn")(conv(inputs))
@@ -83,6 +83,29 @@ class FormChoiceTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLess(len(tflite), 0.6 * len(stock))
     y = model(x, training=False).numpy()
     self.assertAllClose(ke.run_tflite(tflite, x), y, atol=1e-5 * np.abs(y).max())
+
+  @parameterized.named_parameters(("float", None), ("int8", "int8"))
+  def test_rolled_layer_takes_a_folded_form(self, quantize):
+    # With the roll each output chunk needs its own epitome convolution: the
+    # folded forms run them as one convolution after the input remix and
+    # are estimated fastest; the export matches the Keras model.
+    model = _model(64, (3, 3, 32, 32), channel_roll=1)
+    x = np.random.default_rng(3).uniform(-1, 1, (4, 16, 16, 64)).astype("float32")
+    report = []
+    tflite = ke.export_tflite(
+      model, quantize=quantize, representative_data=x, form_report=report
+    )
+    choice = report[0]
+    self.assertEqual(choice.precision, "float" if quantize is None else "int8")
+    self.assertEqual(set(choice.estimates_us), set(form_choice.CANDIDATES))
+    self.assertEqual(choice.form, min(choice.estimates_us, key=choice.estimates_us.get))
+    self.assertIn(choice.form, ("fold_slices", "fold_matmul"), str(choice))
+    ops = [op["name"] for op in ke.tflite_tensor_report(tflite)["ops"]]
+    self.assertEqual(ops.count("CONV_2D"), 1 if choice.form == "fold_slices" else 2)
+    y = model(x, training=False).numpy()
+    tol = 1e-5 if quantize is None else 6e-2
+    err = np.abs(ke.run_tflite(tflite, x) - y).max() / np.abs(y).max()
+    self.assertLess(err, tol)
 
   def test_size_objective(self):
     """objective='size': the fewest weights among forms not slower than stock."""
