@@ -135,8 +135,8 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     # The default export (remix="auto": fold_matmul here) is as accurate in
     # int8 as the materialized file (0.006 of max |y|) with either map. Known
     # gap: the slices forms' int8 files reach 0.12-0.15 on this model with the
-    # roll (0.009-0.014 without); their input remix (slices, blends, adds,
-    # each requantized) loses accuracy on some data with either map
+    # roll (0.009-0.014 without): the converter gives the input the range of
+    # one chunk read by its same-scale slices, clipping the others
     # (RESULTS.md, "the folded forms"). Float parity is exact.
     model = _audio(channel_roll=channel_roll)
     x = np.random.default_rng(2).standard_normal((3, 400, 1)).astype(np.float32)
