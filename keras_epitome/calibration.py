@@ -59,6 +59,22 @@ layer is fitted. Stock ``Conv``/``Dense`` layers after the first epitome
 layer (e.g. the classifier) are refitted by the same least squares without
 the epitome constraint.
 
+The least squares fits each layer's pre-activation output linearly. Two
+optional gradient passes follow it (in the spirit of block reconstruction
+for post-training quantization, AdaRound/BRECQ): with ``reconstruct_steps``,
+each epitome layer's block (the layer and the BatchNorm and activation layers
+right after it) is fitted by Adam to the original block's post-activation
+output, on the converted model's own inputs to the block, right after the
+layer's least squares and BatchNorm refit and before the next layer is
+fitted; with ``output_steps``, all fitted layers are then fitted together to
+the original model's output on the calibration data (mean squared error of
+the outputs, e.g. logits; no labels). Each pass trains the epitomes, biases
+and BatchNorm scales and offsets (and the kernels of refitted stock layers),
+keeps the routing map and the moving statistics, and is undone when it does
+not lower its error on the calibration data. On the Fashion-MNIST CNN of
+``benchmarks/pretrained.py`` the output pass is what raises accuracy after
+conversion most (see ``benchmarks/RESULTS.md``).
+
 Example:
   >>> import numpy as np
   >>> import keras_epitome as ke
