@@ -5,10 +5,12 @@ The workflow of :func:`keras_epitome.epitomize` on scikit-learn's 8x8 digits
 ``benchmarks/pretrained.py``:
 
 1. train a small stock CNN;
-2. ``ke.epitomize(model, compression, calibration_data=x[:512])``: every
-   large enough ``Conv2D``/``Dense`` becomes an epitome layer fitted to
-   reproduce the trained layer's outputs on 512 training images (data-aware
-   conversion, :mod:`keras_epitome.calibration`);
+2. ``ke.epitomize(model, compression, calibration_data=x[:512],
+   calibration_options=dict(output_steps=1000))``: every large enough
+   ``Conv2D``/``Dense`` becomes an epitome layer fitted to reproduce the
+   trained layer's outputs on 512 training images (data-aware conversion,
+   :mod:`keras_epitome.calibration`), then all fitted layers take 1,000 Adam
+   steps towards the trained model's logits on the same images (no labels);
 3. ``ke.summarize``: kernels, epitomes, stored parameters, multiply-adds;
 4. ``ke.distill(small, model, x)``: a short recovery with the trained model
    as teacher (no labels needed; epitomes and offsets train);
@@ -49,6 +51,11 @@ flags.DEFINE_enum("sampler", "learned", ["learned", "fixed"], "Epitome sampler."
 flags.DEFINE_enum("learner", "param", ["param", "feature"], "Offset learner.")
 flags.DEFINE_integer("pretrain_epochs", 15, "Epochs of the stock model.")
 flags.DEFINE_integer("calibration_size", 512, "Images for the data-aware fit.")
+flags.DEFINE_integer(
+  "output_steps",
+  1000,
+  "Adam steps of the conversion towards the trained model's outputs (0: none).",
+)
 flags.DEFINE_integer("finetune_epochs", 3, "Epochs of each recovery.")
 flags.DEFINE_float(
   "finetune_lr", 5e-4, "Adam learning rate of the distillation (cosine decay)."
@@ -115,6 +122,7 @@ def main(argv):
     stock,
     FLAGS.compression,
     calibration_data=x_tr[: FLAGS.calibration_size],
+    calibration_options=dict(output_steps=FLAGS.output_steps),
     **kwargs,
   )
   ke.summarize(small)

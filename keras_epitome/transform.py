@@ -136,6 +136,11 @@ class EpitomeReport:
           f"  {c.name}: {c.note}, output error {c.output_error:.3f} "
           f"(before {c.weight_fit_output_error:.3f})"
         )
+      if c.block_error is not None:  # gradient reconstruction
+        lines.append(
+          f"  {c.name}: reconstructed to {c.reconstructed_to}'s output, error "
+          f"{c.block_error_before:.3f} -> {c.block_error:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -298,7 +303,9 @@ def epitomize(
       fit before any fine-tuning.
     calibration_options: keyword arguments of
       :func:`keras_epitome.calibration.calibrate` (``ridge``, ``search``,
-      ``refit_batchnorm``, ``batch_size``, ``max_samples``...).
+      ``refit_batchnorm``, ``batch_size``, ``max_samples``, and the gradient
+      steps after the least squares: ``reconstruct_steps``, ``output_steps``,
+      ``reconstruct_lr``...).
     verbose: print the report; otherwise it is logged at INFO level.
 
   Returns:

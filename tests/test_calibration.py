@@ -206,6 +206,120 @@ class DataAwareFitTest(tf.test.TestCase, parameterized.TestCase):
       ke.calibrate(ke.epitomize(teacher, 4, verbose=False), teacher, x, ridge=-1.0)
 
 
+def _layer_output(model, name, x):
+  return keras.Model(model.inputs, model.get_layer(name).output).predict(x, verbose=0)
+
+
+class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
+  """``reconstruct_steps`` / ``output_steps``: gradient steps after the fit."""
+
+  def test_block_reconstruction_lowers_held_out_block_error(self):
+    teacher = _Trained.get()
+    (x, _), (x_test, _) = _digits()
+    ls = ke.epitomize(teacher, 4, calibration_data=x[:256], verbose=False)
+    rec = ke.epitomize(
+      teacher,
+      4,
+      calibration_data=x[:256],
+      calibration_options=dict(reconstruct_steps=150, reconstruct_lr=3e-3),
+      verbose=False,
+    )
+    records = {c.name: c for c in rec.epitome_report.calibration}
+    # c2's block is c2 -> bn2 -> ReLU (it stops before the pooling); c3
+    # carries its own ReLU and feeds the pooling: its block is c3 alone.
+    relu = teacher.get_layer("bn2")._outbound_nodes[0].outbound_layer.name
+    self.assertEqual(records["c2"].reconstructed_to, relu)
+    self.assertEqual(records["c3"].reconstructed_to, "c3")
+    for name in ("c2", "c3"):
+      r = records[name]
+      self.assertLess(r.block_error, r.block_error_before)
+    # c2's least-squares fit (its inputs come from the stock c1) is the same
+    # with or without the option; c3's inputs are the reconstructed block's.
+    self.assertAllClose(
+      records["c2"].output_error, ls.epitome_report.calibration[0].output_error
+    )
+    # Measured independently, on images the fit did not see: the block
+    # outputs (post-activation) are closer to the teacher's.
+    for name in (relu, "c3"):
+      ref = _layer_output(teacher, name, x_test)
+      err_ls = np.linalg.norm(_layer_output(ls, name, x_test) - ref)
+      err_rec = np.linalg.norm(_layer_output(rec, name, x_test) - ref)
+      self.assertLess(err_rec, 0.97 * err_ls, name)
+
+  def test_output_matching_lowers_held_out_logit_error(self):
+    teacher = _Trained.get()
+    (x, _), (x_test, _) = _digits()
+    ls = ke.epitomize(teacher, 4, calibration_data=x[:256], verbose=False)
+    rec = ke.epitomize(
+      teacher,
+      4,
+      calibration_data=x[:256],
+      calibration_options=dict(output_steps=150),
+      verbose=False,
+    )
+    last = rec.epitome_report.calibration[-1]
+    self.assertEqual(last.name, "digits_cnn (output)")
+    self.assertLess(last.block_error, last.block_error_before)
+    t = teacher.predict(x_test, verbose=0)
+    d_ls = np.abs(ls.predict(x_test, verbose=0) - t).mean()
+    d_rec = np.abs(rec.predict(x_test, verbose=0) - t).mean()
+    self.assertLess(d_rec, 0.98 * d_ls)
+
+  def test_a_reconstruction_that_does_not_help_is_undone(self):
+    # A learning rate far too large makes every step worse: the least-squares
+    # weights must come back unchanged.
+    teacher = _Trained.get()
+    (x, _), _ = _digits()
+    ls = ke.epitomize(teacher, 4, calibration_data=x[:128], verbose=False)
+    bad = ke.epitomize(
+      teacher,
+      4,
+      calibration_data=x[:128],
+      calibration_options=dict(reconstruct_steps=5, output_steps=5, reconstruct_lr=1e4),
+      verbose=False,
+    )
+    for r in bad.epitome_report.calibration:
+      if r.block_error_before is not None:
+        self.assertEqual(r.block_error, r.block_error_before, r.name)
+    for wa, wb in zip(ls.get_weights(), bad.get_weights(), strict=True):
+      self.assertAllClose(wa, wb, atol=1e-6)
+
+  @parameterized.parameters("keras", "h5")
+  def test_reconstructed_model_saves_and_loads(self, fmt):
+    teacher = _Trained.get()
+    (x, _), (x_test, _) = _digits()
+    data = ke.epitomize(
+      teacher,
+      4,
+      calibration_data=x[:128],
+      calibration_options=dict(reconstruct_steps=20, output_steps=20),
+      verbose=False,
+    )
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, f"m.{fmt}")
+      data.save(path)
+      loaded = keras.models.load_model(path)
+    self.assertAllEqual(
+      data.predict(x_test, verbose=0), loaded.predict(x_test, verbose=0)
+    )
+
+  @parameterized.named_parameters(
+    ("negative_steps", dict(reconstruct_steps=-1), "reconstruct_steps.*>= 0.*-1"),
+    ("float_steps", dict(reconstruct_steps=1.5), "reconstruct_steps.*int.*1.5"),
+    ("bool_steps", dict(output_steps=True), "output_steps.*int.*True"),
+    ("zero_lr", dict(reconstruct_lr=0.0), "reconstruct_lr.*> 0.*0.0"),
+    ("nan_lr", dict(reconstruct_lr=float("nan")), "reconstruct_lr.*nan"),
+    ("zero_batch", dict(batch_size=0), "batch_size.*>= 1.*0"),
+  )
+  def test_bad_arguments(self, options, message):
+    teacher = _Trained.get()
+    x = np.zeros((4, 8, 8, 1), "float32")
+    with self.assertRaisesRegex(ValueError, f"calibrate: {message}"):
+      ke.epitomize(
+        teacher, 4, calibration_data=x, calibration_options=options, verbose=False
+      )
+
+
 class PatchesTest(tf.test.TestCase, parameterized.TestCase):
   """``layer_patches(x) @ kernel`` is the layer's linear map."""
 
