@@ -33,6 +33,15 @@ over the activations, which costs more than the convolution saves on narrow
 layers (32 channels: 1.25x stock) and in int8; the matmul form is faster there
 (0.48x).
 
+With a channel roll (the layers' default) each output chunk reads the
+epitome's input channels rolled by its own amount, so the slices form runs
+one epitome convolution per distinct roll on rolled activations (still
+storing the epitome once). ``remix="fold_slices"`` / ``"fold_matmul"`` fold
+``R_out`` (rolls, spatial windows, blends and the BatchNorm scale) into one
+``(*S, Cin_E, Cout)`` kernel instead: the input remix (slices or a 1x1
+convolution) and one convolution, ``1/A`` of the stock multiply-adds, storing
+``Cin_E * Cout`` per tap. :data:`FORMS` lists all four.
+
 Example:
   >>> import keras_epitome as ke
   >>> keras = ke.keras
