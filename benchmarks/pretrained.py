@@ -197,11 +197,16 @@ def pruning_recovery(stock, sparsity, recovery, epochs, distill):
     src = base.get_layer(inner.name)
     for w_new, w_old in zip(inner.weights, src.weights, strict=True):
       w_new.assign(w_old)
-  callbacks = [sp.UpdatePruningStep()]
+  recover(pruned, stock, recovery, epochs, distill, [sp.UpdatePruningStep()])
+  return sp.strip_pruning(pruned)
+
+
+def recover(model, teacher, recovery, epochs, distill, callbacks=None):
+  """``epochs`` of recovery: ``ke.distill`` from ``teacher``, or label fine-tuning."""
   if distill:
     ke.distill(
-      pruned,
-      stock,
+      model,
+      teacher,
       recovery[0],
       epochs=epochs,
       temperature=FLAGS.temperature,
@@ -211,8 +216,7 @@ def pruning_recovery(stock, sparsity, recovery, epochs, distill):
       verbose=2,
     )
   else:
-    fine_tune(pruned, recovery, epochs, callbacks)
-  return sp.strip_pruning(pruned)
+    fine_tune(model, recovery, epochs, callbacks)
 
 
 def fine_tune(model, recovery, epochs, callbacks=None):
@@ -326,19 +330,7 @@ def main(argv):
           row[f"stored_params_{epochs}"] = pruned_stored(rec_model, sparsity)
         else:
           rec_model = copy_model(model)
-          if method == "data_distill":
-            ke.distill(
-              rec_model,
-              stock,
-              recovery[0],
-              epochs=epochs,
-              temperature=FLAGS.temperature,
-              learning_rate=FLAGS.recovery_lr,
-              batch_size=FLAGS.batch_size,
-              verbose=2,
-            )
-          else:
-            fine_tune(rec_model, recovery, epochs)
+          recover(rec_model, stock, recovery, epochs, method == "data_distill")
         row[f"acc_{epochs}"] = C.evaluate(rec_model, (xt, yt))
         row[f"recovery_{epochs}_s"] = round(time.time() - t0, 1)
       emit(row)

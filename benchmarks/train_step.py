@@ -148,12 +148,7 @@ def bench(shape_name, learner, xla):
   plan = auto.train_plan(x.shape)
   # The measured limit of ``auto``'s plan: a stock layer with the plan's
   # convolution alone (its input and output channels), no remix, no sampling.
-  g = auto.epitome_geometry
-  cin_mid = g.cin if plan.in_mode == "fold" else g.cin_e
-  if plan.out_mode == "fold" or g.in_rolls.any():
-    cout_mid = g.cout
-  else:
-    cout_mid = g.cout_e
+  cin_mid, cout_mid = ft.mid_channels(plan, auto.epitome_geometry)
   alone = dict(kwargs)
   alone["units" if cls_name == "Dense" else "filters"] = cout_mid
   steps["conv alone"] = make_step(

@@ -476,17 +476,8 @@ class FactoredMixin:
       ):
         window_rolls = [int(r) for r in rolls]
         kernel = base
-    bias = layer.bias.numpy().astype(np.float64) if layer.use_bias else None
-    scale = None
-    if batchnorm is not None:
-      scale, shift = _batchnorm_affine(batchnorm, layer, g.cout)
-      bias = shift if bias is None else scale * bias + shift
+    scale, bias = _folded_affine(layer, batchnorm, g.cout)
     activation = layer.activation
-    if batchnorm is not None and activation is not keras.activations.linear:
-      raise ValueError(
-        f"{desc}: cannot fold {batchnorm.name!r} after a non-linear activation "
-        f"({keras.activations.serialize(activation)})"
-      )
     out_frac = plan.out_frac
     identity_out = (
       not np.any(out_frac)
@@ -546,21 +537,12 @@ class FactoredMixin:
     kernel = sampling.sample_kernel(
       tf.constant(epitome), np.zeros([1]), routing.out_offsets, spatial, mid
     ).numpy()
-    # The plan's input shifts are relative to its most common shift n0.
-    n, _ = sampling.channel_taps(routing.in_offsets, g.cin_e)
-    n0 = int(np.bincount(n, minlength=g.cin_e).argmax())
-    kernel = np.roll(kernel, -n0, axis=-2)
-    bias = layer.bias.numpy().astype(np.float64) if layer.use_bias else None
-    activation = layer.activation
-    if batchnorm is not None:
-      if activation is not keras.activations.linear:
-        raise ValueError(
-          f"{type(layer).__name__} '{layer.name}': cannot fold {batchnorm.name!r} "
-          f"after a non-linear activation ({keras.activations.serialize(activation)})"
-        )
-      scale, shift = _batchnorm_affine(batchnorm, layer, g.cout)
+    # The plan's input shifts are relative to its most common shift.
+    kernel = np.roll(kernel, -plan.in_base, axis=-2)
+    scale, bias = _folded_affine(layer, batchnorm, g.cout)
+    if scale is not None:
       kernel = kernel * scale
-      bias = shift if bias is None else scale * bias + shift
+    activation = layer.activation
     config = dict(
       input_channels=g.cin,
       epitome_shape=g.spatial + (g.cin_e, g.cout),
@@ -625,6 +607,29 @@ def _check_factorizable(layer):
   for name, arr in zip(sampling.RoutingMap._fields, layer.routing_map, strict=True):
     if not np.all(np.isfinite(arr)):
       raise ValueError(f"{desc}: the inference routing map's {name} is not finite")
+
+
+def _folded_affine(layer, batchnorm, channels):
+  """``(scale, bias)`` after ``layer``'s bias and a folded ``batchnorm``.
+
+  ``scale`` is ``None`` without a BatchNorm, ``bias`` ``None`` when neither
+  adds one.
+
+  Raises:
+    ValueError: if the BatchNorm cannot be folded (its axis, or ``layer``'s
+      non-linear activation before it).
+  """
+  bias = layer.bias.numpy().astype(np.float64) if layer.use_bias else None
+  if batchnorm is None:
+    return None, bias
+  scale, shift = _batchnorm_affine(batchnorm, layer, channels)
+  if layer.activation is not keras.activations.linear:
+    raise ValueError(
+      f"{type(layer).__name__} '{layer.name}': cannot fold {batchnorm.name!r} "
+      f"after a non-linear activation "
+      f"({keras.activations.serialize(layer.activation)})"
+    )
+  return scale, shift if bias is None else scale * bias + shift
 
 
 def _batchnorm_affine(bn, layer, channels):

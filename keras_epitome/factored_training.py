@@ -31,7 +31,7 @@ With a channel roll, output chunk ``b`` reads the epitome's input channels
 rolled by ``r_b``, so the chunks do not share one ``Cout_E``-channel
 convolution. An unfolded output side then runs one convolution with the
 *stacked rolled epitome* ``(*S, Cin_mid, B * Cout_E)`` (chunk ``b``'s block is
-the epitome rolled by ``r_b``: static slices, no interpolation) and remixes
+the epitome rolled by ``r_b``: static rolls, no interpolation) and remixes
 each chunk's own ``Cout_E`` outputs (``"lerp"``: a per-chunk window;
 ``"matrix"``: a per-chunk ``Cout_E x Cout_E`` matrix). Its multiply-adds are
 ``1/A`` of the stock layer's (the input side still folds ``A``-fold), and the
@@ -71,7 +71,7 @@ _MODES = ("matrix", "lerp", "fold")
 # convolution or matmul (times 3: forward, input and weight gradients), per
 # activation element remixed by a lerp (forward and backward: pad, reads,
 # blend, reduce), per kernel element sampled (about ten passes), per kernel
-# element of a stacked rolled epitome (static slices, forward and backward),
+# element of a stacked rolled epitome (static rolls, forward and backward),
 # and per
 # TensorFlow op (graph-executor dispatch). Fitted to per-plan step times of
 # the ``benchmarks/train_step.py`` shapes (``--plans`` prints them).
@@ -136,17 +136,12 @@ def plan_cost(
   c = COST_NS if cost is None else cost
   g = geometry
   s = int(np.prod(g.spatial)) if g.rank else 1
-  cin_mid = g.cin if plan.in_mode == "fold" else g.cin_e
-  stacked = _stacks_rolls(plan, g)
-  if plan.out_mode == "fold":
-    cout_mid = g.cout
-  else:
-    cout_mid = g.num_out_chunks * g.cout_e if stacked else g.cout_e
+  cin_mid, cout_mid = mid_channels(plan, g)
   total = c["mac"] * out_positions * s * cin_mid * cout_mid + 6 * c["op"]
   if plan.in_mode == "fold" or plan.out_mode == "fold":
     # the convolution's kernel is sampled
     total += c["sample"] * s * cin_mid * cout_mid + 60 * c["op"]
-  elif stacked:  # the rolled epitomes, stacked by static slices
+  elif _stacks_rolls(plan, g):  # the rolled epitomes, stacked by static rolls
     total += c["stack"] * s * cin_mid * cout_mid + 10 * g.num_out_chunks * c["op"]
   if plan.in_mode == "matrix":
     total += c["mac"] * in_positions * g.cin * g.cin_e
@@ -164,6 +159,25 @@ def plan_cost(
 def _stacks_rolls(plan: TrainPlan, geometry: sampling.EpitomeGeometry) -> bool:
   """Whether ``plan`` convolves with the stacked rolled epitome (see module doc)."""
   return plan.out_mode != "fold" and bool(geometry.in_rolls.any())
+
+
+def mid_channels(plan: TrainPlan, geometry: sampling.EpitomeGeometry):
+  """``(Cin_mid, Cout_mid)``: the channels of ``plan``'s convolution.
+
+  A folded side keeps the layer's channels; an unfolded one the epitome's,
+  ``B * Cout_E`` on the output side when the rolled epitomes are stacked.
+
+  Example:
+    >>> g = sampling.EpitomeGeometry((3, 3, 64, 64), (3, 3, 32, 32), channel_roll=1)
+    >>> mid_channels(TrainPlan("matrix", "lerp"), g)
+    (32, 64)
+  """
+  g = geometry
+  cin_mid = g.cin if plan.in_mode == "fold" else g.cin_e
+  if plan.out_mode == "fold":
+    return cin_mid, g.cout
+  stacked = _stacks_rolls(plan, g)
+  return cin_mid, g.num_out_chunks * g.cout_e if stacked else g.cout_e
 
 
 def candidate_plans(geometry: sampling.EpitomeGeometry):
@@ -263,19 +277,13 @@ def factored_apply(
   in_fold = plan.in_mode == "fold"
   out_fold = plan.out_mode == "fold"
   stacked = _stacks_rolls(plan, g)
-  b = g.num_out_chunks
   # The convolution's kernel: the epitome with the folded sides sampled in
   # (and, with a roll and an unfolded output side, one rolled copy per chunk).
   if stacked and not in_fold:
     kernel = sampling.stack_rolls(epitome, g)
   elif in_fold or out_fold:
-    cin_mid = g.cin if in_fold else g.cin_e
-    if out_fold:
-      cout_mid = g.cout
-    else:
-      cout_mid = b * g.cout_e if stacked else g.cout_e
     mid_g = sampling.EpitomeGeometry(
-      g.spatial + (cin_mid, cout_mid),
+      g.spatial + mid_channels(plan, g),
       g.epitome_shape,
       channel_roll=g.channel_roll if (out_fold or stacked) else 0,
     )

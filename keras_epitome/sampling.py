@@ -418,11 +418,12 @@ def _split_spatial_offset(offsets, slack: int):
 # ----------------------------------------------------------------------------
 # The sampling primitive: interpolated windows.
 #
-# A chunk's channel offset rolls the epitome's channel axis (wrapping), and a
-# spatial offset moves a window along a spatial axis (no wrapping). Either way
-# a chunk reads a contiguous window of ``length + 1`` entries of the (doubled,
-# for wrapping) axis and blends its two overlapping views ``[0, length)`` and
-# ``[1, length + 1)``. So the forward pass is one contiguous read per chunk plus
+# A chunk's channel offset rolls a whole channel axis (wrapping): two
+# ``tf.roll`` per chunk, blended (:func:`_circular_lerp`). A spatial offset
+# moves a window along a spatial axis (no wrapping): a chunk reads a
+# contiguous window of ``length + 1`` entries and blends its two overlapping
+# views ``[0, length)`` and ``[1, length + 1)``. So the forward pass is one
+# contiguous read per chunk plus
 # dense elementwise work, and the backward pass, the segment sum of the
 # interpolation-weighted kernel gradient, is its transpose: blend the gradient
 # with itself rolled by one, then roll it back by each chunk's offset (again
@@ -464,7 +465,8 @@ def _window_lerp(x, starts, frac, axis: int, length: int, batch_axis, wrap: bool
     batch_axis: ``None``: every chunk reads all of ``x``, and the chunks are
       stacked on a new axis just before ``axis``. An int: ``x`` has ``B``
       entries along ``batch_axis`` and chunk ``b`` reads entry ``b``.
-    wrap: channel wrapping (read the axis as a circle).
+    wrap: channel wrapping (read the axis as a circle; ``length`` must be
+      ``L``, and the windows are rolls: :func:`_circular_lerp`).
 
   Returns:
     The windows; ``axis`` has length ``length`` (and, for ``batch_axis=None``,
@@ -478,7 +480,9 @@ def _window_lerp(x, starts, frac, axis: int, length: int, batch_axis, wrap: bool
   chunk_axis = axis if stacked else batch_axis
   w_shape = [1] * (rank + int(stacked))
   w_shape[chunk_axis] = num
-  if wrap and length == big:
+  if wrap:  # every caller wraps a whole channel axis
+    if length != big:
+      raise ValueError(f"a wrapping window ({length}) must span its axis ({big})")
     return _circular_lerp(x, starts, frac, axis, batch_axis, w_shape)
 
   # Reads are gathers of contiguous indices, not tf.slice: XLA takes a slice's
@@ -489,11 +493,10 @@ def _window_lerp(x, starts, frac, axis: int, length: int, batch_axis, wrap: bool
 
   @tf.custom_gradient
   def _fn(x, frac):
-    xx = tf.concat([x, x], axis) if wrap else x
     if stacked:
-      win = tf.gather(xx, reads, axis=axis)  # (.., B, length + 1, ..)
+      win = tf.gather(x, reads, axis=axis)  # (.., B, length + 1, ..)
     else:
-      sources = tf.split(xx, num, axis=batch_axis) if num > 1 else [xx]
+      sources = tf.split(x, num, axis=batch_axis) if num > 1 else [x]
       pieces = [tf.gather(src, reads[b], axis=axis) for b, src in enumerate(sources)]
       win = tf.concat(pieces, batch_axis) if num > 1 else pieces[0]
     lo = _static_slice(win, out_axis, 0, length)
@@ -754,8 +757,8 @@ def stack_rolls(epitome, geometry: EpitomeGeometry):
 
   Block ``b`` is the epitome with its input channels read from ``r_b`` on
   (``(u + r_b) mod Cin_E``): ``conv(x', stack_rolls(E))`` gives every output
-  chunk's epitome convolution before its output remix. Static slices and
-  concats only; the gradient is their transpose.
+  chunk's epitome convolution before its output remix. One ``tf.roll`` per
+  chunk (static shifts) and a concat; the gradient is their transpose.
 
   Example:
     >>> g = EpitomeGeometry((4, 4), (2, 2), channel_roll=1)
@@ -1070,7 +1073,8 @@ class FactoredPlan(NamedTuple):
     Cout_E] + out_frac[b] Y[(v + out_shift[b] + 1) mod Cout_E]``.
 
   The windows are pre-rolled along both channel axes by the most common shift,
-  so the chunks with that shift need no roll at all.
+  so the chunks with that shift need no roll at all; ``in_base`` is that
+  input-channel shift (``in_shift`` is relative to it).
   """
 
   windows: np.ndarray
@@ -1079,6 +1083,7 @@ class FactoredPlan(NamedTuple):
   in_frac: np.ndarray
   out_shift: np.ndarray
   out_frac: np.ndarray
+  in_base: int = 0
 
 
 def factored_plan(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
@@ -1115,6 +1120,7 @@ def factored_plan(epitome, routing: RoutingMap, geometry: EpitomeGeometry):
     f,
     np.mod(m - m0, g.cout_e),
     h,
+    n0,
   )
 
 

@@ -71,14 +71,18 @@ class SummarizeWrappersTest(tf.test.TestCase):
       )
 
 
+# Transforms that refuse a model still inside a training wrapper.
+_REFUSING_TRANSFORMS = (
+  ("strip_epitome", ke.strip_epitome),
+  ("export_tflite", ke.export_tflite),
+  ("factorize", ke.factorize),
+)
+
+
 class TrainingWrappersRefusedTest(tf.test.TestCase):
   def test_qat_model(self):
     qat = ke.quantize_model(_model())
-    for name, fn in (
-      ("strip_epitome", ke.strip_epitome),
-      ("export_tflite", ke.export_tflite),
-      ("factorize", ke.factorize),
-    ):
+    for name, fn in _REFUSING_TRANSFORMS:
       with self.assertRaisesRegex(
         ValueError,
         name + r": model '.*' is a quantization-aware training model .*"
@@ -88,11 +92,7 @@ class TrainingWrappersRefusedTest(tf.test.TestCase):
 
   def test_pruned_model(self):
     pruned = _pruned()
-    for name, fn in (
-      ("strip_epitome", ke.strip_epitome),
-      ("export_tflite", ke.export_tflite),
-      ("factorize", ke.factorize),
-    ):
+    for name, fn in _REFUSING_TRANSFORMS:
       with self.assertRaisesRegex(
         ValueError,
         name + r": layer 'econv' \(EpitomeConv2D\) is inside a pruning wrapper "
