@@ -19,6 +19,7 @@ from keras_epitome.backend import keras
 # isort: on
 
 from keras_epitome import compression  # noqa: E402
+from keras_epitome.allocation import Allocation, allocate  # noqa: E402
 from keras_epitome.backend import custom_objects  # noqa: E402
 from keras_epitome.calibration import calibrate  # noqa: E402
 from keras_epitome.distillation import Distiller, distill  # noqa: E402
@@ -59,6 +60,7 @@ __version__ = "0.1.0"
 # The user's nouns only. Internals (the sampler, geometry, mixins, learners)
 # are importable from their modules: keras_epitome.sampling, .layers, ...
 __all__ = [
+  "Allocation",
   "EPITOME_LAYERS",
   "Distiller",
   "EpitomeConv1D",
@@ -70,6 +72,7 @@ __all__ = [
   "FactoredConv2D",
   "FactoredDense",
   "RoutingMap",
+  "allocate",
   "calibrate",
   "compression",
   "custom_objects",

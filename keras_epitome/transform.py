@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from absl import logging
 
-from keras_epitome import calibration, sampling, spec, walk
+from keras_epitome import allocation, calibration, sampling, spec, walk
 from keras_epitome import layers as epitome_layers
 from keras_epitome.backend import check_keras2
 
@@ -107,11 +107,14 @@ class EpitomeReport:
     calibration: with ``calibration_data``, one
       :class:`keras_epitome.calibration.LayerCalibration` per layer the
       data-aware pass fitted (epitome layers, then refitted stock layers).
+    allocation: with ``allocate=True``, the
+      :class:`keras_epitome.allocation.Allocation` that chose the ratios.
   """
 
   converted: List[ConvertedLayer] = dataclasses.field(default_factory=list)
   kept: List[KeptLayer] = dataclasses.field(default_factory=list)
   calibration: List[Any] = dataclasses.field(default_factory=list)
+  allocation: Optional[Any] = None
 
   def __str__(self) -> str:
     lines = [f"epitomize: {len(self.converted)} layer(s) converted"]
@@ -243,6 +246,7 @@ def epitomize(
   offset_scale: float = 1.0,
   calibration_data=None,
   calibration_options: Optional[Mapping[str, Any]] = None,
+  allocate: bool = False,
   verbose: bool = True,
 ):
   """Returns a copy of ``model`` whose Conv/Dense layers are epitome layers.
@@ -306,6 +310,12 @@ def epitomize(
       ``refit_batchnorm``, ``batch_size``, ``max_samples``, and the gradient
       steps after the least squares: ``reconstruct_steps``, ``output_steps``,
       ``reconstruct_lr``...).
+    allocate: with ``calibration_data``, choose the ratio of each layer
+      from the data instead of giving all of them ``compression``
+      (:func:`keras_epitome.allocation.allocate`): the converted layers
+      together store no more than the uniform conversion, spent where the
+      model's output is most sensitive (a layer may stay stock). Needs no
+      ``policy``. The choice is in ``epitome_report.allocation``.
     verbose: print the report; otherwise it is logged at INFO level.
 
   Returns:
@@ -319,7 +329,8 @@ def epitomize(
       arguments that do not fit a layer the policy names, ``init="fit"``
       or ``calibration_data`` on a model that is not built, ``init="random"``
       with ``calibration_data``, or bad calibration data (empty, wrong
-      shape, non-finite values).
+      shape, non-finite values), ``allocate`` without ``calibration_data``
+      or with a ``policy``.
 
   Example:
     >>> model = keras.Sequential([
@@ -384,6 +395,28 @@ def epitomize(
   )
   skip = set(skip)
   report = EpitomeReport()
+  if allocate:
+    if calibration_data is None or policy is not None:
+      raise ValueError(
+        "epitomize: allocate=True chooses every layer's ratio from "
+        "calibration_data; it needs calibration_data and no policy (got "
+        f"calibration_data={'None' if calibration_data is None else 'given'}, "
+        f"policy={'None' if policy is None else 'given'})"
+      )
+    report.allocation = allocation.allocate(
+      model,
+      compression,
+      calibration_data,
+      skip=sorted(skip),
+      min_params=min_params,
+      max_samples=min(len(calibration_data), allocation.DEFAULT_MAX_SAMPLES),
+      verbose=verbose,
+      sampler=sampler,
+      learner=learner,
+      spatial_stride=spatial_stride,
+      offset_scale=offset_scale,
+    )
+    policy = report.allocation.policy
   converted = []  # (old, new)
 
   def clone_layer(layer):
@@ -425,6 +458,10 @@ def epitomize(
     return new
 
   new_model = walk.clone_model(model, clone_layer, "epitomize")
+  if report.allocation is not None:
+    for kept in report.kept:
+      if kept.name in report.allocation.policy:
+        kept.reason = "allocate kept it stock (least output error in the budget)"
   for old, new in converted:
     record = ConvertedLayer(new.name, _kernel_shape(old), None, None, init)
     if new.built:
