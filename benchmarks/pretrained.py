@@ -86,8 +86,11 @@ flags.DEFINE_list("recovery_epochs", ["1", "3"], "Recovery run lengths.")
 flags.DEFINE_integer(
   "recovery_size", 0, "Images per recovery epoch (0: the whole training set)."
 )
-flags.DEFINE_float("recovery_lr", 1e-3, "Adam peak learning rate of recovery.")
-flags.DEFINE_float("temperature", 4.0, "Distillation temperature.")
+flags.DEFINE_float("recovery_lr", 3e-3, "Adam peak learning rate of recovery.")
+flags.DEFINE_float("temperature", 1.0, "Distillation temperature.")
+flags.DEFINE_bool(
+  "allocate", False, "epitomize(allocate=True): per-layer ratios chosen from the data."
+)
 flags.DEFINE_string("cache", "/tmp/ke_pretrained", "Folder of the trained model.")
 flags.DEFINE_string(
   "out", "benchmarks/results_pretrained.jsonl", "JSON lines, one per row."
@@ -265,6 +268,8 @@ def main(argv):
     pretrain_epochs=FLAGS.pretrain_epochs,
     recovery_size=len(rec),
     recovery_lr=FLAGS.recovery_lr,
+    temperature=FLAGS.temperature,
+    allocate=FLAGS.allocate,
     calibration_size=len(x_cal),
     calibration_options=calibration_options(),
     stock_acc=stock_acc,
@@ -294,11 +299,24 @@ def main(argv):
             ratio,
             calibration_data=x_cal,
             calibration_options=calibration_options(),
+            allocate=FLAGS.allocate,
             verbose=True,
           )
         model = converted["data"]
       else:
-        reference = ke.epitomize(stock, ratio, init="fit", verbose=False)
+        # Per layer, as many non-zeros as the epitome model stores there
+        # (with --allocate: the allocated model, a layer it keeps stock is
+        # not pruned).
+        if FLAGS.allocate:
+          reference = converted.get("data") or ke.epitomize(
+            stock,
+            ratio,
+            calibration_data=x_cal,
+            allocate=True,
+            verbose=False,
+          )
+        else:
+          reference = ke.epitomize(stock, ratio, init="fit", verbose=False)
         sparsity = C.prune_spec(reference)
         model = magnitude_prune(stock, sparsity)
       convert_s = time.time() - t0
