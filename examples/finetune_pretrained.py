@@ -6,11 +6,14 @@ The workflow of :func:`keras_epitome.epitomize` on scikit-learn's 8x8 digits
 
 1. train a small stock CNN;
 2. ``ke.epitomize(model, compression, calibration_data=x[:512],
-   calibration_options=dict(output_steps=1000))``: every large enough
-   ``Conv2D``/``Dense`` becomes an epitome layer fitted to reproduce the
-   trained layer's outputs on 512 training images (data-aware conversion,
-   :mod:`keras_epitome.calibration`), then all fitted layers take 1,000 Adam
-   steps towards the trained model's logits on the same images (no labels);
+   allocate=True, calibration_options=dict(output_steps=1000))``: the
+   stored-size budget of a uniform ``compression`` is spread over the layers
+   where the model's output is least sensitive (:mod:`keras_epitome.allocation`;
+   a layer may stay stock), every converted ``Conv2D``/``Dense`` becomes an
+   epitome layer fitted to reproduce the trained layer's outputs on 512
+   training images (data-aware conversion, :mod:`keras_epitome.calibration`),
+   then all fitted layers take 1,000 Adam steps towards the trained model's
+   logits on the same images (no labels);
 3. ``ke.summarize``: kernels, epitomes, stored parameters, multiply-adds;
 4. ``ke.distill(small, model, x)``: a short recovery with the trained model
    as teacher (no labels needed; epitomes and offsets train);
@@ -55,6 +58,9 @@ flags.DEFINE_integer(
   "output_steps",
   1000,
   "Adam steps of the conversion towards the trained model's outputs (0: none).",
+)
+flags.DEFINE_bool(
+  "allocate", True, "Choose each layer's ratio from the data (same total size)."
 )
 flags.DEFINE_integer("finetune_epochs", 3, "Epochs of each recovery.")
 flags.DEFINE_float(
@@ -123,6 +129,7 @@ def main(argv):
     FLAGS.compression,
     calibration_data=x_tr[: FLAGS.calibration_size],
     calibration_options=dict(output_steps=FLAGS.output_steps),
+    allocate=FLAGS.allocate,
     **kwargs,
   )
   ke.summarize(small)
