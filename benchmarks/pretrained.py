@@ -24,12 +24,16 @@ row goes to ``--out``.
 
 The data-aware conversion's gradient steps (``calibrate``'s
 ``reconstruct_steps`` and ``output_steps``) are set with the flags of the same
-names.
+names. With ``--allocate`` the data-aware conversion chooses each layer's
+ratio from the calibration data (``epitomize(allocate=True)``, the same total
+stored size as the uniform conversion), and pruning follows the allocated
+model's per-layer storage (a layer kept stock is not pruned).
 
 Usage:
   python benchmarks/pretrained.py                       # Fashion-MNIST
   python benchmarks/pretrained.py --ratios=4 --methods=data,pruning
   python benchmarks/pretrained.py --output_steps=4000 --calibration_size=2048
+  python benchmarks/pretrained.py --output_steps=4000 --calibration_size=2048 --allocate
   python benchmarks/pretrained.py --dataset=fsdd --batch_size=32 \
       --pretrain_epochs=20 --data_dir=/path/to/free-spoken-digit-dataset/recordings
 """

@@ -173,8 +173,9 @@ def allocate(
 
   See the module docstring for the method. The layers considered are those
   ``epitomize(model, compression, skip=skip, min_params=min_params)``
-  converts; each may end stock, at ``compression`` or at any candidate
-  ratio its kernel allows.
+  converts at the top level of the model; each may end stock, at
+  ``compression`` or at any candidate ratio its kernel allows (layers of
+  nested models keep ``compression``).
 
   Args:
     model: a trained, built Keras model (one input).
@@ -219,7 +220,10 @@ def allocate(
   x = calibration.calibration_array(calibration_data, model, max_samples)
   kwargs = dict(min_params=min_params, verbose=False, **epitome_args)
   uniform = transform.epitomize(model, compression, skip=skip, **kwargs)
-  names = [c.name for c in uniform.epitome_report.converted]
+  # Layers inside nested models keep ``compression`` (calibration fits the
+  # top-level layers only) and are not part of the budget.
+  top = {la.name for la in model.layers}
+  names = [c.name for c in uniform.epitome_report.converted if c.name in top]
   ref = model.predict(x, verbose=0)
   ref = ref if isinstance(ref, list) else [ref]
   # Refitted in the trials: the stock layers the full conversion refits too
