@@ -19,7 +19,7 @@ from keras_epitome.backend import keras
 # isort: on
 
 from keras_epitome import compression  # noqa: E402
-from keras_epitome.allocation import Allocation, allocate  # noqa: E402
+from keras_epitome.allocation import Allocation  # noqa: E402
 from keras_epitome.backend import custom_objects  # noqa: E402
 from keras_epitome.calibration import calibrate  # noqa: E402
 from keras_epitome.distillation import Distiller, distill  # noqa: E402
@@ -49,6 +49,7 @@ from keras_epitome.quantization import (  # noqa: E402
 )
 from keras_epitome.sampling import RoutingMap, epitome_shape_for_ratio  # noqa: E402
 from keras_epitome.transform import (  # noqa: E402
+  allocate,
   epitomize,
   materialize_layer,
   strip_epitome,

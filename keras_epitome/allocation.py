@@ -26,7 +26,9 @@ ranks are often chosen):
    uniform conversion's, is found exactly (multiple-choice knapsack over the
    Pareto front of size and error).
 
-The result's :attr:`Allocation.policy` is an ``epitomize`` policy;
+:func:`keras_epitome.allocate` (in :mod:`keras_epitome.transform`, next to
+``epitomize``) returns an :class:`Allocation`; its ``policy`` is an
+``epitomize`` policy;
 ``epitomize(model, compression, calibration_data=x, allocate=True)`` runs the
 whole thing. The cost is one least-squares calibration per layer and
 candidate (seconds each on a small CNN): the measurements are printed with
@@ -41,8 +43,8 @@ Example:
   ...     keras.layers.Dense(64, activation="relu", name="b"),
   ...     keras.layers.Dense(4, name="out")])
   >>> x = np.random.default_rng(0).normal(size=(256, 32)).astype("float32")
-  >>> plan = ke.allocate(model, 4, x, candidates=(2, 4, 8), verbose=False)
-  >>> sorted(plan.policy) == ["a", "b"] and plan.stored <= plan.budget
+  >>> chosen = ke.allocate(model, 4, x, candidates=(2, 4, 8), verbose=False)
+  >>> sorted(chosen.policy) == ["a", "b"] and chosen.stored <= chosen.budget
   True
 """
 
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import logging
@@ -157,52 +159,25 @@ def choose(
   return dict(zip(candidates, picks, strict=True)), err
 
 
-def allocate(
+def plan(
   model,
   compression: float,
   calibration_data,
   *,
+  convert: Callable,
   candidates: Optional[Sequence[float]] = None,
   skip: Sequence[str] = (),
-  min_params: Optional[int] = None,
+  min_params: int,
   max_samples: int = DEFAULT_MAX_SAMPLES,
   verbose: bool = True,
   **epitome_args,
 ) -> Allocation:
-  """Chooses a compression ratio per layer from calibration data.
+  """What :func:`keras_epitome.allocate` does, with ``convert`` its ``epitomize``.
 
-  See the module docstring for the method. The layers considered are those
-  ``epitomize(model, compression, skip=skip, min_params=min_params)``
-  converts at the top level of the model; each may end stock, at
-  ``compression`` or at any candidate ratio its kernel allows (layers of
-  nested models keep ``compression``).
-
-  Args:
-    model: a trained, built Keras model (one input).
-    compression: the target ratio: the budget is what the uniform
-      conversion at this ratio stores in those layers.
-    calibration_data: inputs, as for ``epitomize``; at most ``max_samples``
-      are used.
-    candidates: ratios (``> 1``) tried per layer, besides stock and
-      ``compression``; default :data:`DEFAULT_CANDIDATES` up to
-      ``4 * compression``.
-    skip: layers to leave stock (not allocated).
-    min_params: as for ``epitomize`` (default: its default).
-    max_samples: calibration samples used.
-    verbose: print the measurements and the choice (else logged at INFO).
-    **epitome_args: ``sampler``, ``learner``, ``spatial_stride``,
-      ``offset_scale``, passed to ``epitomize``.
-
-  Returns:
-    An :class:`Allocation`; its ``policy`` goes to ``epitomize(policy=...)``.
-
-  Raises:
-    ValueError: for an invalid ``compression``, candidate ratios that are not
-      numbers above 1, bad calibration data, or a model ``epitomize``
-      cannot calibrate.
+  ``convert`` is :func:`keras_epitome.transform.epitomize` (passed in: the
+  transform module calls this one for ``epitomize(allocate=True)``). The
+  other arguments are :func:`keras_epitome.allocate`'s.
   """
-  from keras_epitome import transform  # transform imports this module
-
   compression = spec.check_compression(compression)
   if candidates is None:
     candidates = [c for c in DEFAULT_CANDIDATES if c <= 4 * compression]
@@ -215,11 +190,9 @@ def allocate(
       )
     ratios.append(float(c))
   ratios = sorted(set(ratios) | {compression})
-  if min_params is None:
-    min_params = transform.DEFAULT_MIN_PARAMS
   x = calibration.calibration_array(calibration_data, model, max_samples)
   kwargs = dict(min_params=min_params, verbose=False, **epitome_args)
-  uniform = transform.epitomize(model, compression, skip=skip, **kwargs)
+  uniform = convert(model, compression, skip=skip, **kwargs)
   # Layers inside nested models keep ``compression`` (calibration fits the
   # top-level layers only) and are not part of the budget.
   top = {la.name for la in model.layers}
@@ -249,7 +222,7 @@ def allocate(
         continue
       logging.set_verbosity(logging.WARNING)  # one report per trial is noise
       try:
-        trial = transform.epitomize(
+        trial = convert(
           model,
           ratio,
           skip=others,

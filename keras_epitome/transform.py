@@ -403,10 +403,11 @@ def epitomize(
         f"calibration_data={'None' if calibration_data is None else 'given'}, "
         f"policy={'None' if policy is None else 'given'})"
       )
-    report.allocation = allocation.allocate(
+    report.allocation = allocation.plan(  # `allocate` is the flag here
       model,
       compression,
       calibration_data,
+      convert=epitomize,
       skip=sorted(skip),
       min_params=min_params,
       max_samples=min(len(calibration_data), allocation.DEFAULT_MAX_SAMPLES),
@@ -498,6 +499,65 @@ def epitomize(
   else:
     logging.info("%s", report)
   return new_model
+
+
+def allocate(
+  model,
+  compression: float,
+  calibration_data,
+  *,
+  candidates: Optional[Sequence[float]] = None,
+  skip: Sequence[str] = (),
+  min_params: int = DEFAULT_MIN_PARAMS,
+  max_samples: int = allocation.DEFAULT_MAX_SAMPLES,
+  verbose: bool = True,
+  **epitome_args,
+) -> allocation.Allocation:
+  """Chooses a compression ratio per layer from calibration data.
+
+  See :mod:`keras_epitome.allocation` for the method. The layers considered are those
+  ``epitomize(model, compression, skip=skip, min_params=min_params)``
+  converts at the top level of the model; each may end stock, at
+  ``compression`` or at any candidate ratio its kernel allows (layers of
+  nested models keep ``compression``).
+
+  Args:
+    model: a trained, built Keras model (one input).
+    compression: the target ratio: the budget is what the uniform
+      conversion at this ratio stores in those layers.
+    calibration_data: inputs, as for ``epitomize``; at most ``max_samples``
+      are used.
+    candidates: ratios (``> 1``) tried per layer, besides stock and
+      ``compression``; default :data:`DEFAULT_CANDIDATES` up to
+      ``4 * compression``.
+    skip: layers to leave stock (not allocated).
+    min_params: as for ``epitomize``.
+    max_samples: calibration samples used.
+    verbose: print the measurements and the choice (else logged at INFO).
+    **epitome_args: ``sampler``, ``learner``, ``spatial_stride``,
+      ``offset_scale``, passed to ``epitomize``.
+
+  Returns:
+    An :class:`keras_epitome.allocation.Allocation`; its ``policy`` goes to
+    ``epitomize(policy=...)``.
+
+  Raises:
+    ValueError: for an invalid ``compression``, candidate ratios that are not
+      numbers above 1, bad calibration data, or a model ``epitomize``
+      cannot calibrate.
+  """
+  return allocation.plan(
+    model,
+    compression,
+    calibration_data,
+    convert=epitomize,
+    candidates=candidates,
+    skip=skip,
+    min_params=min_params,
+    max_samples=max_samples,
+    verbose=verbose,
+    **epitome_args,
+  )
 
 
 # ----------------------------------------------------------------------------
