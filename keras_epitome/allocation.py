@@ -14,9 +14,8 @@ ranks are often chosen):
 
 1. For every layer ``epitomize`` would convert and every candidate ratio, the
    model with only that layer converted is fitted to the calibration data
-   (:func:`keras_epitome.calibration.calibrate`'s least squares, with the
-   BatchNorms and the stock layers the full conversion refits, such as the
-   classifier, refitted after it, but not the other layers being allocated;
+   (:func:`keras_epitome.calibration.calibrate`'s least squares, the
+   BatchNorms and stock layers after it refitted as calibrate refits them;
    no gradient steps) and its output error is measured:
    ``|f_l,r(x) - f(x)|^2 / |f(x) - mean f(x)|^2`` over the calibration
    samples, with the stored size of that layer (epitome plus routing map;
@@ -58,7 +57,6 @@ import numpy as np
 from absl import logging
 
 from keras_epitome import calibration, sampling, spec
-from keras_epitome import layers as epitome_layers
 
 # Candidate ratios tried per layer (those above 4x the target are dropped).
 DEFAULT_CANDIDATES = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -199,14 +197,6 @@ def plan(
   names = [c.name for c in uniform.epitome_report.converted if c.name in top]
   ref = model.predict(x, verbose=0)
   ref = ref if isinstance(ref, list) else [ref]
-  # Refitted in the trials: the stock layers the full conversion refits too
-  # (e.g. the classifier), not the other allocated layers, which will be
-  # epitomes with their own error.
-  refit = [
-    la.name
-    for la in model.layers
-    if type(la) in epitome_layers.STOCK_TO_EPITOME and la.name not in names
-  ]
   verbosity = logging.get_verbosity()
   table: Dict[str, List[Candidate]] = {}
   budget = 0
@@ -227,7 +217,7 @@ def plan(
           ratio,
           skip=others,
           calibration_data=x,
-          calibration_options=dict(max_samples=max_samples, refit_stock_layers=refit),
+          calibration_options=dict(max_samples=max_samples),
           **kwargs,
         )
       finally:

@@ -95,7 +95,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -654,7 +654,7 @@ def calibrate(
   max_candidates: int = 64,
   refit_batchnorm: bool = True,
   batchnorm_affine: bool = True,
-  refit_stock_layers: Union[bool, Sequence[str]] = True,
+  refit_stock_layers: bool = True,
   batch_size: int = 64,
   max_samples: int = DEFAULT_MAX_SAMPLES,
   reconstruct_steps: int = 0,
@@ -703,8 +703,7 @@ def calibrate(
     refit_stock_layers: also refit the stock ``Conv1D``/``Conv2D``/``Dense``
       layers after the first epitome layer (e.g. the classifier) to the
       original layers' outputs, with the converted model's activations as
-      inputs (full kernels, no size change). A list of layer names refits
-      only those of them.
+      inputs (full kernels, no size change).
     batch_size: batch size of the forward passes (and of the gradient
       steps below).
     max_samples: calibration samples used at most.
@@ -830,21 +829,11 @@ def calibrate(
     for k, (position, old, new, record) in enumerate(work)
   }
   refit_names = {new.name for _, _, new, _ in work}
-  if refit_stock_layers is not False:
-    chosen = None
-    if not isinstance(refit_stock_layers, bool):
-      chosen = set(refit_stock_layers)
-      unknown = sorted(chosen - {la.name for la in student.layers})
-      if unknown:
-        raise ValueError(
-          f"calibrate: refit_stock_layers names {unknown}, not layers of "
-          f"model '{student.name}'"
-        )
+  if refit_stock_layers:
     refit_names |= {
       la.name
       for i, la in enumerate(student.layers)
       if i > first
-      and (chosen is None or la.name in chosen)
       and type(la) in epitome_layers.STOCK_TO_EPITOME
       and not _supported(la)
       and type(teacher_by_name.get(la.name)) is type(la)

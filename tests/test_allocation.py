@@ -181,37 +181,5 @@ class AllocateTest(tf.test.TestCase, parameterized.TestCase):
       ke.allocate(teacher, 4, bad, verbose=False)
 
 
-class RefitStockLayersTest(tf.test.TestCase):
-  """calibrate(refit_stock_layers=[names]): what allocate's trials use."""
-
-  def _convert(self, refit):
-    teacher = _Trained.get()
-    (x, _), _ = _digits()
-    return ke.epitomize(
-      teacher,
-      4,
-      skip=["c3"],  # c1 and logits stay stock by min_params; c2 converts
-      calibration_data=x[:128],
-      calibration_options=dict(refit_stock_layers=refit),
-      verbose=False,
-    )
-
-  def test_only_the_named_stock_layers_are_refitted(self):
-    teacher = _Trained.get()
-    some = self._convert(["logits"])
-    every = self._convert(True)
-    self.assertIsInstance(some.get_layer("c2"), ke.EPITOME_LAYERS)
-    self.assertNotIsInstance(some.get_layer("logits"), ke.EPITOME_LAYERS)
-    self.assertAllEqual(some.get_layer("c3").kernel, teacher.get_layer("c3").kernel)
-    self.assertNotAllClose(
-      some.get_layer("logits").kernel, teacher.get_layer("logits").kernel
-    )
-    self.assertNotAllClose(every.get_layer("c3").kernel, teacher.get_layer("c3").kernel)
-
-  def test_unknown_name(self):
-    with self.assertRaisesRegex(ValueError, "refit_stock_layers names \\['nope'\\]"):
-      self._convert(["nope"])
-
-
 if __name__ == "__main__":
   tf.test.main()
