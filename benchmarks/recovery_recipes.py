@@ -19,10 +19,13 @@ Usage:
       --recipes='{"learning_rate":1e-3,"temperature":4}' \
       --recipes='{"learning_rate":3e-3,"temperature":1}'
   python benchmarks/recovery_recipes.py --ratio=4 --allocate --recipes='{}'
+  python benchmarks/recovery_recipes.py --ratio=4 \
+      --policy='{"conv2": 2, "conv3": 3, "conv4": {"epitome_shape": [3, 3, 64, 10]}}'
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -46,6 +49,11 @@ keras = ke.keras
 FLAGS = flags.FLAGS
 flags.DEFINE_float("ratio", 4.0, "Compression ratio.")
 flags.DEFINE_bool("allocate", False, "epitomize(allocate=True).")
+flags.DEFINE_string(
+  "policy",
+  "",
+  'JSON epitomize policy, e.g. \'{"conv4": {"epitome_shape": [3,3,64,10]}}\'.',
+)
 flags.DEFINE_multi_string("recipes", ["{}"], "JSON recipe; repeat the flag.")
 flags.DEFINE_integer("pretrain_epochs", 12, "Epochs of the cached stock model.")
 flags.DEFINE_integer("calibration_size", 2048, "Calibration images.")
@@ -72,17 +80,26 @@ def main(argv):
   x_cal = x[rng.permutation(len(x))[: FLAGS.calibration_size]]
   order = rng.permutation(len(x))
   xr, yr = x[order], y[order]
+  policy = json.loads(FLAGS.policy) if FLAGS.policy else None
+  policy_tag = ""
+  if policy:
+    policy_tag = "_p" + hashlib.sha1(FLAGS.policy.encode()).hexdigest()[:8]
   converted_path = os.path.join(
     FLAGS.cache,
     f"{tag}_r{FLAGS.ratio:g}_c{FLAGS.calibration_size}_o{FLAGS.output_steps}"
-    f"{'_alloc' if FLAGS.allocate else ''}.converted.weights.h5",
+    f"{'_alloc' if FLAGS.allocate else ''}{policy_tag}.converted.weights.h5",
   )
   keras.utils.set_random_seed(FLAGS.seed)
   cal_options = dict(output_steps=FLAGS.output_steps, batch_size=64)
   if os.path.exists(converted_path):
     # The architecture again (cheap: least squares only), then the weights.
     model = ke.epitomize(
-      stock, FLAGS.ratio, calibration_data=x_cal, allocate=FLAGS.allocate, verbose=False
+      stock,
+      FLAGS.ratio,
+      policy=policy,
+      calibration_data=x_cal,
+      allocate=FLAGS.allocate,
+      verbose=False,
     )
     model.load_weights(converted_path)
   else:
@@ -91,6 +108,7 @@ def main(argv):
       FLAGS.ratio,
       calibration_data=x_cal,
       calibration_options=cal_options,
+      policy=policy,
       allocate=FLAGS.allocate,
       verbose=True,
     )
@@ -131,6 +149,7 @@ def main(argv):
     row = dict(
       ratio=FLAGS.ratio,
       allocate=FLAGS.allocate,
+      policy=FLAGS.policy,
       stored_params=C.stored_params(model),
       recipe=text,
       acc_0=acc_0,
