@@ -210,7 +210,7 @@ def stored_params(model: keras.Model) -> int:
     inner = _unwrap(layer)
     if isinstance(inner, ke.EPITOME_LAYERS):
       g = inner.epitome_geometry
-      total += g.epitome_size + g.routing_size
+      total += g.stored_size
       if inner.use_bias:
         total += int(np.prod(inner.bias.shape))
       continue
@@ -372,7 +372,7 @@ def prune_spec(epitome_model: keras.Model) -> Dict[str, float]:
   for layer in _layers(epitome_model):
     if isinstance(layer, ke.EPITOME_LAYERS):
       g = layer.epitome_geometry
-      keep = (g.epitome_size + g.routing_size) / g.kernel_size
+      keep = g.stored_size / g.kernel_size
       spec[layer.name] = float(max(0.0, 1.0 - keep))
   return spec
 

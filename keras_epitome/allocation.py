@@ -190,7 +190,8 @@ def plan(
   ratios = sorted(set(ratios) | {compression})
   x = calibration.calibration_array(calibration_data, model, max_samples)
   kwargs = dict(min_params=min_params, verbose=False, **epitome_args)
-  uniform = convert(model, compression, skip=skip, **kwargs)
+  # Only which layers convert and their geometry are read: no kernel fit.
+  uniform = convert(model, compression, skip=skip, init="random", **kwargs)
   # Layers inside nested models keep ``compression`` (calibration fits the
   # top-level layers only) and are not part of the budget.
   top = {la.name for la in model.layers}
@@ -225,12 +226,9 @@ def plan(
       g = trial.get_layer(name).epitome_geometry
       out = trial.predict(x, verbose=0)
       out = out if isinstance(out, list) else [out]
-      rows.append(
-        Candidate(ratio, g.epitome_size + g.routing_size, _relative_error(out, ref))
-      )
+      rows.append(Candidate(ratio, g.stored_size, _relative_error(out, ref)))
     table[name] = rows
-    budget += uniform.get_layer(name).epitome_geometry.epitome_size
-    budget += uniform.get_layer(name).epitome_geometry.routing_size
+    budget += uniform.get_layer(name).epitome_geometry.stored_size
   picks, error = choose(table, budget)
   uniform_error = sum(
     next(c.output_error for c in table[n] if c.ratio == compression) for n in names

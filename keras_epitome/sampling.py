@@ -225,9 +225,14 @@ class EpitomeGeometry:
     return self.num_in_chunks + self.num_out_chunks * (1 + len(self.slack_axes))
 
   @property
+  def stored_size(self) -> int:
+    """Numbers the layer stores instead of its kernel: epitome plus routing map."""
+    return self.epitome_size + self.routing_size
+
+  @property
   def compression_ratio(self) -> float:
     """Kernel size over stored size (epitome plus routing map)."""
-    return self.kernel_size / (self.epitome_size + self.routing_size)
+    return self.kernel_size / self.stored_size
 
   # -- the routing-map vector: ``A`` input offsets, ``B`` output offsets, then
   # ``B`` spatial offsets per axis with slack (what the feature learner

@@ -410,7 +410,6 @@ def epitomize(
       convert=epitomize,
       skip=sorted(skip),
       min_params=min_params,
-      max_samples=min(len(calibration_data), allocation.DEFAULT_MAX_SAMPLES),
       verbose=verbose,
       sampler=sampler,
       learner=learner,
@@ -793,7 +792,7 @@ def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelS
         sampler += "/" + layer.learner
       macs = g.macs_per_position()
       positions = _output_positions(outer, owner)
-      stored = g.epitome_size + g.routing_size
+      stored = g.stored_size
       record = LayerSummary(
         layer.name,
         type(layer).__name__,
