@@ -210,20 +210,25 @@ def _layer_output(model, name, x):
   return keras.Model(model.inputs, model.get_layer(name).output).predict(x, verbose=0)
 
 
+def _least_squares_and(options):
+  """The 4x data-aware conversion on 256 digits: least squares only, and with ``options``."""
+  teacher = _Trained.get()
+  (x, _), _ = _digits()
+  return [
+    ke.epitomize(
+      teacher, 4, calibration_data=x[:256], calibration_options=o, verbose=False
+    )
+    for o in (None, options)
+  ]
+
+
 class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
   """``reconstruct_steps`` / ``output_steps``: gradient steps after the fit."""
 
   def test_block_reconstruction_lowers_held_out_block_error(self):
     teacher = _Trained.get()
-    (x, _), (x_test, _) = _digits()
-    ls = ke.epitomize(teacher, 4, calibration_data=x[:256], verbose=False)
-    rec = ke.epitomize(
-      teacher,
-      4,
-      calibration_data=x[:256],
-      calibration_options=dict(reconstruct_steps=150, reconstruct_lr=3e-3),
-      verbose=False,
-    )
+    _, (x_test, _) = _digits()
+    ls, rec = _least_squares_and(dict(reconstruct_steps=150, reconstruct_lr=3e-3))
     records = {c.name: c for c in rec.epitome_report.calibration}
     # c2's block is c2 -> bn2 -> ReLU (it stops before the pooling); c3
     # carries its own ReLU and feeds the pooling: its block is c3 alone.
@@ -248,15 +253,8 @@ class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_output_matching_lowers_held_out_logit_error(self):
     teacher = _Trained.get()
-    (x, _), (x_test, _) = _digits()
-    ls = ke.epitomize(teacher, 4, calibration_data=x[:256], verbose=False)
-    rec = ke.epitomize(
-      teacher,
-      4,
-      calibration_data=x[:256],
-      calibration_options=dict(output_steps=150),
-      verbose=False,
-    )
+    _, (x_test, _) = _digits()
+    ls, rec = _least_squares_and(dict(output_steps=150))
     last = rec.epitome_report.calibration[-1]
     self.assertEqual(last.name, "digits_cnn (output)")
     self.assertLess(last.block_error, last.block_error_before)
