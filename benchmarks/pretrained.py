@@ -91,6 +91,12 @@ flags.DEFINE_integer(
   "recovery_size", 0, "Images per recovery epoch (0: the whole training set)."
 )
 flags.DEFINE_float("recovery_lr", 3e-3, "Adam peak learning rate of recovery.")
+flags.DEFINE_float(
+  "epitome_lr",
+  0.0,
+  "ke.distill(epitome_learning_rate=): peak rate of the epitome tensors "
+  "(0: ke.distill's default).",
+)
 flags.DEFINE_float("temperature", 1.0, "Distillation temperature.")
 flags.DEFINE_bool(
   "allocate", False, "epitomize(allocate=True): per-layer ratios chosen from the data."
@@ -218,6 +224,7 @@ def recover(model, teacher, recovery, epochs, distill, callbacks=None):
       epochs=epochs,
       temperature=FLAGS.temperature,
       learning_rate=FLAGS.recovery_lr,
+      epitome_learning_rate=FLAGS.epitome_lr or None,
       batch_size=FLAGS.batch_size,
       callbacks=callbacks,
       verbose=2,
@@ -272,6 +279,7 @@ def main(argv):
     pretrain_epochs=FLAGS.pretrain_epochs,
     recovery_size=len(rec),
     recovery_lr=FLAGS.recovery_lr,
+    epitome_lr=FLAGS.epitome_lr or None,
     temperature=FLAGS.temperature,
     allocate=FLAGS.allocate,
     calibration_size=len(x_cal),

@@ -29,6 +29,11 @@ import numpy as np
 import tensorflow as tf
 
 from keras_epitome.backend import keras
+from keras_epitome.layers import EpitomeMixin
+
+
+# Default ``epitome_learning_rate`` over ``learning_rate`` (see distill).
+EPITOME_LR_FACTOR = 1.0
 
 
 def _log_probs(outputs, temperature, from_logits):
@@ -55,9 +60,22 @@ class Distiller(keras.Model):
     from_logits: whether the models output logits (else probabilities).
   """
 
-  def __init__(self, student, teacher, temperature, alpha, from_logits, **kwargs):
+  def __init__(
+    self,
+    student,
+    teacher,
+    temperature,
+    alpha,
+    from_logits,
+    epitome_optimizer=None,
+    **kwargs,
+  ):
     super().__init__(**kwargs)
     self.student = student
+    # Epitome tensors get their own optimizer (its own learning rate) when
+    # one is given; everything else uses the compiled optimizer.
+    self.epitome_optimizer = epitome_optimizer
+    self._epitome_refs = {v.ref() for v in epitome_variables(student)}
     self.teacher = teacher
     self.temperature = float(temperature)
     self.alpha = float(alpha)
@@ -112,15 +130,34 @@ class Distiller(keras.Model):
       loss, out, target = self._loss(x, y, True)
     variables = self.student.trainable_variables
     grads = tape.gradient(loss, variables)
-    self.optimizer.apply_gradients(
-      [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
-    )
+    pairs = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+    if self.epitome_optimizer is None:
+      self.optimizer.apply_gradients(pairs)
+    else:
+      epitomes = [(g, v) for g, v in pairs if v.ref() in self._epitome_refs]
+      others = [(g, v) for g, v in pairs if v.ref() not in self._epitome_refs]
+      if others:
+        self.optimizer.apply_gradients(others)
+      if epitomes:
+        self.epitome_optimizer.apply_gradients(epitomes)
     return self._update(loss, out, target, y)
 
   def test_step(self, data):
     x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
     loss, out, target = self._loss(x, y, False)
     return self._update(loss, out, target, y)
+
+
+def epitome_variables(model) -> list:
+  """The trainable epitome tensors of every epitome layer in ``model`` (nested too)."""
+  found, seen = [], set()
+  for module in [model, *model.submodules]:
+    if isinstance(module, EpitomeMixin) and module.epitome is not None:
+      v = module.epitome
+      if v.trainable and v.ref() not in seen:
+        seen.add(v.ref())
+        found.append(v)
+  return found
 
 
 def _num_samples(data) -> Optional[int]:
@@ -139,6 +176,7 @@ def distill(
   temperature: float = 1.0,
   alpha: float = 0.0,
   learning_rate: float = 3e-3,
+  epitome_learning_rate: Optional[float] = None,
   optimizer=None,
   batch_size: int = 128,
   from_logits: bool = True,
@@ -211,15 +249,47 @@ def distill(
       f"distill: student '{student.name}' outputs shape {s_shape} but teacher "
       f"'{teacher.name}' outputs {t_shape}; they must match"
     )
+  for arg, value in (
+    ("learning_rate", learning_rate),
+    ("epitome_learning_rate", epitome_learning_rate),
+  ):
+    if value is None and arg == "epitome_learning_rate":
+      continue
+    if not (
+      isinstance(value, (int, float))
+      and not isinstance(value, bool)
+      and math.isfinite(value)
+      and value > 0
+    ):
+      raise ValueError(f"distill: {arg} must be a finite number > 0, got {value!r}")
+  if optimizer is not None and epitome_learning_rate is not None:
+    raise ValueError(
+      "distill: epitome_learning_rate applies to the default Adam optimizer; "
+      "with optimizer= given, leave it None"
+    )
+  epitome_optimizer = None
   if optimizer is None:
     n = _num_samples(data)
-    if n is not None:
+
+    def adam(peak):
+      if n is None:
+        return keras.optimizers.Adam(peak)
       steps = epochs * math.ceil(n / batch_size)
-      lr = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
-    else:
-      lr = learning_rate
-    optimizer = keras.optimizers.Adam(lr)
-  distiller = Distiller(student, teacher, temperature, alpha, from_logits)
+      return keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(peak, steps))
+
+    optimizer = adam(learning_rate)
+    if epitome_learning_rate is None:
+      epitome_learning_rate = EPITOME_LR_FACTOR * learning_rate
+    if epitome_learning_rate != learning_rate and epitome_variables(student):
+      epitome_optimizer = adam(epitome_learning_rate)
+  distiller = Distiller(
+    student,
+    teacher,
+    temperature,
+    alpha,
+    from_logits,
+    epitome_optimizer=epitome_optimizer,
+  )
   has_labels = isinstance(data, (tuple, list)) and len(data) >= 2
   if isinstance(data, tf.data.Dataset):
     has_labels = isinstance(data.element_spec, tuple) and len(data.element_spec) >= 2
