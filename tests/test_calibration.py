@@ -16,7 +16,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import keras_epitome as ke
-from keras_epitome import calibration, sampling
+from keras_epitome import calibration, distillation, sampling
 
 keras = ke.keras
 
@@ -385,6 +385,39 @@ class DistillTest(tf.test.TestCase):
     )
     self.assertIn("val_agreement", h.history)
 
+  def test_epitome_learning_rate_drives_only_the_epitomes(self):
+    teacher = keras.Sequential(
+      [
+        keras.Input((16,)),
+        keras.layers.Dense(32, name="d1"),
+        keras.layers.Dense(4, name="d2"),
+      ]
+    )
+    student = ke.epitomize(teacher, 4, min_params=0, verbose=False)
+    epitomes = distillation.epitome_variables(student)
+    self.assertEqual(sorted(v.name for v in epitomes), ["d1/epitome:0", "d2/epitome:0"])
+    others = [v for v in student.trainable_variables if "epitome" not in v.name]
+    self.assertNotEmpty(others)
+    x = np.random.default_rng(0).normal(size=(32, 16)).astype("float32")
+
+    def moved(**kwargs):
+      before = [v.numpy().copy() for v in epitomes + others]
+      ke.distill(student, teacher, x, batch_size=32, verbose=0, **kwargs)
+      after = [v.numpy() for v in epitomes + others]
+      steps = [np.max(np.abs(a - b)) for a, b in zip(after, before, strict=True)]
+      return max(steps[: len(epitomes)]), max(steps[len(epitomes) :])
+
+    # One Adam step moves each variable by about its learning rate.
+    e, o = moved(learning_rate=1e-7, epitome_learning_rate=1e-2)
+    self.assertGreater(e, 1e-3)
+    self.assertLess(o, 1e-5)
+    e, o = moved(learning_rate=1e-2, epitome_learning_rate=1e-7)
+    self.assertLess(e, 1e-5)
+    self.assertGreater(o, 1e-3)
+    # Nested: the inner model's epitomes are found too.
+    outer = keras.Sequential([keras.Input((16,)), student])
+    self.assertLen(distillation.epitome_variables(outer), 2)
+
   def test_bad_arguments(self):
     teacher = _Trained.get()
     x = np.zeros((4, 8, 8, 1), "float32")
@@ -392,6 +425,19 @@ class DistillTest(tf.test.TestCase):
       ke.distill(teacher, teacher, x, temperature=0.0)
     with self.assertRaisesRegex(ValueError, "alpha"):
       ke.distill(teacher, teacher, x, alpha=2.0)
+    for bad in (0.0, -1e-3, float("nan"), True, "1e-3"):
+      with self.assertRaisesRegex(ValueError, "epitome_learning_rate must be"):
+        ke.distill(teacher, teacher, x, epitome_learning_rate=bad)
+    with self.assertRaisesRegex(ValueError, "learning_rate must be"):
+      ke.distill(teacher, teacher, x, learning_rate=float("inf"))
+    with self.assertRaisesRegex(ValueError, "leave it None"):
+      ke.distill(
+        teacher,
+        teacher,
+        x,
+        epitome_learning_rate=1e-3,
+        optimizer=keras.optimizers.Adam(),
+      )
     other = keras.Sequential(
       [keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)]
     )
