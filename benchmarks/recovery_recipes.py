@@ -64,8 +64,13 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("out", "", "Optional JSON-lines file, one row per recipe.")
 
 
-def main(argv):
-  del argv
+def converted_model():
+  """The trained model, its data-aware conversion (cached) and the data.
+
+  Returns:
+    ``(stock, model, (xr, yr), (xt, yt))``: recovery images and labels in
+    ``pretrained.py``'s order, and the test set.
+  """
   (x, y), (xt, yt) = datasets.load_fashion_mnist(download=False)
   tag = f"fashion_mnist_n{len(x)}_e{FLAGS.pretrain_epochs}_s{FLAGS.seed}"
   path = os.path.join(FLAGS.cache, tag + ".weights.h5")
@@ -113,6 +118,12 @@ def main(argv):
       verbose=True,
     )
     model.save_weights(converted_path)
+  return stock, model, (xr, yr), (xt, yt)
+
+
+def main(argv):
+  del argv
+  stock, model, (xr, yr), (xt, yt) = converted_model()
   acc_0 = C.evaluate(model, (xt, yt))
   print(f"stock {C.evaluate(stock, (xt, yt)):.4f}; converted {acc_0:.4f}", flush=True)
   for text in FLAGS.recipes:

@@ -1,0 +1,191 @@
+r"""Recovery variants beyond ``ke.distill``'s recipe, from one cached conversion.
+
+``recovery_recipes.py`` varies ``ke.distill``'s arguments. This script runs
+other ideas for the one-epoch recovery after a data-aware conversion, all in
+one training loop (Adam, cosine decay, KL to the trained model's outputs at
+T = 1, batch 128, the same image order) so that they differ only in the idea:
+
+* ``{}``: the loop alone (the control; ``ke.distill``'s default recipe).
+* ``freeze_offsets``: the routing maps are not trained.
+* ``ema``: evaluate an exponential moving average of the weights (decay).
+* ``bn_frozen``: BatchNorm in inference mode (moving statistics kept).
+* ``optimizer: "sgd"``: SGD with Nesterov momentum 0.9 instead of Adam.
+* ``features`` + ``beta``: also match these layers' outputs to the trained
+  model's (mean squared error over the trained model's mean square).
+* ``fade``: gradual conversion. Each epitome layer's output gets
+  ``lam * conv(x, K - K(E))``, the frozen difference between the trained
+  kernel and the sampled one, and the other layers start from the trained
+  model's weights, so training starts from the trained model; ``lam`` falls
+  from 1 to 0 (cosine) over this fraction of the steps, then the epitome
+  model trains alone.
+
+Same trained model, calibration images, conversion cache and flags as
+``recovery_recipes.py`` (``--ratio``, ``--allocate``, ...).
+
+Usage:
+  python benchmarks/recovery_variants.py --ratio=4 --allocate \
+      --variants='{}' --variants='{"fade": 0.5}'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import recovery_recipes as R  # also defines the shared flags
+import tensorflow as tf
+from absl import app, flags
+
+import keras_epitome as ke
+
+C = R.C
+keras = ke.keras
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("variants", ["{}"], "JSON variant; repeat the flag.")
+
+
+class _Faded(keras.layers.Layer):
+  """``a + lam * b`` with ``lam`` a shared, non-trained variable."""
+
+  def __init__(self, lam, **kwargs):
+    super().__init__(**kwargs)
+    self.lam = lam
+
+  def call(self, a, b):
+    return a + self.lam * b
+
+
+def _faded_model(student, stock, lam):
+  """``student`` (a chain) with fading residuals to ``stock``'s kernels.
+
+  The student's other layers get ``stock``'s weights, in the student's
+  channel order (``permute_channels`` reorders an epitome layer's outputs,
+  the BatchNorm after it and the next layer's inputs).
+  """
+  order = {c.name: c.output_order for c in student.epitome_report.calibration}
+  x = inputs = keras.Input(student.input_shape[1:])
+  perm = None  # channel order of the tensor flowing in
+  for layer in student.layers[1:]:
+    trained = stock.get_layer(layer.name).get_weights()
+    if isinstance(layer, ke.layers.EpitomeMixin):
+      kernel = trained[0] if perm is None else trained[0][..., perm, :]
+      perm = order.get(layer.name)
+      if perm is not None:
+        kernel = kernel[..., perm]
+      sampled = layer._sample(*layer._base_offsets()).numpy()  # noqa: SLF001
+      residual = keras.layers.Conv2D(
+        kernel.shape[-1],
+        kernel.shape[:2],
+        padding=layer.padding,
+        use_bias=False,
+        trainable=False,
+        name=layer.name + "_residual",
+      )
+      y = _Faded(lam, name=layer.name + "_fade")(layer(x), residual(x))
+      residual.set_weights([kernel - sampled])
+      x = y
+      continue
+    if trained:
+      if isinstance(layer, keras.layers.BatchNormalization) and perm is not None:
+        trained = [w[perm] for w in trained]
+      elif perm is not None:  # a stock kernel layer reads the permuted channels
+        trained[0] = trained[0][..., perm, :]
+        perm = None
+      layer.set_weights(trained)
+    x = layer(x)
+  return keras.Model(inputs, x)
+
+
+def run(variant, stock, model, xr):
+  keras.utils.set_random_seed(FLAGS.seed)
+  student = keras.models.clone_model(model)
+  student.set_weights(model.get_weights())
+  student.epitome_report = model.epitome_report
+  lam = tf.Variable(0.0, trainable=False)
+  net = student
+  if "fade" in variant:
+    lam.assign(1.0)
+    net = _faded_model(student, stock, lam)
+  bs = FLAGS.batch_size
+  epochs = variant.get("epochs", 1)
+  steps = epochs * -(-len(xr) // bs)
+  schedule = keras.optimizers.schedules.CosineDecay(variant.get("lr", 3e-3), steps)
+  if variant.get("optimizer", "adam") == "sgd":
+    opt = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
+  else:
+    opt = keras.optimizers.Adam(schedule)
+  variables = [
+    v
+    for v in net.trainable_variables
+    if not (variant.get("freeze_offsets") and "offsets" in v.name)
+  ]
+  names = variant.get("features", [])
+  beta = variant.get("beta", 1.0)
+  taps_s = keras.Model(
+    net.inputs, [net.get_layer(n).output for n in names] + [net.output]
+  )
+  taps_t = keras.Model(
+    stock.inputs, [stock.get_layer(n).output for n in names] + [stock.output]
+  )
+  training = not variant.get("bn_frozen", False)
+
+  @tf.function
+  def step(xb):
+    t = taps_t(xb, training=False)
+    with tf.GradientTape() as tape:
+      s = taps_s(xb, training=training)
+      tl, sl = tf.nn.log_softmax(t[-1]), tf.nn.log_softmax(s[-1])
+      loss = tf.reduce_mean(tf.reduce_sum(tf.exp(tl) * (tl - sl), -1))
+      for a, b in zip(s[:-1], t[:-1], strict=True):
+        err = tf.reduce_mean(tf.square(a - b)) / (tf.reduce_mean(tf.square(b)) + 1e-6)
+        loss += beta / len(names) * err
+    grads = tape.gradient(loss, variables)
+    opt.apply_gradients(
+      [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+    )
+
+  decay = variant.get("ema", 0.0)
+  shadow = [tf.Variable(w) for w in student.weights] if decay else []
+  fade_steps = max(1, int(variant.get("fade", 0.0) * steps))
+  k = 0
+  for epoch in range(epochs):
+    order = np.random.default_rng(FLAGS.seed + epoch).permutation(len(xr))
+    for i in range(0, len(xr), bs):
+      if "fade" in variant:
+        lam.assign(0.5 * (1 + math.cos(math.pi * min(1.0, k / fade_steps))))
+      step(tf.constant(xr[order[i : i + bs]]))
+      for sw, w in zip(shadow, student.weights, strict=True):
+        sw.assign(decay * sw + (1 - decay) * w)
+      k += 1
+  for sw, w in zip(shadow, student.weights, strict=True):
+    w.assign(sw)
+  return student
+
+
+def main(argv):
+  del argv
+  stock, model, (xr, _), test = R.converted_model()
+  acc_0 = C.evaluate(model, test)
+  print(f"stock {C.evaluate(stock, test):.4f}; converted {acc_0:.4f}", flush=True)
+  for text in FLAGS.variants:
+    t0 = time.time()
+    student = run(json.loads(text), stock, model, xr)
+    row = dict(
+      ratio=FLAGS.ratio,
+      allocate=FLAGS.allocate,
+      stored_params=C.stored_params(model),
+      variant=text,
+      acc_0=acc_0,
+      acc=C.evaluate(student, test),
+      seconds=round(time.time() - t0, 1),
+    )
+    print(json.dumps(row), flush=True)
+    if FLAGS.out:
+      with open(FLAGS.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
