@@ -133,9 +133,9 @@ def run(variant, stock, model, xr):
 
   @tf.function
   def step(xb):
-    t = taps_t(xb, training=False)
+    t = tf.nest.flatten(taps_t(xb, training=False))
     with tf.GradientTape() as tape:
-      s = taps_s(xb, training=training)
+      s = tf.nest.flatten(taps_s(xb, training=training))
       tl, sl = tf.nn.log_softmax(t[-1]), tf.nn.log_softmax(s[-1])
       loss = tf.reduce_mean(tf.reduce_sum(tf.exp(tl) * (tl - sl), -1))
       for a, b in zip(s[:-1], t[:-1], strict=True):
