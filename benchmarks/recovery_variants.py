@@ -44,6 +44,9 @@ C = R.C
 keras = ke.keras
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("variants", ["{}"], "JSON variant; repeat the flag.")
+flags.DEFINE_integer(
+  "recovery_size", 0, "Recovery images (0: all; fewer for a smoke test)."
+)
 
 
 class _Faded(keras.layers.Layer):
@@ -156,17 +159,21 @@ def run(variant, stock, model, xr):
       if "fade" in variant:
         lam.assign(0.5 * (1 + math.cos(math.pi * min(1.0, k / fade_steps))))
       step(tf.constant(xr[order[i : i + bs]]))
-      for sw, w in zip(shadow, student.weights, strict=True):
-        sw.assign(decay * sw + (1 - decay) * w)
+      if decay:
+        for sw, w in zip(shadow, student.weights, strict=True):
+          sw.assign(decay * sw + (1 - decay) * w)
       k += 1
-  for sw, w in zip(shadow, student.weights, strict=True):
-    w.assign(sw)
+  if decay:
+    for sw, w in zip(shadow, student.weights, strict=True):
+      w.assign(sw)
   return student
 
 
 def main(argv):
   del argv
   stock, model, (xr, _), test = R.converted_model()
+  if FLAGS.recovery_size:
+    xr = xr[: FLAGS.recovery_size]
   acc_0 = C.evaluate(model, test)
   print(f"stock {C.evaluate(stock, test):.4f}; converted {acc_0:.4f}", flush=True)
   for text in FLAGS.variants:
