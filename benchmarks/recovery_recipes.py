@@ -121,6 +121,23 @@ def converted_model():
   return stock, model, (xr, yr), (xt, yt)
 
 
+def report(model, student, test, acc_0, t0, **row):
+  """Prints (and appends to ``--out``) one JSON row: the student's test accuracy."""
+  row = dict(
+    ratio=FLAGS.ratio,
+    allocate=FLAGS.allocate,
+    stored_params=C.stored_params(model),
+    **row,
+    acc_0=acc_0,
+    acc=C.evaluate(student, test),
+    seconds=round(time.time() - t0, 1),
+  )
+  print(json.dumps(row), flush=True)
+  if FLAGS.out:
+    with open(FLAGS.out, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
 def main(argv):
   del argv
   stock, model, (xr, yr), (xt, yt) = converted_model()
@@ -157,20 +174,7 @@ def main(argv):
       student.fit(xr, yr, batch_size=FLAGS.batch_size, epochs=epochs, verbose=0)
     else:
       raise ValueError(f"recipe {text}: mode must be 'distill' or 'labels'")
-    row = dict(
-      ratio=FLAGS.ratio,
-      allocate=FLAGS.allocate,
-      policy=FLAGS.policy,
-      stored_params=C.stored_params(model),
-      recipe=text,
-      acc_0=acc_0,
-      acc=C.evaluate(student, (xt, yt)),
-      seconds=round(time.time() - t0, 1),
-    )
-    print(json.dumps(row), flush=True)
-    if FLAGS.out:
-      with open(FLAGS.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    report(model, student, (xt, yt), acc_0, t0, policy=FLAGS.policy, recipe=text)
 
 
 if __name__ == "__main__":

@@ -179,19 +179,7 @@ def main(argv):
   for text in FLAGS.variants:
     t0 = time.time()
     student = run(json.loads(text), stock, model, xr)
-    row = dict(
-      ratio=FLAGS.ratio,
-      allocate=FLAGS.allocate,
-      stored_params=C.stored_params(model),
-      variant=text,
-      acc_0=acc_0,
-      acc=C.evaluate(student, test),
-      seconds=round(time.time() - t0, 1),
-    )
-    print(json.dumps(row), flush=True)
-    if FLAGS.out:
-      with open(FLAGS.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    R.report(model, student, test, acc_0, t0, variant=text)
 
 
 if __name__ == "__main__":
