@@ -93,9 +93,9 @@ flags.DEFINE_integer(
 flags.DEFINE_float("recovery_lr", 3e-3, "Adam peak learning rate of recovery.")
 flags.DEFINE_float(
   "epitome_lr",
-  0.0,
+  None,
   "ke.distill(epitome_learning_rate=): peak rate of the epitome tensors "
-  "(0: ke.distill's default).",
+  "(unset: ke.distill's default).",
 )
 flags.DEFINE_float("temperature", 1.0, "Distillation temperature.")
 flags.DEFINE_bool(
@@ -224,7 +224,7 @@ def recover(model, teacher, recovery, epochs, distill, callbacks=None):
       epochs=epochs,
       temperature=FLAGS.temperature,
       learning_rate=FLAGS.recovery_lr,
-      epitome_learning_rate=FLAGS.epitome_lr or None,
+      epitome_learning_rate=FLAGS.epitome_lr,
       batch_size=FLAGS.batch_size,
       callbacks=callbacks,
       verbose=2,
@@ -279,7 +279,7 @@ def main(argv):
     pretrain_epochs=FLAGS.pretrain_epochs,
     recovery_size=len(rec),
     recovery_lr=FLAGS.recovery_lr,
-    epitome_lr=FLAGS.epitome_lr or None,
+    epitome_lr=FLAGS.epitome_lr,
     temperature=FLAGS.temperature,
     allocate=FLAGS.allocate,
     calibration_size=len(x_cal),

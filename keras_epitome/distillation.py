@@ -28,8 +28,9 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from keras_epitome import spec
 from keras_epitome.backend import keras
-from keras_epitome.layers import EpitomeMixin
+from keras_epitome.layers import epitome_layers
 
 
 def _log_probs(outputs, temperature, from_logits):
@@ -146,14 +147,11 @@ class Distiller(keras.Model):
 
 def epitome_variables(model) -> list:
   """The trainable epitome tensors of every epitome layer in ``model`` (nested too)."""
-  found, seen = [], set()
-  for module in [model, *model.submodules]:
-    if isinstance(module, EpitomeMixin) and module.epitome is not None:
-      v = module.epitome
-      if v.trainable and v.ref() not in seen:
-        seen.add(v.ref())
-        found.append(v)
-  return found
+  return [
+    layer.epitome
+    for layer in epitome_layers(model)
+    if layer.epitome is not None and layer.epitome.trainable
+  ]
 
 
 def _num_samples(data) -> Optional[int]:
@@ -254,19 +252,11 @@ def distill(
       f"distill: student '{student.name}' outputs shape {s_shape} but teacher "
       f"'{teacher.name}' outputs {t_shape}; they must match"
     )
-  for arg, value in (
-    ("learning_rate", learning_rate),
-    ("epitome_learning_rate", epitome_learning_rate),
-  ):
-    if value is None and arg == "epitome_learning_rate":
-      continue
-    if not (
-      isinstance(value, (int, float))
-      and not isinstance(value, bool)
-      and math.isfinite(value)
-      and value > 0
-    ):
-      raise ValueError(f"distill: {arg} must be a finite number > 0, got {value!r}")
+  learning_rate = spec.check_positive(learning_rate, "learning_rate", "distill")
+  if epitome_learning_rate is not None:
+    epitome_learning_rate = spec.check_positive(
+      epitome_learning_rate, "epitome_learning_rate", "distill"
+    )
   if optimizer is not None and epitome_learning_rate is not None:
     raise ValueError(
       "distill: epitome_learning_rate applies to the default Adam optimizer; "

@@ -42,7 +42,7 @@ import tensorflow as tf
 
 from keras_epitome import factored, form_choice, litert, transform, walk
 from keras_epitome.backend import check_keras2
-from keras_epitome.layers import EpitomeMixin
+from keras_epitome.layers import EpitomeMixin, epitome_layers  # noqa: F401  (re-exported)
 from keras_epitome.litert import (  # noqa: F401  (the exporters' runtime side, re-exported)
   LiteRTRunner,
   run_tflite,
@@ -263,8 +263,3 @@ def export_tflite(
     with tf.io.gfile.GFile(path, "wb") as f:
       f.write(tflite)
   return tflite
-
-
-def epitome_layers(model) -> list:
-  """All epitome layers of ``model``, nested models and wrappers included."""
-  return [layer for layer in walk.iter_layers(model) if isinstance(layer, EpitomeMixin)]

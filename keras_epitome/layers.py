@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from keras_epitome import factored_training, sampling, spec
+from keras_epitome import factored_training, sampling, spec, walk
 from keras_epitome.backend import keras
 from keras_epitome.learners import FeatureOffsetLearner
 
@@ -561,3 +561,8 @@ STOCK_TO_EPITOME = {
   keras.layers.Conv2D: EpitomeConv2D,
   keras.layers.Dense: EpitomeDense,
 }
+
+
+def epitome_layers(model) -> list:
+  """All epitome layers of ``model``, nested models and wrappers included."""
+  return [layer for layer in walk.iter_layers(model) if isinstance(layer, EpitomeMixin)]

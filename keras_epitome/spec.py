@@ -69,13 +69,22 @@ def check_compression(value, desc: str = "") -> float:
   return float(value)
 
 
-def check_offset_scale(value, desc: str = "") -> float:
-  """``offset_scale``: a finite real number ``> 0`` (NumPy scalars too)."""
+def check_positive(value, name: str, desc: str = "") -> float:
+  """Argument ``name``: a finite real number ``> 0`` (NumPy scalars too).
+
+  Returns:
+    The value as a Python float.
+  """
   if not _is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
     raise ValueError(
-      f"{_prefix(desc)}offset_scale must be a finite number > 0, got {value!r}"
+      f"{_prefix(desc)}{name} must be a finite number > 0, got {value!r}"
     )
   return float(value)
+
+
+def check_offset_scale(value, desc: str = "") -> float:
+  """``offset_scale``: a finite real number ``> 0`` (NumPy scalars too)."""
+  return check_positive(value, "offset_scale", desc)
 
 
 def check_routing_momentum(value, desc: str = "") -> float:
