@@ -134,6 +134,7 @@ def calibration_options():
     output_steps=FLAGS.output_steps,
     reconstruct_lr=FLAGS.reconstruct_lr,
     batch_size=64,
+    max_samples=FLAGS.calibration_size,
   )
 
 

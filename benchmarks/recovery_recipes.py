@@ -95,7 +95,9 @@ def converted_model():
     f"{'_alloc' if FLAGS.allocate else ''}{policy_tag}.converted.weights.h5",
   )
   keras.utils.set_random_seed(FLAGS.seed)
-  cal_options = dict(output_steps=FLAGS.output_steps, batch_size=64)
+  cal_options = dict(
+    output_steps=FLAGS.output_steps, batch_size=64, max_samples=len(x_cal)
+  )
   if os.path.exists(converted_path):
     # The architecture again (cheap: least squares only), then the weights.
     model = ke.epitomize(
@@ -103,6 +105,7 @@ def converted_model():
       FLAGS.ratio,
       policy=policy,
       calibration_data=x_cal,
+      calibration_options=dict(max_samples=len(x_cal)),
       allocate=FLAGS.allocate,
       verbose=False,
     )

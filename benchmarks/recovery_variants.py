@@ -18,6 +18,15 @@ T = 1, batch 128, the same image order) so that they differ only in the idea:
   model's weights, so training starts from the trained model; ``lam`` falls
   from 1 to 0 (cosine) over this fraction of the steps, then the epitome
   model trains alone.
+* ``local`` + ``beta``: teacher-forced block losses. For each ``[first,
+  last]`` pair of layer names, the student's layers from ``first`` to
+  ``last`` read the *trained* model's input of ``first`` and their output is
+  matched to the trained model's output of ``last`` (mean squared error over
+  its mean square), so every block gets a signal that does not pass through
+  the other converted layers (block reconstruction, over the whole epoch).
+* ``mixup``: distill on mixed images ``lam * x + (1 - lam) * x'`` (``lam``
+  drawn from Beta(mixup, mixup) per image), a richer input distribution for
+  the teacher to label.
 
 Same trained model, calibration images, conversion cache and flags as
 ``recovery_recipes.py`` (``--ratio``, ``--allocate``, ...).
@@ -133,17 +142,34 @@ def run(variant, stock, model, xr):
     stock.inputs, [stock.get_layer(n).output for n in names] + [stock.output]
   )
   training = not variant.get("bn_frozen", False)
+  local = variant.get("local", [])
+  if local and any(c.output_order is not None for c in model.epitome_report.calibration):
+    raise ValueError("local: the conversion permuted channels; not supported here")
+  blocks = [
+    keras.Model(net.get_layer(a).input, net.get_layer(b).output) for a, b in local
+  ]
+  local_t = keras.Model(
+    stock.inputs,
+    [[stock.get_layer(a).input, stock.get_layer(b).output] for a, b in local],
+  ) if local else None
+  mixup = float(variant.get("mixup", 0.0))
+  mix_rng = np.random.default_rng(FLAGS.seed + 100)
+
+  def relative(a, b):
+    return tf.reduce_mean(tf.square(a - b)) / (tf.reduce_mean(tf.square(b)) + 1e-6)
 
   @tf.function
   def step(xb):
     t = tf.nest.flatten(taps_t(xb, training=False))
+    pairs = local_t(xb, training=False) if local else []
     with tf.GradientTape() as tape:
       s = tf.nest.flatten(taps_s(xb, training=training))
       tl, sl = tf.nn.log_softmax(t[-1]), tf.nn.log_softmax(s[-1])
       loss = tf.reduce_mean(tf.reduce_sum(tf.exp(tl) * (tl - sl), -1))
       for a, b in zip(s[:-1], t[:-1], strict=True):
-        err = tf.reduce_mean(tf.square(a - b)) / (tf.reduce_mean(tf.square(b)) + 1e-6)
-        loss += beta / len(names) * err
+        loss += beta / len(names) * relative(a, b)
+      for block, (t_in, t_out) in zip(blocks, pairs, strict=True):
+        loss += beta / len(blocks) * relative(block(t_in, training=training), t_out)
     grads = tape.gradient(loss, variables)
     opt.apply_gradients(
       [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
@@ -158,7 +184,13 @@ def run(variant, stock, model, xr):
     for i in range(0, len(xr), bs):
       if "fade" in variant:
         lam.assign(0.5 * (1 + math.cos(math.pi * min(1.0, k / fade_steps))))
-      step(tf.constant(xr[order[i : i + bs]]))
+      xb = xr[order[i : i + bs]]
+      if mixup:
+        lam_b = mix_rng.beta(mixup, mixup, (len(xb),) + (1,) * (xb.ndim - 1))
+        xb = (lam_b * xb + (1 - lam_b) * xb[mix_rng.permutation(len(xb))]).astype(
+          xb.dtype
+        )
+      step(tf.constant(xb))
       if decay:
         for sw, w in zip(shadow, student.weights, strict=True):
           sw.assign(decay * sw + (1 - decay) * w)

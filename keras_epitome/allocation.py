@@ -188,7 +188,9 @@ def plan(
       )
     ratios.append(float(c))
   ratios = sorted(set(ratios) | {compression})
-  x = calibration.calibration_array(calibration_data, model, max_samples)
+  x = calibration.calibration_array(
+    calibration_data, model, max_samples, log=logging.info
+  )
   kwargs = dict(min_params=min_params, verbose=False, **epitome_args)
   # Only which layers convert and their geometry are read: no kernel fit.
   uniform = convert(model, compression, skip=skip, init="random", **kwargs)

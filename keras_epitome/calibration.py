@@ -99,6 +99,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from keras_epitome import layers as epitome_layers
 from keras_epitome import sampling
@@ -150,7 +151,7 @@ class LayerCalibration:
 
 
 def calibration_array(
-  data, model, max_samples: int = DEFAULT_MAX_SAMPLES
+  data, model, max_samples: int = DEFAULT_MAX_SAMPLES, log=None
 ) -> np.ndarray:
   """Validates calibration data and returns it as one float32 array.
 
@@ -159,7 +160,11 @@ def calibration_array(
       ``(x, y)`` or ``(x, y, sample_weight)`` whose first entry is that, or a
       ``tf.data.Dataset`` of ``x`` or ``(x, y[, w])``, batched or not.
     model: the (single-input) model the data is for.
-    max_samples: at most this many samples are kept (the first ones).
+    max_samples: at most this many samples are kept (the first ones); when
+      there are more, ``log`` (default ``absl.logging.warning``) says how
+      many were dropped, so that a larger set is never cut short unseen.
+    log: the logging function for that message (``ke.allocate``, which
+      subsamples by design, logs at info level).
 
   Returns:
     ``x`` as a float32 array of shape ``(n, *input_shape[1:])``.
@@ -190,6 +195,12 @@ def calibration_array(
       parts.append(x)
       count += len(x)
       if count >= max_samples:
+        (log or logging.warning)(
+          "calibration_data for model '%s': stopped reading the dataset at "
+          "max_samples=%d samples; pass a larger max_samples to use more",
+          name,
+          max_samples,
+        )
         break
     if not parts:
       raise ValueError(
@@ -232,6 +243,15 @@ def calibration_array(
       f"calibration_data for model '{name}' has samples of shape "
       f"{tuple(x.shape[1:])} (array shape {tuple(x.shape)}); the model takes "
       f"inputs of shape {want} (None: any size)"
+    )
+  if len(x) > max_samples:
+    (log or logging.warning)(
+      "calibration_data for model '%s': using the first %d of %d samples "
+      "(max_samples=%d); pass a larger max_samples to use more",
+      name,
+      max_samples,
+      len(x),
+      max_samples,
     )
   x = x[:max_samples].astype(np.float32)
   bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
