@@ -180,6 +180,15 @@ class AllocateTest(tf.test.TestCase, parameterized.TestCase):
       bad[0, 0, 0, 0] = np.nan
       ke.allocate(teacher, 4, bad, verbose=False)
 
+  def test_its_subsample_is_logged_at_info_not_warned(self):
+    # The allocation uses max_samples of the data by design: said, not warned.
+    teacher = _Trained.get()
+    (x, _), _ = _digits()
+    with self.assertLogs("absl", "INFO") as logs:
+      ke.allocate(teacher, 4, x[:96], candidates=(2,), max_samples=64, verbose=False)
+    self.assertRegex("\n".join(logs.output), "INFO.*first 64 of 96 samples")
+    self.assertEqual([r.levelname for r in logs.records if r.levelno > 20], [])
+
 
 if __name__ == "__main__":
   tf.test.main()

@@ -157,6 +157,30 @@ class DataAwareFitTest(tf.test.TestCase, parameterized.TestCase):
     for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
       self.assertAllClose(wa, wb, atol=1e-5)
 
+
+  def test_samples_beyond_max_samples_are_reported_not_silently_dropped(self):
+    teacher = _Trained.get()
+    (x, _), _ = _digits()
+    options = dict(max_samples=64)
+    with self.assertNoLogs("absl", "WARNING"):
+      first = ke.epitomize(
+        teacher, 4, calibration_data=x[:64], calibration_options=options, verbose=False
+      )
+    with self.assertLogs("absl", "WARNING") as logs:
+      cut = ke.epitomize(
+        teacher, 4, calibration_data=x[:96], calibration_options=options, verbose=False
+      )
+    self.assertRegex(
+      "\n".join(logs.output), "digits_cnn.*first 64 of 96 samples.*max_samples=64"
+    )
+    for wa, wb in zip(first.get_weights(), cut.get_weights(), strict=True):
+      self.assertAllClose(wa, wb, atol=1e-5)  # what is kept is the first 64
+    ds = tf.data.Dataset.from_tensor_slices(x[:96]).batch(40)
+    with self.assertLogs("absl", "WARNING") as logs:
+      ke.epitomize(
+        teacher, 4, calibration_data=ds, calibration_options=options, verbose=False
+      )
+    self.assertRegex("\n".join(logs.output), "digits_cnn.*stopped reading.*max_samples=64")
   @parameterized.parameters("keras", "h5")
   def test_saved_and_loaded_model_is_identical(self, fmt):
     teacher = _Trained.get()
