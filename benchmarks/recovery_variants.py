@@ -143,15 +143,21 @@ def run(variant, stock, model, xr):
   )
   training = not variant.get("bn_frozen", False)
   local = variant.get("local", [])
-  if local and any(c.output_order is not None for c in model.epitome_report.calibration):
+  if local and any(
+    c.output_order is not None for c in model.epitome_report.calibration
+  ):
     raise ValueError("local: the conversion permuted channels; not supported here")
   blocks = [
     keras.Model(net.get_layer(a).input, net.get_layer(b).output) for a, b in local
   ]
-  local_t = keras.Model(
-    stock.inputs,
-    [[stock.get_layer(a).input, stock.get_layer(b).output] for a, b in local],
-  ) if local else None
+  local_t = (
+    keras.Model(
+      stock.inputs,
+      [[stock.get_layer(a).input, stock.get_layer(b).output] for a, b in local],
+    )
+    if local
+    else None
+  )
   mixup = float(variant.get("mixup", 0.0))
   mix_rng = np.random.default_rng(FLAGS.seed + 100)
 

@@ -157,7 +157,6 @@ class DataAwareFitTest(tf.test.TestCase, parameterized.TestCase):
     for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
       self.assertAllClose(wa, wb, atol=1e-5)
 
-
   def test_samples_beyond_max_samples_are_reported_not_silently_dropped(self):
     teacher = _Trained.get()
     (x, _), _ = _digits()
@@ -180,7 +179,10 @@ class DataAwareFitTest(tf.test.TestCase, parameterized.TestCase):
       ke.epitomize(
         teacher, 4, calibration_data=ds, calibration_options=options, verbose=False
       )
-    self.assertRegex("\n".join(logs.output), "digits_cnn.*stopped reading.*max_samples=64")
+    self.assertRegex(
+      "\n".join(logs.output), "digits_cnn.*stopped reading.*max_samples=64"
+    )
+
   @parameterized.parameters("keras", "h5")
   def test_saved_and_loaded_model_is_identical(self, fmt):
     teacher = _Trained.get()
