@@ -24,6 +24,9 @@ T = 1, batch 128, the same image order) so that they differ only in the idea:
   matched to the trained model's output of ``last`` (mean squared error over
   its mean square), so every block gets a signal that does not pass through
   the other converted layers (block reconstruction, over the whole epoch).
+* ``warmup``: the learning rate rises linearly from 0 over this fraction of
+  the steps before the cosine decay (the converted model is not kicked by
+  full-size Adam steps while Adam's moment estimates are still empty).
 * ``mixup``: distill on mixed images ``lam * x + (1 - lam) * x'`` (``lam``
   drawn from Beta(mixup, mixup) per image), a richer input distribution for
   the teacher to label.
@@ -123,7 +126,13 @@ def run(variant, stock, model, xr):
   bs = FLAGS.batch_size
   epochs = variant.get("epochs", 1)
   steps = epochs * -(-len(xr) // bs)
-  schedule = keras.optimizers.schedules.CosineDecay(variant.get("lr", 3e-3), steps)
+  lr = variant.get("lr", 3e-3)
+  warm = int(variant.get("warmup", 0.0) * steps)
+  schedule = keras.optimizers.schedules.CosineDecay(lr, steps)
+  if warm:  # linear from 0 to lr over the first steps, then the cosine
+    schedule = keras.optimizers.schedules.CosineDecay(
+      0.0, steps - warm, warmup_target=lr, warmup_steps=warm
+    )
   if variant.get("optimizer", "adam") == "sgd":
     opt = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
   else:

@@ -309,7 +309,9 @@ def epitomize(
       :func:`keras_epitome.calibration.calibrate` (``ridge``, ``search``,
       ``refit_batchnorm``, ``batch_size``, ``max_samples``, and the gradient
       steps after the least squares: ``reconstruct_steps``, ``output_steps``,
-      ``reconstruct_lr``...).
+      ``reconstruct_lr``...). ``max_samples`` (default 2,048) caps the
+      calibration samples used; a larger set is cut to its first
+      ``max_samples``, with a logged warning.
     allocate: with ``calibration_data``, choose the ratio of each layer
       from the data instead of giving all of them ``compression``
       (:func:`keras_epitome.allocation.allocate`): the converted layers
