@@ -129,6 +129,8 @@ def report(model, student, test, acc_0, t0, **row):
   row = dict(
     ratio=FLAGS.ratio,
     allocate=FLAGS.allocate,
+    calibration_size=FLAGS.calibration_size,
+    output_steps=FLAGS.output_steps,
     stored_params=C.stored_params(model),
     **row,
     acc_0=acc_0,

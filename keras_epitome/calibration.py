@@ -102,7 +102,7 @@ import tensorflow as tf
 from absl import logging
 
 from keras_epitome import layers as epitome_layers
-from keras_epitome import sampling
+from keras_epitome import sampling, spec
 from keras_epitome.backend import keras
 
 DEFAULT_MAX_SAMPLES = 2048
@@ -783,15 +783,7 @@ def calibrate(
       not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low
     ):
       raise ValueError(f"calibrate: {arg} must be an int >= {low}, got {value!r}")
-  if not (
-    isinstance(reconstruct_lr, (int, float))
-    and not isinstance(reconstruct_lr, bool)
-    and math.isfinite(reconstruct_lr)
-    and reconstruct_lr > 0
-  ):
-    raise ValueError(
-      f"calibrate: reconstruct_lr must be a finite number > 0, got {reconstruct_lr!r}"
-    )
+  reconstruct_lr = spec.check_positive(reconstruct_lr, "reconstruct_lr", "calibrate")
   x = calibration_array(calibration_data, teacher, max_samples)
   if pairs is None:
     by_name = {la.name: la for la in teacher.layers}

@@ -327,12 +327,30 @@ class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
       data.predict(x_test, verbose=0), loaded.predict(x_test, verbose=0)
     )
 
+  def test_numpy_learning_rate_is_taken_like_a_float(self):
+    teacher = _Trained.get()
+    (x, _), _ = _digits()
+    a, b = (
+      ke.epitomize(
+        teacher,
+        4,
+        calibration_data=x[:64],
+        calibration_options=dict(output_steps=3, reconstruct_lr=lr),
+        verbose=False,
+      )
+      for lr in (np.float32(2e-3), 2e-3)
+    )
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+      self.assertAllClose(wa, wb, atol=1e-6)
+
   @parameterized.named_parameters(
     ("negative_steps", dict(reconstruct_steps=-1), "reconstruct_steps.*>= 0.*-1"),
     ("float_steps", dict(reconstruct_steps=1.5), "reconstruct_steps.*int.*1.5"),
     ("bool_steps", dict(output_steps=True), "output_steps.*int.*True"),
     ("zero_lr", dict(reconstruct_lr=0.0), "reconstruct_lr.*> 0.*0.0"),
     ("nan_lr", dict(reconstruct_lr=float("nan")), "reconstruct_lr.*nan"),
+    ("bool_lr", dict(reconstruct_lr=True), "reconstruct_lr.*> 0.*True"),
+    ("string_lr", dict(reconstruct_lr="1e-3"), "reconstruct_lr.*> 0.*'1e-3'"),
     ("zero_batch", dict(batch_size=0), "batch_size.*>= 1.*0"),
   )
   def test_bad_arguments(self, options, message):
