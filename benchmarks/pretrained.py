@@ -27,13 +27,19 @@ The data-aware conversion's gradient steps (``calibrate``'s
 names. With ``--allocate`` the data-aware conversion chooses each layer's
 ratio from the calibration data (``epitomize(allocate=True)``, the same total
 stored size as the uniform conversion), and pruning follows the allocated
-model's per-layer storage (a layer kept stock is not pruned).
+model's per-layer storage (a layer kept stock is not pruned). By default a
+pruned kernel's stored size counts its non-zeros only;
+``--pruning_positions=bitmask`` or ``index16`` also charges it for where they
+are (1 bit per kernel entry, or 16 bits per non-zero), so that pruning and
+epitome store the same number of bytes.
 
 Usage:
   python benchmarks/pretrained.py                       # Fashion-MNIST
   python benchmarks/pretrained.py --ratios=4 --methods=data,pruning
   python benchmarks/pretrained.py --output_steps=4000 --calibration_size=2048
   python benchmarks/pretrained.py --output_steps=4000 --calibration_size=2048 --allocate
+  python benchmarks/pretrained.py --output_steps=4000 --calibration_size=2048 --allocate \
+      --methods=pruning_distill --pruning_positions=bitmask
   python benchmarks/pretrained.py --dataset=fsdd --batch_size=32 \
       --pretrain_epochs=20 --data_dir=/path/to/free-spoken-digit-dataset/recordings
 """
@@ -62,6 +68,9 @@ import keras_epitome as ke  # noqa: E402
 
 keras = ke.keras
 METHODS = ("weight_fit", "data", "data_distill", "pruning", "pruning_distill")
+# Bits a sparse kernel stores for its non-zeros' positions: (per kernel
+# entry, per non-zero); the values are 32-bit floats, as an epitome's.
+POSITION_BITS = {"none": (0, 0), "bitmask": (1, 0), "index16": (0, 16)}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -100,6 +109,14 @@ flags.DEFINE_float(
 flags.DEFINE_float("temperature", 1.0, "Distillation temperature.")
 flags.DEFINE_bool(
   "allocate", False, "epitomize(allocate=True): per-layer ratios chosen from the data."
+)
+flags.DEFINE_enum(
+  "pruning_positions",
+  "none",
+  list(POSITION_BITS),
+  "What a pruned kernel pays for its non-zeros' positions out of the epitome "
+  "layer's stored size: none (non-zeros only, the rule of every earlier row), "
+  "bitmask (1 bit per kernel entry) or index16 (16 bits per non-zero).",
 )
 flags.DEFINE_string("cache", "/tmp/ke_pretrained", "Folder of the trained model.")
 flags.DEFINE_string(
@@ -181,6 +198,34 @@ def magnitude_prune(stock, sparsity):
         k = np.where(np.abs(k) <= cut, 0.0, k)
       layer.kernel.assign(k)
   return pruned
+
+
+def prune_spec(epitome_model) -> dict:
+  """Per-layer sparsity whose storage, positions included, is the epitome's.
+
+  With ``--pruning_positions=none`` it is ``common.prune_spec`` (as many
+  non-zeros as the epitome layer stores numbers). Otherwise the non-zeros
+  and their positions together take no more 32-bit words than the epitome
+  layer's epitome and routing map: ``nnz * (32 + per_nonzero) + entries *
+  per_entry <= 32 * stored``.
+  """
+  per_entry, per_nonzero = POSITION_BITS[FLAGS.pruning_positions]
+  spec = {}
+  for name, sparsity in C.prune_spec(epitome_model).items():
+    g = epitome_model.get_layer(name).epitome_geometry
+    nnz = (32 * g.stored_size - per_entry * g.kernel_size) / (32 + per_nonzero)
+    spec[name] = float(min(1.0, max(sparsity, 1.0 - nnz / g.kernel_size)))
+  return spec
+
+
+def position_words(model, names) -> int:
+  """32-bit words a pruned model's kernels spend on their non-zeros' positions."""
+  per_entry, per_nonzero = POSITION_BITS[FLAGS.pruning_positions]
+  bits = 0
+  for name in names:
+    k = model.get_layer(name).kernel.numpy()
+    bits += per_entry * k.size + per_nonzero * int(np.count_nonzero(k))
+  return -(-bits // 32)
 
 
 def pruned_stored(model, names) -> int:
@@ -285,6 +330,7 @@ def main(argv):
     allocate=FLAGS.allocate,
     calibration_size=len(x_cal),
     calibration_options=calibration_options(),
+    pruning_positions=FLAGS.pruning_positions,
     stock_acc=stock_acc,
     stock_params=C.stored_params(stock),
   )
@@ -330,11 +376,12 @@ def main(argv):
           )
         else:
           reference = ke.epitomize(stock, ratio, init="fit", verbose=False)
-        sparsity = C.prune_spec(reference)
+        sparsity = prune_spec(reference)
         model = magnitude_prune(stock, sparsity)
       convert_s = time.time() - t0
       if method.startswith("pruning"):
         stored = pruned_stored(model, sparsity)
+        positions = position_words(model, sparsity)
       else:
         stored = C.stored_params(model)
       row = dict(
@@ -344,6 +391,8 @@ def main(argv):
         convert_s=round(convert_s, 1),
         acc_0=C.evaluate(model, (xt, yt)),
       )
+      if method.startswith("pruning") and positions:
+        row["stored_with_positions"] = stored + positions
       if method in ("data", "data_distill"):
         # Per fitted layer: least-squares output error, then the block (or
         # model output) error before and after the gradient steps.
