@@ -123,6 +123,12 @@ flags.DEFINE_string(
   "out", "benchmarks/results_pretrained.jsonl", "JSON lines, one per row."
 )
 flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_integer(
+  "recovery_seed",
+  None,
+  "Seed of the recovery runs only (their shuffles); unset: --seed. The trained "
+  "model, calibration images and conversion stay those of --seed.",
+)
 
 
 def load_data():
@@ -331,6 +337,7 @@ def main(argv):
     calibration_size=len(x_cal),
     calibration_options=calibration_options(),
     pruning_positions=FLAGS.pruning_positions,
+    recovery_seed=FLAGS.recovery_seed,
     stock_acc=stock_acc,
     stock_params=C.stored_params(stock),
   )
@@ -401,7 +408,9 @@ def main(argv):
           for c in model.epitome_report.calibration
         ]
       for epochs in epochs_list:
-        keras.utils.set_random_seed(FLAGS.seed)
+        keras.utils.set_random_seed(
+          FLAGS.seed if FLAGS.recovery_seed is None else FLAGS.recovery_seed
+        )
         t0 = time.time()
         if method.startswith("pruning"):
           rec_model = pruning_recovery(

@@ -12,7 +12,8 @@ Same trained model, calibration images and recovery order as
 A recipe is a JSON object: ``mode`` (``"distill"``, default, or ``"labels"``
 for a label fine-tune), ``epochs`` (default 1), ``labels`` (distill with the
 labels mixed in by ``alpha``) and any ``ke.distill`` keyword
-(``learning_rate``, ``temperature``, ``alpha``).
+(``learning_rate``, ``temperature``, ``alpha``); ``seed`` reseeds the
+recovery's shuffle only (default ``--seed``).
 
 Usage:
   python benchmarks/recovery_recipes.py --ratio=4 \
@@ -152,7 +153,7 @@ def main(argv):
     recipe = json.loads(text)
     epochs = recipe.pop("epochs", 1)
     mode = recipe.pop("mode", "distill")
-    keras.utils.set_random_seed(FLAGS.seed)
+    keras.utils.set_random_seed(recipe.pop("seed", FLAGS.seed))
     student = keras.models.clone_model(model)
     student.set_weights(model.get_weights())
     t0 = time.time()
