@@ -208,10 +208,10 @@ def distill(
       (found in every epitome layer of ``student``, nested ones too), on an
       optimizer of their own with the same schedule; default
       ``learning_rate``. Only with the default optimizer. Measured on the
-      Fashion-MNIST CNN (one epoch from the allocated conversion): twice
-      ``learning_rate`` gave +0.25 point at 2x and at 4x, three times
-      +0.29 at 2x and -0.10 at 4x -- within this benchmark's noise, so the
-      default stays ``learning_rate`` (``benchmarks/RESULTS.md``).
+      Fashion-MNIST CNN (one epoch from the allocated conversion, means of
+      three shuffles): twice ``learning_rate`` gave +0.06 point at 2x and
+      +0.13 at 4x (one shuffle of three times: +0.29 at 2x, -0.10 at 4x),
+      so the default stays ``learning_rate`` (``benchmarks/RESULTS.md``).
     optimizer: a Keras optimizer to use instead of the default.
     batch_size: for array data.
     from_logits: whether the models output logits (``True``) or
