@@ -180,9 +180,13 @@ def calibration_array(
       "data-aware conversion supports models with exactly one input"
     )
   want = tuple(model.inputs[0].shape)[1:]
+  more = False  # a dataset with samples beyond those read
   if isinstance(data, tf.data.Dataset):
     parts, count = [], 0
     for element in data:
+      if count >= max_samples:  # one more element: the dataset is longer
+        more = True
+        break
       x = element[0] if isinstance(element, (tuple, list)) else element
       if isinstance(x, dict):
         raise ValueError(
@@ -194,14 +198,6 @@ def calibration_array(
         x = x[np.newaxis]
       parts.append(x)
       count += len(x)
-      if count >= max_samples:
-        (log or logging.warning)(
-          "calibration_data for model '%s': stopped reading the dataset at "
-          "max_samples=%d samples; pass a larger max_samples to use more",
-          name,
-          max_samples,
-        )
-        break
     if not parts:
       raise ValueError(
         f"calibration_data for model '{name}' is an empty dataset; give a few "
@@ -244,13 +240,13 @@ def calibration_array(
       f"{tuple(x.shape[1:])} (array shape {tuple(x.shape)}); the model takes "
       f"inputs of shape {want} (None: any size)"
     )
-  if len(x) > max_samples:
+  if more or len(x) > max_samples:
     (log or logging.warning)(
-      "calibration_data for model '%s': using the first %d of %d samples "
+      "calibration_data for model '%s': using the first %d of %s samples "
       "(max_samples=%d); pass a larger max_samples to use more",
       name,
       max_samples,
-      len(x),
+      "more than %d" % len(x) if more else len(x),
       max_samples,
     )
   x = x[:max_samples].astype(np.float32)
