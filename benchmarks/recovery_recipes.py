@@ -96,9 +96,8 @@ def converted_model():
     f"{'_alloc' if FLAGS.allocate else ''}{policy_tag}.converted.weights.h5",
   )
   keras.utils.set_random_seed(FLAGS.seed)
-  cal_options = dict(
-    output_steps=FLAGS.output_steps, batch_size=64, max_samples=len(x_cal)
-  )
+  keep_all = dict(max_samples=len(x_cal))  # calibrate's default keeps 2,048
+  cal_options = dict(output_steps=FLAGS.output_steps, batch_size=64, **keep_all)
   if os.path.exists(converted_path):
     # The architecture again (cheap: least squares only), then the weights.
     model = ke.epitomize(
@@ -106,7 +105,7 @@ def converted_model():
       FLAGS.ratio,
       policy=policy,
       calibration_data=x_cal,
-      calibration_options=dict(max_samples=len(x_cal)),
+      calibration_options=keep_all,
       allocate=FLAGS.allocate,
       verbose=False,
     )
