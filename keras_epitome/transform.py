@@ -106,7 +106,10 @@ class EpitomeReport:
       by the policy or of an unsupported type such as ``DepthwiseConv2D``).
     calibration: with ``calibration_data``, one
       :class:`keras_epitome.calibration.LayerCalibration` per layer the
-      data-aware pass fitted (epitome layers, then refitted stock layers).
+      data-aware pass fitted (epitome layers, then refitted stock layers),
+      then, after gradient passes, one for the model's output matching
+      (``"<model> (output)"``) and one for the BatchNorm statistics
+      (``"<model> (batchnorm)"``).
     allocation: with ``allocate=True``, the
       :class:`keras_epitome.allocation.Allocation` that chose the ratios.
   """
@@ -139,6 +142,8 @@ class EpitomeReport:
           f"  {c.name}: {c.note}, output error {c.output_error:.3f} "
           f"(before {c.weight_fit_output_error:.3f})"
         )
+      elif c.note and c.block_error is None:  # e.g. BatchNorm statistics
+        lines.append(f"  {c.name}: {c.note}")
       if c.block_error is not None:  # gradient reconstruction
         lines.append(
           f"  {c.name}: reconstructed to {c.reconstructed_to}'s output, error "

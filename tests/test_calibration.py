@@ -238,6 +238,10 @@ class DataAwareFitTest(tf.test.TestCase, parameterized.TestCase):
       ke.calibrate(ke.epitomize(teacher, 4, verbose=False), teacher, x, ridge=-1.0)
 
 
+def _bn_input(model, name, x):
+  return keras.Model(model.inputs, model.get_layer(name).input).predict(x, verbose=0)
+
+
 def _layer_output(model, name, x):
   return keras.Model(model.inputs, model.get_layer(name).output).predict(x, verbose=0)
 
@@ -252,6 +256,50 @@ def _least_squares_and(options):
     )
     for o in (None, options)
   ]
+
+
+class RestandardizeTest(tf.test.TestCase):
+  """Moving statistics re-estimated from data, the inference function kept."""
+
+  def _model(self):
+    x = inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(5, 3, name="conv")(x)
+    x = keras.layers.BatchNormalization(name="full")(x)
+    x = keras.layers.BatchNormalization(scale=False, name="no_scale")(x)
+    x = keras.layers.BatchNormalization(center=False, name="no_center")(x)
+    model = keras.Model(inputs, x)
+    rng = np.random.default_rng(0)
+    for bn in model.layers[2:]:
+      bn.set_weights(
+        [rng.uniform(0.5, 2.0, w.shape).astype("float32") for w in bn.get_weights()]
+      )
+    return model
+
+  def test_statistics_follow_the_data_and_the_function_stays(self):
+    model = self._model()
+    x = np.random.default_rng(1).normal(3.0, 2.0, (40, 6, 6, 3)).astype("float32")
+    before = model(x, training=False).numpy()
+    old = {bn.name: [w.copy() for w in bn.get_weights()] for bn in model.layers[2:]}
+    shift = calibration._restandardize_batchnorms(model, model.layers[2:], x, 16)
+    self.assertAllClose(model(x, training=False).numpy(), before, rtol=1e-4, atol=1e-4)
+    self.assertGreater(shift, 0.1)
+    for bn in model.layers[2:]:
+      a = _bn_input(model, bn.name, x).reshape(-1, 5).astype(np.float64)
+      mean, var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+      # A BatchNorm without an offset cannot move its mean, one without a
+      # scale its variance, without changing the function.
+      if bn.center:
+        self.assertAllClose(mean, a.mean(0), rtol=1e-4, atol=1e-4)
+      else:
+        self.assertAllEqual(mean, old[bn.name][-2])
+      if bn.scale:
+        self.assertAllClose(var, a.var(0), rtol=1e-4, atol=1e-4)
+      else:
+        self.assertAllEqual(var, old[bn.name][-1])
+
+  def test_no_batchnorms_is_a_no_op(self):
+    model = self._model()
+    self.assertEqual(calibration._restandardize_batchnorms(model, [], None, 16), 0.0)
 
 
 class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
@@ -287,7 +335,7 @@ class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
     teacher = _Trained.get()
     _, (x_test, _) = _digits()
     ls, rec = _least_squares_and(dict(output_steps=150))
-    last = rec.epitome_report.calibration[-1]
+    last = rec.epitome_report.calibration[-2]  # then "(batchnorm)"
     self.assertEqual(last.name, "digits_cnn (output)")
     self.assertLess(last.block_error, last.block_error_before)
     t = teacher.predict(x_test, verbose=0)
@@ -313,6 +361,55 @@ class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(r.block_error, r.block_error_before, r.name)
     for wa, wb in zip(ls.get_weights(), bad.get_weights(), strict=True):
       self.assertAllClose(wa, wb, atol=1e-6)
+
+  def test_batchnorm_statistics_describe_the_matched_model(self):
+    # The output matching runs BatchNorm in inference mode and changes the
+    # layers before it; training (fit, distill) then normalizes with batch
+    # statistics. The moving statistics must be those of the matched model's
+    # activations, and the function must not change when they are used.
+    teacher = _Trained.get()
+    (x, _), (x_test, _) = _digits()
+    cal = x[:256]
+    model = ke.epitomize(
+      teacher,
+      4,
+      calibration_data=cal,
+      calibration_options=dict(output_steps=150),
+      verbose=False,
+    )
+    last = model.epitome_report.calibration[-1]
+    self.assertEqual(last.name, "digits_cnn (batchnorm)")
+    self.assertIn("1 BatchNormalization layer(s)", last.note)
+    self.assertIn(
+      "digits_cnn (batchnorm): moving statistics", str(model.epitome_report)
+    )
+    bn = model.get_layer("bn2")  # the one BatchNorm after the first epitome layer (c2)
+    a = _bn_input(model, "bn2", cal).reshape(-1, 32).astype(np.float64)
+    self.assertAllClose(bn.moving_mean.numpy(), a.mean(0), rtol=1e-4, atol=1e-5)
+    self.assertAllClose(bn.moving_variance.numpy(), a.var(0), rtol=1e-4, atol=1e-5)
+    # Batch statistics of the whole calibration set = the moving ones: the
+    # same outputs in training mode as in inference mode (on a copy: a
+    # training-mode call moves the statistics; bn1, the trained model's,
+    # frozen: a frozen BatchNorm runs in inference mode).
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    copy.get_layer("bn1").trainable = False
+    self.assertAllClose(
+      copy(cal, training=True).numpy(), model(cal, training=False).numpy(), atol=1e-3
+    )
+    # bn1 is before the first epitome layer: the trained model's, untouched.
+    bn1 = model.get_layer("bn1").get_weights()
+    for w, t in zip(bn1, teacher.get_layer("bn1").get_weights(), strict=True):
+      self.assertAllEqual(w, t)
+    # Re-estimating the statistics kept the function the matching reached.
+    record = model.epitome_report.calibration[-2]
+    self.assertEqual(record.name, "digits_cnn (output)")
+    self.assertLess(record.block_error, record.block_error_before)
+    self.assertAllClose(
+      calibration._relative_error(model, cal, teacher.predict(cal, verbose=0), 64),
+      record.block_error,
+      rtol=1e-4,
+    )
 
   @parameterized.parameters("keras", "h5")
   def test_reconstructed_model_saves_and_loads(self, fmt):
