@@ -119,6 +119,12 @@ flags.DEFINE_enum(
   "bitmask (1 bit per kernel entry) or index16 (16 bits per non-zero).",
 )
 flags.DEFINE_string("cache", "/tmp/ke_pretrained", "Folder of the trained model.")
+flags.DEFINE_integer(
+  "trace_every",
+  0,
+  "Record the accuracy on the first 2,000 test samples every this many "
+  "recovery steps (row key 'trace_<epochs>'; 0: off).",
+)
 flags.DEFINE_string(
   "out", "benchmarks/results_pretrained.jsonl", "JSON lines, one per row."
 )
@@ -243,7 +249,7 @@ def pruned_stored(model, names) -> int:
   return C.stored_params(model) - zeros
 
 
-def pruning_recovery(stock, sparsity, recovery, epochs, distill):
+def pruning_recovery(stock, sparsity, recovery, epochs, distill, traces=()):
   import tensorflow_model_optimization as tfmot
 
   sp = tfmot.sparsity.keras
@@ -262,7 +268,8 @@ def pruning_recovery(stock, sparsity, recovery, epochs, distill):
     src = base.get_layer(inner.name)
     for w_new, w_old in zip(inner.weights, src.weights, strict=True):
       w_new.assign(w_old)
-  recover(pruned, stock, recovery, epochs, distill, [sp.UpdatePruningStep()])
+  callbacks = [sp.UpdatePruningStep()] + [trace(pruned) for trace in traces]
+  recover(pruned, stock, recovery, epochs, distill, callbacks)
   return sp.strip_pruning(pruned)
 
 
@@ -412,14 +419,30 @@ def main(argv):
           FLAGS.seed if FLAGS.recovery_seed is None else FLAGS.recovery_seed
         )
         t0 = time.time()
+        traced = []
+
+        def trace(m, sink=traced):
+          sink.append(C.AccuracyTrace(m, (xt[:2000], yt[:2000]), FLAGS.trace_every))
+          return sink[-1]
+
+        traces = [trace] if FLAGS.trace_every else []
         if method.startswith("pruning"):
           rec_model = pruning_recovery(
-            stock, sparsity, recovery, epochs, method == "pruning_distill"
+            stock, sparsity, recovery, epochs, method == "pruning_distill", traces
           )
           row[f"stored_params_{epochs}"] = pruned_stored(rec_model, sparsity)
         else:
           rec_model = copy_model(model)
-          recover(rec_model, stock, recovery, epochs, method == "data_distill")
+          recover(
+            rec_model,
+            stock,
+            recovery,
+            epochs,
+            method == "data_distill",
+            [t(rec_model) for t in traces],
+          )
+        if traced:
+          row[f"trace_{epochs}"] = traced[0].trace
         row[f"acc_{epochs}"] = C.evaluate(rec_model, (xt, yt))
         row[f"recovery_{epochs}_s"] = round(time.time() - t0, 1)
       emit(row)

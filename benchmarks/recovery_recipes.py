@@ -63,6 +63,12 @@ flags.DEFINE_integer("batch_size", 128, "Batch size of recovery.")
 flags.DEFINE_string("cache", "/tmp/ke_pretrained", "Folder of the trained model.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("out", "", "Optional JSON-lines file, one row per recipe.")
+flags.DEFINE_integer(
+  "trace_every",
+  0,
+  "Record the accuracy on the first 2,000 test images every this many "
+  "recovery steps (row key 'trace'; 0: off).",
+)
 
 
 def converted_model():
@@ -156,6 +162,10 @@ def main(argv):
     student = keras.models.clone_model(model)
     student.set_weights(model.get_weights())
     t0 = time.time()
+    callbacks, extra = [], {}
+    if FLAGS.trace_every:
+      trace = C.AccuracyTrace(student, (xt[:2000], yt[:2000]), FLAGS.trace_every)
+      callbacks, extra = [trace], dict(trace=trace.trace)
     if mode == "distill":
       data = (xr, yr) if recipe.pop("labels", False) else xr
       ke.distill(
@@ -165,6 +175,7 @@ def main(argv):
         epochs=epochs,
         batch_size=FLAGS.batch_size,
         verbose=0,
+        callbacks=callbacks,
         **recipe,
       )
     elif mode == "labels":
@@ -176,10 +187,19 @@ def main(argv):
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
       )
-      student.fit(xr, yr, batch_size=FLAGS.batch_size, epochs=epochs, verbose=0)
+      student.fit(
+        xr,
+        yr,
+        batch_size=FLAGS.batch_size,
+        epochs=epochs,
+        verbose=0,
+        callbacks=callbacks,
+      )
     else:
       raise ValueError(f"recipe {text}: mode must be 'distill' or 'labels'")
-    report(model, student, (xt, yt), acc_0, t0, policy=FLAGS.policy, recipe=text)
+    report(
+      model, student, (xt, yt), acc_0, t0, policy=FLAGS.policy, recipe=text, **extra
+    )
 
 
 if __name__ == "__main__":

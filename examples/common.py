@@ -342,6 +342,35 @@ def evaluate(model, test, batch_size=256) -> float:
   return float(np.mean(np.argmax(logits, axis=-1) == yt))
 
 
+class AccuracyTrace(keras.callbacks.Callback):
+  """Test accuracy (inference mode) every ``every`` training steps, and at the end.
+
+  ``trace`` holds ``[step, accuracy, training loss]`` rows (the loss as
+  Keras logs it: the mean over the epoch so far), step 0 being the model
+  before its first update (under TF-MOT pruning: before the first mask is
+  applied, i.e. the unpruned model); ``model`` is the one to evaluate
+  (the student inside a distillation, whose callbacks see a wrapper).
+  """
+
+  def __init__(self, model, test, every: int):
+    super().__init__()
+    self.student, self.test, self.every = model, test, int(every)
+    self.trace = [[0, self.accuracy(), None]]
+    self.step = 0
+
+  def accuracy(self) -> float:
+    x, y = self.test
+    out = [self.student(x[i : i + 500], training=False) for i in range(0, len(x), 500)]
+    return float(np.mean(np.argmax(np.concatenate(out), axis=-1) == y))
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.step += 1
+    if self.step % self.every == 0:
+      loss = (logs or {}).get("loss")
+      loss = None if loss is None else round(float(loss), 4)
+      self.trace.append([self.step, self.accuracy(), loss])
+
+
 # ----------------------------------------------------------------------------
 # Methods that are not a layer factory: thinner stock model, pruning.
 
