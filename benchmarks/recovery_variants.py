@@ -27,6 +27,8 @@ T = 1, batch 128, the same image order) so that they differ only in the idea:
 * ``warmup``: the learning rate rises linearly from 0 over this fraction of
   the steps before the cosine decay (the converted model is not kicked by
   full-size Adam steps while Adam's moment estimates are still empty).
+* ``seed``: reseeds the recovery's shuffle (and mixup draws) only; default
+  ``--seed``.
 * ``mixup``: distill on mixed images ``lam * x + (1 - lam) * x'`` (``lam``
   drawn from Beta(mixup, mixup) per image), a richer input distribution for
   the teacher to label.
@@ -114,7 +116,8 @@ def _faded_model(student, stock, lam):
 
 
 def run(variant, stock, model, xr):
-  keras.utils.set_random_seed(FLAGS.seed)
+  seed = variant.get("seed", FLAGS.seed)  # reseeds the recovery only
+  keras.utils.set_random_seed(seed)
   student = keras.models.clone_model(model)
   student.set_weights(model.get_weights())
   student.epitome_report = model.epitome_report
@@ -169,7 +172,7 @@ def run(variant, stock, model, xr):
     else None
   )
   mixup = float(variant.get("mixup", 0.0))
-  mix_rng = np.random.default_rng(FLAGS.seed + 100)
+  mix_rng = np.random.default_rng(seed + 100)
 
   def relative(a, b):
     return tf.reduce_mean(tf.square(a - b)) / (tf.reduce_mean(tf.square(b)) + 1e-6)
@@ -196,7 +199,7 @@ def run(variant, stock, model, xr):
   fade_steps = max(1, int(variant.get("fade", 0.0) * steps))
   k = 0
   for epoch in range(epochs):
-    order = np.random.default_rng(FLAGS.seed + epoch).permutation(len(xr))
+    order = np.random.default_rng(seed + epoch).permutation(len(xr))
     for i in range(0, len(xr), bs):
       if "fade" in variant:
         lam.assign(0.5 * (1 + math.cos(math.pi * min(1.0, k / fade_steps))))
