@@ -11,9 +11,10 @@ compression ratio, from that same trained model:
   trained model as teacher (no labels used);
 * ``pruning``: TF-MOT ``prune_low_magnitude`` of the same layers to the same
   stored size (per-layer sparsity = 1 - (epitome + routing map) / kernel,
-  ``ConstantSparsity`` from step 0: magnitude pruning at once), recovered by
-  fine-tuning on labels; its accuracy "after conversion" is the trained
-  model with those weights zeroed (what the first pruning step does);
+  ``ConstantSparsity`` from the first step: magnitude pruning at once, see
+  ``--pruning_mask``), recovered by fine-tuning on labels; its accuracy
+  "after conversion" is the trained model with those weights zeroed (what
+  the first pruning step does);
 * ``pruning_distill``: the same pruning, recovered by ``ke.distill``.
 
 Each row gives the accuracy right after conversion and after each number of
@@ -117,6 +118,19 @@ flags.DEFINE_enum(
   "What a pruned kernel pays for its non-zeros' positions out of the epitome "
   "layer's stored size: none (non-zeros only, the rule of every earlier row), "
   "bitmask (1 bit per kernel entry) or index16 (16 bits per non-zero).",
+)
+# ConstantSparsity(begin_step, end_step, frequency) per --pruning_mask. TF-MOT
+# updates the mask when the step is a multiple of the frequency and, as
+# measured with tensorflow-model-optimization 0.8.1, not at the first step:
+# with frequency 50 the first 49 steps train the unpruned model.
+PRUNING_MASKS = {"fixed": (0, 1, 1), "every_step": (0, -1, 1), "every_50": (0, -1, 50)}
+flags.DEFINE_enum(
+  "pruning_mask",
+  "fixed",
+  list(PRUNING_MASKS),
+  "When the pruning mask is chosen: fixed (at the first step, then kept), "
+  "every_step (re-chosen by magnitude every step), every_50 (every 50 steps, "
+  "the first time at step 50: the rule of every row before the seventh landing).",
 )
 flags.DEFINE_string("cache", "/tmp/ke_pretrained", "Folder of the trained model.")
 flags.DEFINE_integer(
@@ -230,22 +244,24 @@ def prune_spec(epitome_model) -> dict:
   return spec
 
 
+def kernel_counts(model, names) -> list:
+  """``(entries, non-zeros)`` of each named layer's kernel."""
+  kernels = [model.get_layer(name).kernel.numpy() for name in names]
+  return [(k.size, int(np.count_nonzero(k))) for k in kernels]
+
+
 def position_words(model, names) -> int:
   """32-bit words a pruned model's kernels spend on their non-zeros' positions."""
   per_entry, per_nonzero = POSITION_BITS[FLAGS.pruning_positions]
-  bits = 0
-  for name in names:
-    k = model.get_layer(name).kernel.numpy()
-    bits += per_entry * k.size + per_nonzero * int(np.count_nonzero(k))
+  bits = sum(
+    per_entry * n + per_nonzero * nnz for n, nnz in kernel_counts(model, names)
+  )
   return -(-bits // 32)
 
 
 def pruned_stored(model, names) -> int:
   """Stored numbers of a pruned model: its kernels' zeros are not stored."""
-  zeros = 0
-  for name in names:
-    k = model.get_layer(name).kernel.numpy()
-    zeros += k.size - int(np.count_nonzero(k))
+  zeros = sum(n - nnz for n, nnz in kernel_counts(model, names))
   return C.stored_params(model) - zeros
 
 
@@ -256,7 +272,10 @@ def pruning_recovery(stock, sparsity, recovery, epochs, distill, traces=()):
 
   def clone(layer):
     if layer.name in sparsity:
-      schedule = sp.ConstantSparsity(sparsity[layer.name], begin_step=0, frequency=50)
+      begin, end, frequency = PRUNING_MASKS[FLAGS.pruning_mask]
+      schedule = sp.ConstantSparsity(
+        sparsity[layer.name], begin_step=begin, end_step=end, frequency=frequency
+      )
       return sp.prune_low_magnitude(layer, pruning_schedule=schedule)
     return layer
 
@@ -344,6 +363,7 @@ def main(argv):
     calibration_size=len(x_cal),
     calibration_options=calibration_options(),
     pruning_positions=FLAGS.pruning_positions,
+    pruning_mask=FLAGS.pruning_mask,
     recovery_seed=FLAGS.recovery_seed,
     stock_acc=stock_acc,
     stock_params=C.stored_params(stock),

@@ -72,7 +72,11 @@ class Distiller(keras.Model):
     # Epitome tensors get their own optimizer (its own learning rate) when
     # one is given; everything else uses the compiled optimizer.
     self.epitome_optimizer = epitome_optimizer
-    self._epitome_refs = {v.ref() for v in epitome_variables(student)}
+    self._epitome_refs = (
+      set()
+      if epitome_optimizer is None
+      else {v.ref() for v in epitome_variables(student)}
+    )
     self.teacher = teacher
     self.temperature = float(temperature)
     self.alpha = float(alpha)
