@@ -27,6 +27,7 @@ import recovery_recipes as R  # also defines the shared flags
 from absl import app, flags
 
 import keras_epitome as ke
+from keras_epitome import calibration
 
 keras = ke.keras
 C = R.C
@@ -46,14 +47,15 @@ def batch_statistics_accuracy(model, test, batch_size):
 
 
 def drift(model, x):
-  """Per BatchNorm: mean shift (in moving std) and variance ratios on ``x``."""
+  """Per BatchNorm: mean shift (in moving std) and variance ratios on ``x``.
+
+  The statistics are estimated as ``calibrate`` estimates them.
+  """
+  bns = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
   rows = []
-  for bn in model.layers:
-    if not isinstance(bn, keras.layers.BatchNormalization):
-      continue
-    a = keras.Model(model.inputs, bn.input).predict(x, batch_size=256, verbose=0)
-    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
-    mean, var = a.mean(0), a.var(0)
+  for bn, (mean, var) in zip(
+    bns, calibration._input_moments(model, bns, x, 256), strict=True
+  ):
     moving_var = bn.moving_variance.numpy().astype(np.float64)
     shift = np.abs(mean - bn.moving_mean.numpy()) / np.sqrt(moving_var + bn.epsilon)
     ratio = var / moving_var

@@ -48,6 +48,7 @@ Usage:
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -265,7 +266,8 @@ def pruned_stored(model, names) -> int:
   return C.stored_params(model) - zeros
 
 
-def pruning_recovery(stock, sparsity, recovery, epochs, distill, traces=()):
+def pruning_recovery(stock, sparsity, recovery, epochs, distill, make_trace=None):
+  """TF-MOT pruning + recovery; ``(stripped model, trace or None)``."""
   import tensorflow_model_optimization as tfmot
 
   sp = tfmot.sparsity.keras
@@ -287,9 +289,10 @@ def pruning_recovery(stock, sparsity, recovery, epochs, distill, traces=()):
     src = base.get_layer(inner.name)
     for w_new, w_old in zip(inner.weights, src.weights, strict=True):
       w_new.assign(w_old)
-  callbacks = [sp.UpdatePruningStep()] + [trace(pruned) for trace in traces]
+  trace = make_trace(pruned) if make_trace else None
+  callbacks = [sp.UpdatePruningStep()] + ([] if trace is None else [trace])
   recover(pruned, stock, recovery, epochs, distill, callbacks)
-  return sp.strip_pruning(pruned)
+  return sp.strip_pruning(pruned), trace
 
 
 def recover(model, teacher, recovery, epochs, distill, callbacks=None):
@@ -378,6 +381,11 @@ def main(argv):
       f.write(json.dumps(row) + "\n")
     print(json.dumps(row))
 
+  make_trace = None
+  if FLAGS.trace_every:
+    make_trace = functools.partial(
+      C.AccuracyTrace, test=(xt[:2000], yt[:2000]), every=FLAGS.trace_every
+    )
   for ratio in ratios:
     converted = {}
     for method in FLAGS.methods:
@@ -439,30 +447,20 @@ def main(argv):
           FLAGS.seed if FLAGS.recovery_seed is None else FLAGS.recovery_seed
         )
         t0 = time.time()
-        traced = []
-
-        def trace(m, sink=traced):
-          sink.append(C.AccuracyTrace(m, (xt[:2000], yt[:2000]), FLAGS.trace_every))
-          return sink[-1]
-
-        traces = [trace] if FLAGS.trace_every else []
         if method.startswith("pruning"):
-          rec_model = pruning_recovery(
-            stock, sparsity, recovery, epochs, method == "pruning_distill", traces
+          rec_model, trace = pruning_recovery(
+            stock, sparsity, recovery, epochs, method == "pruning_distill", make_trace
           )
           row[f"stored_params_{epochs}"] = pruned_stored(rec_model, sparsity)
         else:
           rec_model = copy_model(model)
+          trace = make_trace(rec_model) if make_trace else None
+          callbacks = [] if trace is None else [trace]
           recover(
-            rec_model,
-            stock,
-            recovery,
-            epochs,
-            method == "data_distill",
-            [t(rec_model) for t in traces],
+            rec_model, stock, recovery, epochs, method == "data_distill", callbacks
           )
-        if traced:
-          row[f"trace_{epochs}"] = traced[0].trace
+        if trace is not None:
+          row[f"trace_{epochs}"] = trace.trace
         row[f"acc_{epochs}"] = C.evaluate(rec_model, (xt, yt))
         row[f"recovery_{epochs}_s"] = round(time.time() - t0, 1)
       emit(row)

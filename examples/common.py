@@ -359,9 +359,7 @@ class AccuracyTrace(keras.callbacks.Callback):
     self.step = 0
 
   def accuracy(self) -> float:
-    x, y = self.test
-    out = [self.student(x[i : i + 500], training=False) for i in range(0, len(x), 500)]
-    return float(np.mean(np.argmax(np.concatenate(out), axis=-1) == y))
+    return evaluate(self.student, self.test)
 
   def on_train_batch_end(self, batch, logs=None):
     self.step += 1

@@ -666,6 +666,31 @@ def _refit_batchnorm(bn, x: np.ndarray, target: Optional[np.ndarray]):
   bn.beta.assign(t_mean.astype(np.float32))
 
 
+def _input_moments(model, layers: Sequence, x, batch_size) -> list:
+  """Per layer, the mean and variance over ``x`` of each channel of its input.
+
+  One forward pass in inference mode, in batches; float64 sums. The channels
+  are the input's last axis.
+  """
+  probe = keras.Model(model.inputs, [la.input for la in layers])
+  count = [0] * len(layers)
+  s1 = [0.0] * len(layers)
+  s2 = [0.0] * len(layers)
+  for xb in _in_batches(x, batch_size):
+    outs = probe(xb, training=False)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    for i, out in enumerate(outs):
+      a = np.asarray(out, np.float64).reshape(-1, out.shape[-1])
+      count[i] += len(a)
+      s1[i] = s1[i] + a.sum(0)
+      s2[i] = s2[i] + np.square(a).sum(0)
+  moments = []
+  for n, total, squares in zip(count, s1, s2, strict=True):
+    mean = total / n
+    moments.append((mean, np.maximum(squares / n - np.square(mean), 0.0)))
+  return moments
+
+
 def _restandardize_batchnorms(model, bns: Sequence, x, batch_size) -> float:
   """Moving statistics of ``bns`` from the data, the inference function kept.
 
@@ -687,18 +712,10 @@ def _restandardize_batchnorms(model, bns: Sequence, x, batch_size) -> float:
   """
   if not bns:
     return 0.0
-  probe = keras.Model(model.inputs, [bn.input for bn in bns])
-  sums = [np.zeros(3, object) for _ in bns]  # samples, sum, sum of squares
-  for xb in _in_batches(x, batch_size):
-    outs = probe(xb, training=False)
-    outs = outs if isinstance(outs, (list, tuple)) else [outs]
-    for total, out in zip(sums, outs, strict=True):
-      a = np.asarray(out, np.float64).reshape(-1, out.shape[-1])
-      total += np.array([len(a), a.sum(0), np.square(a).sum(0)], object)
   worst = 0.0
-  for bn, (count, s1, s2) in zip(bns, sums, strict=True):
-    mean = s1 / count
-    var = np.maximum(s2 / count - np.square(mean), 0.0)
+  for bn, (mean, var) in zip(
+    bns, _input_moments(model, bns, x, batch_size), strict=True
+  ):
     old_mean = bn.moving_mean.numpy().astype(np.float64)
     old_var = bn.moving_variance.numpy().astype(np.float64)
     old_std = np.sqrt(old_var + bn.epsilon)
@@ -1026,29 +1043,30 @@ def calibrate(
   moved = any(
     r.block_error is not None and r.block_error < r.block_error_before for r in records
   )
-  if refit_batchnorm and moved:
-    bns = [
-      la
-      for i, la in enumerate(student.layers)
-      if i > first
-      and isinstance(la, keras.layers.BatchNormalization)
-      and _channelwise(la)
-      and not getattr(la, "renorm", False)
-      and len(getattr(la, "_inbound_nodes", [])) == 1
-    ]
+  bns = [
+    la
+    for i, la in enumerate(student.layers)
+    if refit_batchnorm
+    and moved
+    and i > first
+    and isinstance(la, keras.layers.BatchNormalization)
+    and _channelwise(la)
+    and not getattr(la, "renorm", False)
+    and len(getattr(la, "_inbound_nodes", [])) == 1
+  ]
+  if bns:
     shift = _restandardize_batchnorms(student, bns, x, batch_size)
-    if bns:
-      records.append(
-        LayerCalibration(
-          f"{student.name} (batchnorm)",
-          note=(
-            f"moving statistics of {len(bns)} BatchNormalization layer(s) "
-            "re-estimated after the gradient passes, scale and offset "
-            f"adjusted to keep the function (largest mean shift {shift:.3g} "
-            "moving std)"
-          ),
-        )
+    records.append(
+      LayerCalibration(
+        f"{student.name} (batchnorm)",
+        note=(
+          f"moving statistics of {len(bns)} BatchNormalization layer(s) "
+          "re-estimated after the gradient passes, scale and offset "
+          f"adjusted to keep the function (largest mean shift {shift:.3g} "
+          "moving std)"
+        ),
       )
+    )
   return records
 
 
