@@ -1043,30 +1043,29 @@ def calibrate(
   moved = any(
     r.block_error is not None and r.block_error < r.block_error_before for r in records
   )
-  bns = [
-    la
-    for i, la in enumerate(student.layers)
-    if refit_batchnorm
-    and moved
-    and i > first
-    and isinstance(la, keras.layers.BatchNormalization)
-    and _channelwise(la)
-    and not getattr(la, "renorm", False)
-    and len(getattr(la, "_inbound_nodes", [])) == 1
-  ]
-  if bns:
-    shift = _restandardize_batchnorms(student, bns, x, batch_size)
-    records.append(
-      LayerCalibration(
-        f"{student.name} (batchnorm)",
-        note=(
-          f"moving statistics of {len(bns)} BatchNormalization layer(s) "
-          "re-estimated after the gradient passes, scale and offset "
-          f"adjusted to keep the function (largest mean shift {shift:.3g} "
-          "moving std)"
-        ),
+  if refit_batchnorm and moved:
+    bns = [
+      la
+      for i, la in enumerate(student.layers)
+      if i > first
+      and isinstance(la, keras.layers.BatchNormalization)
+      and _channelwise(la)
+      and not getattr(la, "renorm", False)
+      and len(getattr(la, "_inbound_nodes", [])) == 1
+    ]
+    if bns:
+      shift = _restandardize_batchnorms(student, bns, x, batch_size)
+      records.append(
+        LayerCalibration(
+          f"{student.name} (batchnorm)",
+          note=(
+            f"moving statistics of {len(bns)} BatchNormalization layer(s) "
+            "re-estimated after the gradient passes, scale and offset "
+            f"adjusted to keep the function (largest mean shift {shift:.3g} "
+            "moving std)"
+          ),
+        )
       )
-    )
   return records
 
 
