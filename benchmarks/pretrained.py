@@ -70,9 +70,6 @@ import keras_epitome as ke  # noqa: E402
 
 keras = ke.keras
 METHODS = ("weight_fit", "data", "data_distill", "pruning", "pruning_distill")
-# Bits a sparse kernel stores for its non-zeros' positions: (per kernel
-# entry, per non-zero); the values are 32-bit floats, as an epitome's.
-POSITION_BITS = {"none": (0, 0), "bitmask": (1, 0), "index16": (0, 16)}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -108,6 +105,12 @@ flags.DEFINE_float(
   "ke.distill(epitome_learning_rate=): peak rate of the epitome tensors "
   "(unset: ke.distill's default).",
 )
+flags.DEFINE_float(
+  "recovery_warmup",
+  0.0,
+  "ke.distill(warmup=): fraction of the recovery's steps of linear warmup "
+  "(distillation recoveries only).",
+)
 flags.DEFINE_float("temperature", 1.0, "Distillation temperature.")
 flags.DEFINE_bool(
   "allocate", False, "epitomize(allocate=True): per-layer ratios chosen from the data."
@@ -115,7 +118,7 @@ flags.DEFINE_bool(
 flags.DEFINE_enum(
   "pruning_positions",
   "none",
-  list(POSITION_BITS),
+  list(C.POSITION_BITS),
   "What a pruned kernel pays for its non-zeros' positions out of the epitome "
   "layer's stored size: none (non-zeros only, the rule of every earlier row), "
   "bitmask (1 bit per kernel entry) or index16 (16 bits per non-zero).",
@@ -144,11 +147,12 @@ flags.DEFINE_string(
   "out", "benchmarks/results_pretrained.jsonl", "JSON lines, one per row."
 )
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer(
+flags.DEFINE_list(
   "recovery_seed",
   None,
-  "Seed of the recovery runs only (their shuffles); unset: --seed. The trained "
-  "model, calibration images and conversion stay those of --seed.",
+  "Seed(s) of the recovery runs only (their shuffles); unset: --seed. The "
+  "trained model, calibration images and conversion stay those of --seed; "
+  "several seeds (e.g. 0,1,2) reuse one conversion and give one row each.",
 )
 
 
@@ -213,38 +217,6 @@ def copy_model(model):
   return clone
 
 
-def magnitude_prune(stock, sparsity):
-  """The trained model with each named layer's smallest weights zeroed."""
-  pruned = copy_model(stock)
-  for layer in pruned.layers:
-    if layer.name in sparsity:
-      k = layer.kernel.numpy()
-      drop = int(round(sparsity[layer.name] * k.size))
-      if drop:
-        cut = np.sort(np.abs(k).reshape(-1))[drop - 1]
-        k = np.where(np.abs(k) <= cut, 0.0, k)
-      layer.kernel.assign(k)
-  return pruned
-
-
-def prune_spec(epitome_model) -> dict:
-  """Per-layer sparsity whose storage, positions included, is the epitome's.
-
-  With ``--pruning_positions=none`` it is ``common.prune_spec`` (as many
-  non-zeros as the epitome layer stores numbers). Otherwise the non-zeros
-  and their positions together take no more 32-bit words than the epitome
-  layer's epitome and routing map: ``nnz * (32 + per_nonzero) + entries *
-  per_entry <= 32 * stored``.
-  """
-  per_entry, per_nonzero = POSITION_BITS[FLAGS.pruning_positions]
-  spec = {}
-  for name, sparsity in C.prune_spec(epitome_model).items():
-    g = epitome_model.get_layer(name).epitome_geometry
-    nnz = (32 * g.stored_size - per_entry * g.kernel_size) / (32 + per_nonzero)
-    spec[name] = float(min(1.0, max(sparsity, 1.0 - nnz / g.kernel_size)))
-  return spec
-
-
 def kernel_counts(model, names) -> list:
   """``(entries, non-zeros)`` of each named layer's kernel."""
   kernels = [model.get_layer(name).kernel.numpy() for name in names]
@@ -253,7 +225,7 @@ def kernel_counts(model, names) -> list:
 
 def position_words(model, names) -> int:
   """32-bit words a pruned model's kernels spend on their non-zeros' positions."""
-  per_entry, per_nonzero = POSITION_BITS[FLAGS.pruning_positions]
+  per_entry, per_nonzero = C.POSITION_BITS[FLAGS.pruning_positions]
   bits = sum(
     per_entry * n + per_nonzero * nnz for n, nnz in kernel_counts(model, names)
   )
@@ -306,6 +278,7 @@ def recover(model, teacher, recovery, epochs, distill, callbacks=None):
       temperature=FLAGS.temperature,
       learning_rate=FLAGS.recovery_lr,
       epitome_learning_rate=FLAGS.epitome_lr,
+      warmup=FLAGS.recovery_warmup,
       batch_size=FLAGS.batch_size,
       callbacks=callbacks,
       verbose=2,
@@ -361,13 +334,13 @@ def main(argv):
     recovery_size=len(rec),
     recovery_lr=FLAGS.recovery_lr,
     epitome_lr=FLAGS.epitome_lr,
+    recovery_warmup=FLAGS.recovery_warmup,
     temperature=FLAGS.temperature,
     allocate=FLAGS.allocate,
     calibration_size=len(x_cal),
     calibration_options=calibration_options(),
     pruning_positions=FLAGS.pruning_positions,
     pruning_mask=FLAGS.pruning_mask,
-    recovery_seed=FLAGS.recovery_seed,
     stock_acc=stock_acc,
     stock_params=C.stored_params(stock),
   )
@@ -381,16 +354,40 @@ def main(argv):
       f.write(json.dumps(row) + "\n")
     print(json.dumps(row))
 
+  recovery_seeds = [int(v) for v in FLAGS.recovery_seed or [FLAGS.seed]]
   make_trace = None
   if FLAGS.trace_every:
     make_trace = functools.partial(
       C.AccuracyTrace, test=(xt[:2000], yt[:2000]), every=FLAGS.trace_every
     )
+
+  def recovery_row(row, method, model, sparsity):
+    """``row`` plus the accuracy after each recovery length, from ``model``."""
+    for epochs in epochs_list:
+      keras.utils.set_random_seed(row["recovery_seed"])
+      t0 = time.time()
+      if method.startswith("pruning"):
+        rec_model, trace = pruning_recovery(
+          stock, sparsity, recovery, epochs, method == "pruning_distill", make_trace
+        )
+        row[f"stored_params_{epochs}"] = pruned_stored(rec_model, sparsity)
+      else:
+        rec_model = copy_model(model)
+        trace = make_trace(rec_model) if make_trace else None
+        callbacks = [] if trace is None else [trace]
+        recover(rec_model, stock, recovery, epochs, method == "data_distill", callbacks)
+      if trace is not None:
+        row[f"trace_{epochs}"] = trace.trace
+      row[f"acc_{epochs}"] = C.evaluate(rec_model, (xt, yt))
+      row[f"recovery_{epochs}_s"] = round(time.time() - t0, 1)
+    return row
+
   for ratio in ratios:
     converted = {}
     for method in FLAGS.methods:
       keras.utils.set_random_seed(FLAGS.seed)
       t0 = time.time()
+      sparsity = None
       if method == "weight_fit":
         model = ke.epitomize(stock, ratio, init="fit", verbose=False)
       elif method in ("data", "data_distill"):
@@ -418,8 +415,8 @@ def main(argv):
           )
         else:
           reference = ke.epitomize(stock, ratio, init="fit", verbose=False)
-        sparsity = prune_spec(reference)
-        model = magnitude_prune(stock, sparsity)
+        sparsity = C.prune_spec(reference, FLAGS.pruning_positions)
+        model = C.magnitude_prune(stock, sparsity)
       convert_s = time.time() - t0
       if method.startswith("pruning"):
         stored = pruned_stored(model, sparsity)
@@ -442,28 +439,9 @@ def main(argv):
           [c.name, c.output_error, c.block_error_before, c.block_error]
           for c in model.epitome_report.calibration
         ]
-      for epochs in epochs_list:
-        keras.utils.set_random_seed(
-          FLAGS.seed if FLAGS.recovery_seed is None else FLAGS.recovery_seed
-        )
-        t0 = time.time()
-        if method.startswith("pruning"):
-          rec_model, trace = pruning_recovery(
-            stock, sparsity, recovery, epochs, method == "pruning_distill", make_trace
-          )
-          row[f"stored_params_{epochs}"] = pruned_stored(rec_model, sparsity)
-        else:
-          rec_model = copy_model(model)
-          trace = make_trace(rec_model) if make_trace else None
-          callbacks = [] if trace is None else [trace]
-          recover(
-            rec_model, stock, recovery, epochs, method == "data_distill", callbacks
-          )
-        if trace is not None:
-          row[f"trace_{epochs}"] = trace.trace
-        row[f"acc_{epochs}"] = C.evaluate(rec_model, (xt, yt))
-        row[f"recovery_{epochs}_s"] = round(time.time() - t0, 1)
-      emit(row)
+      for seed in recovery_seeds:
+        emit(recovery_row(dict(row, recovery_seed=seed), method, model, sparsity))
+
   columns = ["method", "ratio", "stored_params", "acc_0"] + [
     f"acc_{e}" for e in epochs_list
   ]

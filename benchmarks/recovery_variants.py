@@ -29,6 +29,14 @@ T = 1, batch 128, the same image order) so that they differ only in the idea:
   full-size Adam steps while Adam's moment estimates are still empty).
 * ``seed``: reseeds the recovery's shuffle (and mixup draws) only; default
   ``--seed``.
+* ``loss``: ``"kl"`` (the default) or ``"mse"``: the mean squared
+  difference of the two models' logits, each centred over the classes
+  (softmax ignores a shift), instead of the KL divergence; ``"kl+mse"`` sums
+  the two.
+* ``chunk_scales``: each epitome layer's sampled kernel is multiplied by
+  trained scales, one per (input channel, output chunk) and one per (input
+  chunk, output channel), starting at 1 (a few hundred numbers per layer),
+  so that weights tied by the epitome may differ by a factor.
 * ``mixup``: distill on mixed images ``lam * x + (1 - lam) * x'`` (``lam``
   drawn from Beta(mixup, mixup) per image), a richer input distribution for
   the teacher to label.
@@ -115,6 +123,28 @@ def _faded_model(student, stock, lam):
   return keras.Model(inputs, x)
 
 
+def _add_chunk_scales(model):
+  """Per-chunk kernel scales on every epitome layer (see ``chunk_scales``)."""
+  scales = []
+  for layer in ke.layers.epitome_layers(model):
+    g = layer.epitome_geometry
+    cin, cout = layer.kernel.shape[-2:]
+    a = tf.Variable(tf.ones([cin, g.num_out_chunks]), name=layer.name + "/a")
+    b = tf.Variable(tf.ones([g.num_in_chunks, cout]), name=layer.name + "/b")
+    out_chunk = np.minimum(np.arange(cout) // g.cout_e, g.num_out_chunks - 1)
+    in_chunk = np.minimum(np.arange(cin) // g.cin_e, g.num_in_chunks - 1)
+    sample = layer._sample  # noqa: SLF001
+
+    def scaled(*offsets, sample=sample, a=a, b=b, oc=out_chunk, ic=in_chunk):
+      s = tf.gather(a, oc, axis=1) * tf.gather(b, ic, axis=0)
+      return sample(*offsets) * s
+
+    layer._sample = scaled  # noqa: SLF001
+    layer.train_form = "kernel"
+    scales += [a, b]
+  return scales
+
+
 def run(variant, stock, model, xr):
   seed = variant.get("seed", FLAGS.seed)  # reseeds the recovery only
   keras.utils.set_random_seed(seed)
@@ -122,6 +152,7 @@ def run(variant, stock, model, xr):
   student.set_weights(model.get_weights())
   student.epitome_report = model.epitome_report
   lam = tf.Variable(0.0, trainable=False)
+  extra = _add_chunk_scales(student) if variant.get("chunk_scales") else []
   net = student
   if "fade" in variant:
     lam.assign(1.0)
@@ -145,7 +176,7 @@ def run(variant, stock, model, xr):
     v
     for v in net.trainable_variables
     if not (variant.get("freeze_offsets") and "offsets" in v.name)
-  ]
+  ] + extra
   names = variant.get("features", [])
   beta = variant.get("beta", 1.0)
   taps_s = keras.Model(
@@ -172,6 +203,9 @@ def run(variant, stock, model, xr):
     else None
   )
   mixup = float(variant.get("mixup", 0.0))
+  kind = variant.get("loss", "kl")
+  if kind not in ("kl", "mse", "kl+mse"):
+    raise ValueError(f"loss: {kind!r}; valid: 'kl', 'mse', 'kl+mse'")
   mix_rng = np.random.default_rng(seed + 100)
 
   def relative(a, b):
@@ -184,7 +218,12 @@ def run(variant, stock, model, xr):
     with tf.GradientTape() as tape:
       s = tf.nest.flatten(taps_s(xb, training=training))
       tl, sl = tf.nn.log_softmax(t[-1]), tf.nn.log_softmax(s[-1])
-      loss = tf.reduce_mean(tf.reduce_sum(tf.exp(tl) * (tl - sl), -1))
+      loss = 0.0
+      if kind in ("kl", "kl+mse"):
+        loss += tf.reduce_mean(tf.reduce_sum(tf.exp(tl) * (tl - sl), -1))
+      if kind in ("mse", "kl+mse"):
+        centred = [z - tf.reduce_mean(z, -1, keepdims=True) for z in (s[-1], t[-1])]
+        loss += tf.reduce_mean(tf.square(centred[0] - centred[1]))
       for a, b in zip(s[:-1], t[:-1], strict=True):
         loss += beta / len(names) * relative(a, b)
       for block, (t_in, t_out) in zip(blocks, pairs, strict=True):

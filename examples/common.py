@@ -393,15 +393,46 @@ def thinner_width(build: Callable, target_params: int) -> float:
   )
 
 
-def prune_spec(epitome_model: keras.Model) -> Dict[str, float]:
-  """Per-layer target sparsity giving the epitome model's per-layer storage."""
+# Bits a sparse kernel stores for its non-zeros' positions, ``(per kernel
+# entry, per non-zero)``; the values are 32-bit floats, as an epitome's.
+POSITION_BITS = {"none": (0, 0), "bitmask": (1, 0), "index16": (0, 16)}
+
+
+def prune_spec(epitome_model: keras.Model, positions: str = "none") -> Dict[str, float]:
+  """Per-layer target sparsity giving the epitome model's per-layer storage.
+
+  With ``positions="none"`` a pruned kernel keeps as many non-zeros as the
+  epitome layer stores numbers (epitome and routing map). With
+  ``"bitmask"`` (1 bit per kernel entry) or ``"index16"`` (16 bits per
+  non-zero) the non-zeros and their positions together take no more 32-bit
+  words than the epitome layer: ``nnz * (32 + per_nonzero) + entries *
+  per_entry <= 32 * stored``.
+  """
+  if positions not in POSITION_BITS:
+    raise ValueError(f"positions={positions!r}; valid: {', '.join(POSITION_BITS)}")
+  per_entry, per_nonzero = POSITION_BITS[positions]
   spec = {}
   for layer in _layers(epitome_model):
     if isinstance(layer, ke.EPITOME_LAYERS):
       g = layer.epitome_geometry
-      keep = g.stored_size / g.kernel_size
-      spec[layer.name] = float(max(0.0, 1.0 - keep))
+      nnz = (32 * g.stored_size - per_entry * g.kernel_size) / (32 + per_nonzero)
+      spec[layer.name] = float(min(1.0, max(0.0, 1.0 - nnz / g.kernel_size)))
   return spec
+
+
+def magnitude_prune(model: keras.Model, sparsity: Dict[str, float]) -> keras.Model:
+  """A copy of ``model`` with each named layer's smallest kernel weights zeroed."""
+  pruned = keras.models.clone_model(model)
+  pruned.set_weights(model.get_weights())
+  for layer in pruned.layers:
+    if layer.name in sparsity:
+      k = layer.kernel.numpy()
+      drop = int(round(sparsity[layer.name] * k.size))
+      if drop:
+        cut = np.sort(np.abs(k).reshape(-1))[drop - 1]
+        k = np.where(np.abs(k) <= cut, 0.0, k)
+      layer.kernel.assign(k)
+  return pruned
 
 
 def prune_and_train(

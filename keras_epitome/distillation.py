@@ -158,11 +158,13 @@ def epitome_variables(model) -> list:
   ]
 
 
-def _num_samples(data) -> Optional[int]:
+def _steps_per_epoch(data, batch_size) -> Optional[int]:
+  """Optimizer steps per pass over ``data``; None for a dataset of unknown length."""
   if isinstance(data, tf.data.Dataset):
-    return None
+    n = int(data.cardinality())
+    return n if n >= 0 else None
   x = data[0] if isinstance(data, (tuple, list)) else data
-  return len(x)
+  return math.ceil(len(x) / batch_size)
 
 
 def distill(
@@ -175,6 +177,7 @@ def distill(
   alpha: float = 0.0,
   learning_rate: float = 3e-3,
   epitome_learning_rate: Optional[float] = None,
+  warmup: float = 0.0,
   optimizer=None,
   batch_size: int = 128,
   from_logits: bool = True,
@@ -185,12 +188,14 @@ def distill(
   """Fine-tunes ``student`` to reproduce ``teacher``'s outputs (distillation).
 
   One call for the recovery step after a conversion: Adam with a cosine
-  decay of ``learning_rate`` to 0 over the run (unless ``optimizer`` is
-  given), loss as in :class:`Distiller`. Labels are optional: unlabeled
-  inputs are enough, and with labels ``alpha`` mixes in the label loss. The
-  student's weights (epitomes, offsets, BatchNorm statistics...) are updated
-  in place; the teacher is not changed. TF-MOT callbacks such as
-  ``UpdatePruningStep`` work (the student is part of the trained model).
+  decay of ``learning_rate`` to 0 over the run, after an optional linear
+  ``warmup`` (unless ``optimizer`` is given; for a ``tf.data.Dataset`` of
+  unknown length the rate stays constant), loss as in :class:`Distiller`.
+  Labels are optional: unlabeled inputs are enough, and with labels
+  ``alpha`` mixes in the label loss. The student's weights (epitomes,
+  offsets, BatchNorm statistics...) are updated in place; the teacher is not
+  changed. TF-MOT callbacks such as ``UpdatePruningStep`` work (the student
+  is part of the trained model).
 
   The defaults (``temperature=1``, ``learning_rate=3e-3``) are the best of
   those measured for one epoch of recovery after a data-aware conversion of
@@ -216,6 +221,10 @@ def distill(
       three shuffles): twice ``learning_rate`` gave +0.06 point at 2x and
       +0.13 at 4x (one shuffle of three times: +0.29 at 2x, -0.10 at 4x),
       so the default stays ``learning_rate`` (``benchmarks/RESULTS.md``).
+    warmup: fraction of the run's steps, in ``[0, 1)``, over which the
+      learning rates rise linearly from 0 to their peak before the cosine
+      decay; only with the default optimizer, and a ``tf.data.Dataset``
+      must then have a known length (``cardinality``).
     optimizer: a Keras optimizer to use instead of the default.
     batch_size: for array data.
     from_logits: whether the models output logits (``True``) or
@@ -231,8 +240,9 @@ def distill(
 
   Raises:
     ValueError: for a bad ``epochs``, ``temperature``, ``alpha``,
-      ``learning_rate`` or ``epitome_learning_rate`` (also when given with
-      ``optimizer``), or teacher and student outputs of different shapes.
+      ``learning_rate``, ``epitome_learning_rate`` or ``warmup`` (also when
+      the latter two are given with ``optimizer``), a warmup over a dataset
+      of unknown length, or teacher and student outputs of different shapes.
 
   Example:
     >>> import numpy as np
@@ -261,20 +271,44 @@ def distill(
     epitome_learning_rate = spec.check_positive(
       epitome_learning_rate, "epitome_learning_rate", "distill"
     )
+  if isinstance(warmup, bool) or not (
+    isinstance(warmup, (int, float, np.floating, np.integer)) and 0.0 <= warmup < 1.0
+  ):
+    raise ValueError(
+      f"distill: warmup must be a fraction of the run in [0, 1), got {warmup!r}"
+    )
   if optimizer is not None and epitome_learning_rate is not None:
     raise ValueError(
       "distill: epitome_learning_rate applies to the default Adam optimizer; "
       "with optimizer= given, leave it None"
     )
+  if optimizer is not None and warmup:
+    raise ValueError(
+      "distill: warmup applies to the default Adam optimizer; with optimizer= "
+      "given, schedule its learning rate instead"
+    )
   epitome_optimizer = None
   if optimizer is None:
-    n = _num_samples(data)
+    per_epoch = _steps_per_epoch(data, batch_size)
+    if per_epoch is None and warmup:
+      raise ValueError(
+        "distill: warmup needs the number of steps, but the dataset's length "
+        "is unknown; give its cardinality (e.g. dataset.apply("
+        "tf.data.experimental.assert_cardinality(n))) or use warmup=0"
+      )
 
     def adam(peak):
-      if n is None:
+      if per_epoch is None:  # a dataset of unknown length: no schedule
         return keras.optimizers.Adam(peak)
-      steps = epochs * math.ceil(n / batch_size)
-      return keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(peak, steps))
+      steps = max(1, epochs * per_epoch)
+      warm = int(round(warmup * steps))
+      if not warm:
+        schedule = keras.optimizers.schedules.CosineDecay(peak, steps)
+      else:
+        schedule = keras.optimizers.schedules.CosineDecay(
+          0.0, steps - warm, warmup_target=peak, warmup_steps=warm
+        )
+      return keras.optimizers.Adam(schedule)
 
     optimizer = adam(learning_rate)
     if (

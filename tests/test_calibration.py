@@ -565,6 +565,48 @@ class DistillTest(tf.test.TestCase):
     outer = keras.Sequential([keras.Input((16,)), student])
     self.assertLen(distillation.epitome_variables(outer), 2)
 
+  def _learning_rates(self, data, **kwargs):
+    """The Adam learning rate at each step of a ``distill`` run."""
+    teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    student = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    rates = []
+
+    class Record(keras.callbacks.Callback):
+      def on_train_batch_end(self, batch, logs=None):
+        # The rate of the step just taken.
+        rates.append(float(self.model.optimizer.learning_rate))
+
+    ke.distill(student, teacher, data, callbacks=[Record()], verbose=0, **kwargs)
+    return np.array(rates)
+
+  def test_warmup_then_cosine_decay(self):
+    x = np.random.default_rng(0).normal(size=(80, 8)).astype("float32")
+    # 80 samples, batch 8, 2 epochs: 20 steps; 5 of linear warmup.
+    lr = self._learning_rates(
+      x, epochs=2, batch_size=8, learning_rate=1e-2, warmup=0.25
+    )
+    self.assertLen(lr, 20)
+    self.assertAllClose(lr[:6], [0.0, 2e-3, 4e-3, 6e-3, 8e-3, 1e-2], atol=1e-7)
+    self.assertTrue(np.all(np.diff(lr[5:]) < 0))
+    self.assertLess(lr[-1], 1e-3)
+    # No warmup: the cosine starts at the peak.
+    lr = self._learning_rates(x, epochs=2, batch_size=8, learning_rate=1e-2)
+    self.assertAllClose(lr[0], 1e-2)
+    self.assertTrue(np.all(np.diff(lr) < 0))
+
+  def test_dataset_of_known_length_gets_the_schedule(self):
+    x = np.random.default_rng(0).normal(size=(80, 8)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices(x).batch(8)  # 10 batches
+    lr = self._learning_rates(ds, epochs=1, learning_rate=1e-2, warmup=0.2)
+    self.assertAllClose(lr[:3], [0.0, 5e-3, 1e-2], atol=1e-7)
+    self.assertLess(lr[-1], 1e-3)
+    # Unknown length: constant rate, and a warmup is refused.
+    unknown = ds.filter(lambda b: True)
+    lr = self._learning_rates(unknown, epochs=1, learning_rate=1e-2)
+    self.assertAllClose(lr, np.full(10, 1e-2))
+    with self.assertRaisesRegex(ValueError, "warmup needs the number of steps"):
+      self._learning_rates(unknown, warmup=0.1)
+
   def test_bad_arguments(self):
     teacher = _Trained.get()
     x = np.zeros((4, 8, 8, 1), "float32")
@@ -577,6 +619,11 @@ class DistillTest(tf.test.TestCase):
         ke.distill(teacher, teacher, x, epitome_learning_rate=bad)
     with self.assertRaisesRegex(ValueError, "learning_rate must be"):
       ke.distill(teacher, teacher, x, learning_rate=float("inf"))
+    for bad in (-0.1, 1.0, float("nan"), True, "0.1"):
+      with self.assertRaisesRegex(ValueError, "warmup must be a fraction"):
+        ke.distill(teacher, teacher, x, warmup=bad)
+    with self.assertRaisesRegex(ValueError, "schedule its learning rate"):
+      ke.distill(teacher, teacher, x, warmup=0.1, optimizer=keras.optimizers.Adam())
     with self.assertRaisesRegex(ValueError, "leave it None"):
       ke.distill(
         teacher,
