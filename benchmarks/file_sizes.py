@@ -51,7 +51,12 @@ def _file(name, data, model, x):
   agree = np.mean(
     np.argmax(C.run_tflite(data, x), -1) == np.argmax(model.predict(x, verbose=0), -1)
   )
-  return {"file": name, "bytes": len(data), "zipped": C.zipped_size(data), "agree": agree}
+  return {
+    "file": name,
+    "bytes": len(data),
+    "zipped": C.zipped_size(data),
+    "agree": agree,
+  }
 
 
 def _pruned_files(stock, spec, x, tag):
@@ -74,7 +79,9 @@ def main(argv):
     x = xt[:1000]
     stored = C.stored_params(model)
     files = [
-      _file(f"epitome, {name}", ke.export_tflite(model, form="factored", **kw), model, x)
+      _file(
+        f"epitome, {name}", ke.export_tflite(model, form="factored", **kw), model, x
+      )
       for name, kw in EPITOME_EXPORTS.items()
     ]
     for positions in ("none", "bitmask"):
