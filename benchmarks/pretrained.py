@@ -19,7 +19,9 @@ compression ratio, from that same trained model:
 
 Each row gives the accuracy right after conversion and after each number of
 recovery epochs in ``--recovery_epochs`` (a separate run from the converted
-model for each, Adam at ``--recovery_lr`` with cosine decay to 0). Every
+model for each, Adam at ``--recovery_lr`` with cosine decay to 0, after
+``--recovery_warmup``; repeat those flags, or give several ``--recovery_seed``,
+for a row per recipe from one conversion). Every
 recovery uses the same images, batch size and schedule. One JSON line per
 row goes to ``--out``.
 
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import itertools
 import json
 import os
 import platform
@@ -98,18 +101,23 @@ flags.DEFINE_list("recovery_epochs", ["1", "3"], "Recovery run lengths.")
 flags.DEFINE_integer(
   "recovery_size", 0, "Images per recovery epoch (0: the whole training set)."
 )
-flags.DEFINE_float("recovery_lr", 3e-3, "Adam peak learning rate of recovery.")
+flags.DEFINE_multi_float(
+  "recovery_lr",
+  [3e-3],
+  "Adam peak learning rate of recovery; repeat the flag for several (one "
+  "conversion, a row per rate).",
+)
 flags.DEFINE_float(
   "epitome_lr",
   None,
   "ke.distill(epitome_learning_rate=): peak rate of the epitome tensors "
   "(unset: ke.distill's default).",
 )
-flags.DEFINE_float(
+flags.DEFINE_multi_float(
   "recovery_warmup",
-  0.0,
+  [0.0],
   "ke.distill(warmup=): fraction of the recovery's steps of linear warmup "
-  "(distillation recoveries only).",
+  "(distillation recoveries only); repeat the flag for several.",
 )
 flags.DEFINE_float("temperature", 1.0, "Distillation temperature.")
 flags.DEFINE_bool(
@@ -238,7 +246,9 @@ def pruned_stored(model, names) -> int:
   return C.stored_params(model) - zeros
 
 
-def pruning_recovery(stock, sparsity, recovery, epochs, distill, make_trace=None):
+def pruning_recovery(
+  stock, sparsity, recovery, epochs, distill, recipe, make_trace=None
+):
   """TF-MOT pruning + recovery; ``(stripped model, trace or None)``."""
   import tensorflow_model_optimization as tfmot
 
@@ -263,12 +273,15 @@ def pruning_recovery(stock, sparsity, recovery, epochs, distill, make_trace=None
       w_new.assign(w_old)
   trace = make_trace(pruned) if make_trace else None
   callbacks = [sp.UpdatePruningStep()] + ([] if trace is None else [trace])
-  recover(pruned, stock, recovery, epochs, distill, callbacks)
+  recover(pruned, stock, recovery, epochs, distill, recipe, callbacks)
   return sp.strip_pruning(pruned), trace
 
 
-def recover(model, teacher, recovery, epochs, distill, callbacks=None):
-  """``epochs`` of recovery: ``ke.distill`` from ``teacher``, or label fine-tuning."""
+def recover(model, teacher, recovery, epochs, distill, recipe, callbacks=None):
+  """``epochs`` of recovery: ``ke.distill`` from ``teacher``, or label fine-tuning.
+
+  ``recipe``: ``{"lr": peak rate, "warmup": fraction}``.
+  """
   if distill:
     ke.distill(
       model,
@@ -276,22 +289,22 @@ def recover(model, teacher, recovery, epochs, distill, callbacks=None):
       recovery[0],
       epochs=epochs,
       temperature=FLAGS.temperature,
-      learning_rate=FLAGS.recovery_lr,
+      learning_rate=recipe["lr"],
       epitome_learning_rate=FLAGS.epitome_lr,
-      warmup=FLAGS.recovery_warmup,
+      warmup=recipe["warmup"],
       batch_size=FLAGS.batch_size,
       callbacks=callbacks,
       verbose=2,
     )
   else:
-    fine_tune(model, recovery, epochs, callbacks)
+    fine_tune(model, recovery, epochs, recipe["lr"], callbacks)
 
 
-def fine_tune(model, recovery, epochs, callbacks=None):
+def fine_tune(model, recovery, epochs, lr, callbacks=None):
   """Label fine-tuning: Adam, cosine decay to 0 (as ``common.train``)."""
   x, y = recovery
   steps = epochs * -(-len(x) // FLAGS.batch_size)
-  schedule = keras.optimizers.schedules.CosineDecay(FLAGS.recovery_lr, steps)
+  schedule = keras.optimizers.schedules.CosineDecay(lr, steps)
   model.compile(
     optimizer=keras.optimizers.Adam(schedule),
     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -332,9 +345,7 @@ def main(argv):
     train_size=len(x),
     pretrain_epochs=FLAGS.pretrain_epochs,
     recovery_size=len(rec),
-    recovery_lr=FLAGS.recovery_lr,
     epitome_lr=FLAGS.epitome_lr,
-    recovery_warmup=FLAGS.recovery_warmup,
     temperature=FLAGS.temperature,
     allocate=FLAGS.allocate,
     calibration_size=len(x_cal),
@@ -363,19 +374,34 @@ def main(argv):
 
   def recovery_row(row, method, model, sparsity):
     """``row`` plus the accuracy after each recovery length, from ``model``."""
+    recipe = {"lr": row["recovery_lr"], "warmup": row["recovery_warmup"]}
     for epochs in epochs_list:
       keras.utils.set_random_seed(row["recovery_seed"])
       t0 = time.time()
       if method.startswith("pruning"):
         rec_model, trace = pruning_recovery(
-          stock, sparsity, recovery, epochs, method == "pruning_distill", make_trace
+          stock,
+          sparsity,
+          recovery,
+          epochs,
+          method == "pruning_distill",
+          recipe,
+          make_trace,
         )
         row[f"stored_params_{epochs}"] = pruned_stored(rec_model, sparsity)
       else:
         rec_model = copy_model(model)
         trace = make_trace(rec_model) if make_trace else None
         callbacks = [] if trace is None else [trace]
-        recover(rec_model, stock, recovery, epochs, method == "data_distill", callbacks)
+        recover(
+          rec_model,
+          stock,
+          recovery,
+          epochs,
+          method == "data_distill",
+          recipe,
+          callbacks,
+        )
       if trace is not None:
         row[f"trace_{epochs}"] = trace.trace
       row[f"acc_{epochs}"] = C.evaluate(rec_model, (xt, yt))
@@ -439,8 +465,11 @@ def main(argv):
           [c.name, c.output_error, c.block_error_before, c.block_error]
           for c in model.epitome_report.calibration
         ]
-      for seed in recovery_seeds:
-        emit(recovery_row(dict(row, recovery_seed=seed), method, model, sparsity))
+      for lr, warmup, seed in itertools.product(
+        FLAGS.recovery_lr, FLAGS.recovery_warmup, recovery_seeds
+      ):
+        recipe = dict(recovery_lr=lr, recovery_warmup=warmup, recovery_seed=seed)
+        emit(recovery_row(dict(row, **recipe), method, model, sparsity))
 
   columns = ["method", "ratio", "stored_params", "acc_0"] + [
     f"acc_{e}" for e in epochs_list
