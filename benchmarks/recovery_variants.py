@@ -161,13 +161,10 @@ def run(variant, stock, model, xr):
   epochs = variant.get("epochs", 1)
   steps = epochs * -(-len(xr) // bs)
   lr = variant.get("lr", 3e-3)
-  warm = int(variant.get("warmup", 0.0) * steps)
-  if warm:  # linear from 0 to lr over the first steps, then the cosine
-    schedule = keras.optimizers.schedules.CosineDecay(
-      0.0, steps - warm, warmup_target=lr, warmup_steps=warm
-    )
-  else:
-    schedule = keras.optimizers.schedules.CosineDecay(lr, steps)
+  # Linear from 0 to lr over the warmup steps (if any), then the cosine.
+  schedule = ke.distillation.cosine_schedule(
+    lr, steps, int(variant.get("warmup", 0.0) * steps)
+  )
   if variant.get("optimizer", "adam") == "sgd":
     opt = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
   else:

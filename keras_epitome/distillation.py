@@ -158,6 +158,18 @@ def epitome_variables(model) -> list:
   ]
 
 
+def cosine_schedule(peak: float, steps: int, warmup_steps: int = 0):
+  """Linear from 0 to ``peak`` over ``warmup_steps``, then cosine to 0.
+
+  ``steps`` counts the whole run, warmup included (``distill``'s schedule).
+  """
+  if not warmup_steps:
+    return keras.optimizers.schedules.CosineDecay(peak, steps)
+  return keras.optimizers.schedules.CosineDecay(
+    0.0, steps - warmup_steps, warmup_target=peak, warmup_steps=warmup_steps
+  )
+
+
 def _steps_per_epoch(data, batch_size) -> Optional[int]:
   """Optimizer steps per pass over ``data``; None for a dataset of unknown length."""
   if isinstance(data, tf.data.Dataset):
@@ -307,14 +319,9 @@ def distill(
       if per_epoch is None:  # a dataset of unknown length: no schedule
         return keras.optimizers.Adam(peak)
       steps = max(1, epochs * per_epoch)
-      warm = int(round(warmup * steps))
-      if not warm:
-        schedule = keras.optimizers.schedules.CosineDecay(peak, steps)
-      else:
-        schedule = keras.optimizers.schedules.CosineDecay(
-          0.0, steps - warm, warmup_target=peak, warmup_steps=warm
-        )
-      return keras.optimizers.Adam(schedule)
+      return keras.optimizers.Adam(
+        cosine_schedule(peak, steps, int(round(warmup * steps)))
+      )
 
     optimizer = adam(learning_rate)
     if (
