@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from keras_epitome import spec
 from keras_epitome.backend import keras
@@ -170,6 +171,30 @@ def cosine_schedule(peak: float, steps: int, warmup_steps: int = 0):
   )
 
 
+# ``distill``'s default peak learning rate, by the length of the run: a run
+# of fewer than SHORT_RUN_STEPS steps gets the lower rate (measured in
+# benchmarks/RESULTS.md: from a close data-aware conversion, the higher rate
+# moves the model and a short run has no steps left to settle).
+LEARNING_RATE = 3e-3
+SHORT_RUN_LEARNING_RATE = 1e-3
+SHORT_RUN_STEPS = 300
+
+
+def default_learning_rate(steps: Optional[int]) -> float:
+  """``distill``'s peak learning rate for a run of ``steps`` optimizer steps.
+
+  ``SHORT_RUN_LEARNING_RATE`` (1e-3) below ``SHORT_RUN_STEPS`` (300) steps and
+  for a run of unknown length (its rate stays constant, never decaying),
+  ``LEARNING_RATE`` (3e-3) otherwise.
+
+  >>> default_learning_rate(85), default_learning_rate(469)
+  (0.001, 0.003)
+  """
+  if steps is None or steps < SHORT_RUN_STEPS:
+    return SHORT_RUN_LEARNING_RATE
+  return LEARNING_RATE
+
+
 def _steps_per_epoch(data, batch_size) -> Optional[int]:
   """Optimizer steps per pass over ``data``; None for a dataset of unknown length."""
   if isinstance(data, tf.data.Dataset):
@@ -187,7 +212,7 @@ def distill(
   epochs: int = 1,
   temperature: float = 1.0,
   alpha: float = 0.0,
-  learning_rate: float = 3e-3,
+  learning_rate: Optional[float] = None,
   epitome_learning_rate: Optional[float] = None,
   warmup: float = 0.0,
   optimizer=None,
@@ -209,17 +234,26 @@ def distill(
   changed. TF-MOT callbacks such as ``UpdatePruningStep`` work (the student
   is part of the trained model).
 
-  The defaults (``temperature=1``, ``learning_rate=3e-3``) are the best of
-  those measured for one epoch of recovery after a data-aware conversion of
-  the Fashion-MNIST CNN of ``benchmarks/pretrained.py`` (4x: 90.3% against
-  88.8% with Hinton et al.'s ``T=4`` at ``1e-3``; 2x: within 0.1 point of the
-  best; ``benchmarks/RESULTS.md``). That epoch is 469 steps. For a short
-  recovery (tens of steps) from a close data-aware conversion, use
-  ``learning_rate=1e-3``: at ``3e-3`` the run moves the model and has no
-  steps left to settle. Measured on the FSDD audio CNN (85 steps): at 4x,
-  96.4% against 93.8% at ``3e-3`` (converted: 95.3%); on digits (11 steps),
-  98.0% against 93.0% (converted: 97.8%). A ``warmup`` did not prevent
-  that drop.
+  The default peak learning rate depends on the length of the run:
+  ``3e-3`` from 300 optimizer steps on (``epochs`` times the batches per
+  epoch), ``1e-3`` below that and for a dataset of unknown length (whose rate
+  stays constant); the choice is logged (absl, info). Both are the best
+  measured for their case, after a data-aware conversion
+  (``benchmarks/RESULTS.md``):
+
+  * long runs: one epoch (469 steps) of the Fashion-MNIST CNN of
+    ``benchmarks/pretrained.py``: ``3e-3`` gave 91.1% at 4x against 90.8% at
+    ``1e-3`` (and 90.3% against 88.8% at Hinton et al.'s ``T=4``), 91.9%
+    against 91.7% at 2x;
+  * short runs: a close conversion loses accuracy at ``3e-3``, which moves
+    the model with no steps left to settle: the FSDD audio CNN (85 steps an
+    epoch) at 4x gave 96.4% at ``1e-3`` against 93.8% (converted: 95.3%),
+    and after three epochs (255 steps) 96.7% against 95.6%; digits (11
+    steps), 98.0% against 93.0% (converted: 97.8%). A ``warmup`` did not
+    prevent that drop.
+
+  A model far from its teacher (e.g. freshly magnitude-pruned) may want the
+  higher rate on short runs too: pruning's FSDD rows above favour ``3e-3``.
 
   Args:
     student: a Keras model (e.g. from :func:`keras_epitome.epitomize`).
@@ -230,7 +264,8 @@ def distill(
     temperature: softmax temperature (the KL term is scaled by its square).
     alpha: weight of the label cross-entropy when labels are given, in
       ``[0, 1]``.
-    learning_rate: peak Adam learning rate.
+    learning_rate: peak Adam learning rate; default by the run's length
+      (above). Ignored with ``optimizer``.
     epitome_learning_rate: peak Adam learning rate of the epitome tensors
       (found in every epitome layer of ``student``, nested ones too), on an
       optimizer of their own with the same schedule; default
@@ -284,7 +319,8 @@ def distill(
       f"distill: student '{student.name}' outputs shape {s_shape} but teacher "
       f"'{teacher.name}' outputs {t_shape}; they must match"
     )
-  learning_rate = spec.check_positive(learning_rate, "learning_rate", "distill")
+  if learning_rate is not None:
+    learning_rate = spec.check_positive(learning_rate, "learning_rate", "distill")
   if epitome_learning_rate is not None:
     epitome_learning_rate = spec.check_positive(
       epitome_learning_rate, "epitome_learning_rate", "distill"
@@ -323,6 +359,19 @@ def distill(
         cosine_schedule(peak, steps, int(round(warmup * steps)))
       )
 
+    if learning_rate is None:
+      steps = None if per_epoch is None else epochs * per_epoch
+      learning_rate = default_learning_rate(steps)
+      logging.info(
+        "distill: %s steps, peak learning rate %g (%g below %d steps or for a "
+        "dataset of unknown length, %g from there on); pass learning_rate= to "
+        "choose",
+        "unknown" if steps is None else steps,
+        learning_rate,
+        SHORT_RUN_LEARNING_RATE,
+        SHORT_RUN_STEPS,
+        LEARNING_RATE,
+      )
     optimizer = adam(learning_rate)
     if (
       epitome_learning_rate is not None

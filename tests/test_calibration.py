@@ -607,6 +607,30 @@ class DistillTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "warmup needs the number of steps"):
       self._learning_rates(unknown, warmup=0.1)
 
+  def test_default_rate_follows_the_length_of_the_run(self):
+    x = np.random.default_rng(0).normal(size=(80, 8)).astype("float32")
+    # 80 samples, batch 8: 10 steps an epoch. Short runs start at 1e-3.
+    with self.assertLogs(level="INFO") as logs:
+      lr = self._learning_rates(x, epochs=2, batch_size=8)
+    self.assertAllClose(lr[0], distillation.SHORT_RUN_LEARNING_RATE)
+    self.assertTrue(any("20 steps, peak learning rate 0.001" in m for m in logs.output))
+    # 300 steps and more: the long-run rate, cosine-decayed over the run.
+    lr = self._learning_rates(x, epochs=30, batch_size=8)
+    self.assertLen(lr, 300)
+    self.assertAllClose(lr[0], distillation.LEARNING_RATE)
+    self.assertLess(lr[-1], 1e-5)
+    lr = self._learning_rates(x, epochs=29, batch_size=8)  # 290 steps
+    self.assertAllClose(lr[0], distillation.SHORT_RUN_LEARNING_RATE)
+    # The same count for a dataset of known length; unknown: the low rate.
+    ds = tf.data.Dataset.from_tensor_slices(x).batch(8)
+    lr = self._learning_rates(ds, epochs=30)
+    self.assertAllClose(lr[0], distillation.LEARNING_RATE)
+    lr = self._learning_rates(ds.filter(lambda b: True), epochs=30)
+    self.assertAllClose(lr, np.full(300, distillation.SHORT_RUN_LEARNING_RATE))
+    # A rate given is the rate used, whatever the length.
+    lr = self._learning_rates(x, epochs=2, batch_size=8, learning_rate=3e-3)
+    self.assertAllClose(lr[0], 3e-3)
+
   def test_bad_arguments(self):
     teacher = _Trained.get()
     x = np.zeros((4, 8, 8, 1), "float32")
