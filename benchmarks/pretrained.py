@@ -105,7 +105,8 @@ flags.DEFINE_multi_float(
   "recovery_lr",
   [3e-3],
   "Adam peak learning rate of recovery; repeat the flag for several (one "
-  "conversion, a row per rate).",
+  "conversion, a row per rate). 0: ke.distill's default for the run's length "
+  "(label fine-tuning: 3e-3).",
 )
 flags.DEFINE_float(
   "epitome_lr",
@@ -289,7 +290,7 @@ def recover(model, teacher, recovery, epochs, distill, recipe, callbacks=None):
       recovery[0],
       epochs=epochs,
       temperature=FLAGS.temperature,
-      learning_rate=recipe["lr"],
+      learning_rate=recipe["lr"] or None,  # 0: distill's default
       epitome_learning_rate=FLAGS.epitome_lr,
       warmup=recipe["warmup"],
       batch_size=FLAGS.batch_size,
@@ -297,7 +298,7 @@ def recover(model, teacher, recovery, epochs, distill, recipe, callbacks=None):
       verbose=2,
     )
   else:
-    fine_tune(model, recovery, epochs, recipe["lr"], callbacks)
+    fine_tune(model, recovery, epochs, recipe["lr"] or 3e-3, callbacks)
 
 
 def fine_tune(model, recovery, epochs, lr, callbacks=None):

@@ -37,6 +37,10 @@ T = 1, batch 128, the same image order) so that they differ only in the idea:
   trained scales, one per (input channel, output chunk) and one per (input
   chunk, output channel), starting at 1 (a few hundred numbers per layer),
   so that weights tied by the epitome may differ by a factor.
+* ``precise_bn``: after the loop, each BatchNorm's moving mean and variance
+  are replaced by its input's statistics over this many recovery images
+  (inference mode, one BatchNorm after the other in network order), instead
+  of the moving averages collected while the weights changed.
 * ``mixup``: distill on mixed images ``lam * x + (1 - lam) * x'`` (``lam``
   drawn from Beta(mixup, mixup) per image), a richer input distribution for
   the teacher to label.
@@ -61,6 +65,7 @@ import tensorflow as tf
 from absl import app, flags
 
 import keras_epitome as ke
+from keras_epitome import calibration
 
 C = R.C
 keras = ke.keras
@@ -253,6 +258,14 @@ def run(variant, stock, model, xr):
   if decay:
     for sw, w in zip(shadow, student.weights, strict=True):
       w.assign(sw)
+  if variant.get("precise_bn"):
+    for bn in student.layers:
+      if isinstance(bn, keras.layers.BatchNormalization):
+        ((mean, var),) = calibration._input_moments(
+          student, [bn], xr[: int(variant["precise_bn"])], 256
+        )
+        bn.moving_mean.assign(mean.astype("float32"))
+        bn.moving_variance.assign(var.astype("float32"))
   return student
 
 
