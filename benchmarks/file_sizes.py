@@ -16,8 +16,10 @@ cached Fashion-MNIST conversions of ``recovery_recipes.py`` (same flags):
   shrinks) and in TFLite's sparse tensor format
   (``Optimize.EXPERIMENTAL_SPARSITY``).
 
-Each file's raw and zipped (deflate, as ``common.zipped_size``) bytes, and
-the agreement of its top class with the Keras model's on 1,000 test images
+Each file's raw and zipped (deflate, as ``common.zipped_size``) bytes, the
+bytes of its constant buffers (the weights and the ops' small constant
+arguments) and of the rest (the graph: tensor and operator tables, tensor
+names, signatures), and the agreement of its top class with the Keras model's on 1,000 test images
 (a check that the file computes the model).
 
 Usage:
@@ -46,6 +48,14 @@ EPITOME_EXPORTS = {
 }
 
 
+def _buffer_bytes(data) -> int:
+  """Bytes of a ``.tflite`` file's constant buffers (weights and op arguments)."""
+  from tensorflow.lite.tools import flatbuffer_utils
+
+  model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+  return sum(0 if b.data is None else len(b.data) for b in model.buffers)
+
+
 def _file(name, data, model, x):
   """One table row: the file's bytes and its top-class agreement with ``model``."""
   agree = np.mean(
@@ -55,6 +65,7 @@ def _file(name, data, model, x):
     "file": name,
     "bytes": len(data),
     "zipped": C.zipped_size(data),
+    "buffers": _buffer_bytes(data),
     "agree": agree,
   }
 
@@ -100,6 +111,8 @@ def main(argv):
       "file": r["file"],
       "bytes": f"{r['bytes']:,}",
       "zipped": f"{r['zipped']:,}",
+      "buffers": f"{r['buffers']:,}",
+      "graph": f"{r['bytes'] - r['buffers']:,}",
       "top-1 agreement": f"{100 * r['agree']:.1f}",
     }
     for r in rows
