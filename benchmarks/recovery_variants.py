@@ -27,6 +27,10 @@ T = 1, batch 128, the same image order) so that they differ only in the idea:
 * ``warmup``: the learning rate rises linearly from 0 over this fraction of
   the steps before the cosine decay (the converted model is not kicked by
   full-size Adam steps while Adam's moment estimates are still empty).
+* ``beta_2``: Adam's second-moment decay (default 0.999); lower adapts the
+  step sizes faster after the fresh start.
+* ``clipnorm``: the gradient's global norm is clipped to this before each
+  Adam step (keeps the first steps from kicking the converted model).
 * ``seed``: reseeds the recovery's shuffle (and mixup draws) only; default
   ``--seed``.
 * ``loss``: ``"kl"`` (the default) or ``"mse"``: the mean squared
@@ -173,7 +177,11 @@ def run(variant, stock, model, xr):
   if variant.get("optimizer", "adam") == "sgd":
     opt = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
   else:
-    opt = keras.optimizers.Adam(schedule)
+    opt = keras.optimizers.Adam(
+      schedule,
+      beta_2=variant.get("beta_2", 0.999),
+      global_clipnorm=variant.get("clipnorm"),
+    )
   variables = [
     v
     for v in net.trainable_variables
