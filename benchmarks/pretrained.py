@@ -305,9 +305,8 @@ def fine_tune(model, recovery, epochs, lr, callbacks=None):
   """Label fine-tuning: Adam, cosine decay to 0 (as ``common.train``)."""
   x, y = recovery
   steps = epochs * -(-len(x) // FLAGS.batch_size)
-  schedule = keras.optimizers.schedules.CosineDecay(lr, steps)
   model.compile(
-    optimizer=keras.optimizers.Adam(schedule),
+    optimizer=keras.optimizers.Adam(ke.distillation.cosine_schedule(lr, steps)),
     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
   )
   model.fit(

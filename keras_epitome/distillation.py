@@ -351,16 +351,17 @@ def distill(
         "tf.data.experimental.assert_cardinality(n))) or use warmup=0"
       )
 
+    # None for a dataset of unknown length: no schedule.
+    steps = None if per_epoch is None else max(1, epochs * per_epoch)
+
     def adam(peak):
-      if per_epoch is None:  # a dataset of unknown length: no schedule
+      if steps is None:
         return keras.optimizers.Adam(peak)
-      steps = max(1, epochs * per_epoch)
       return keras.optimizers.Adam(
         cosine_schedule(peak, steps, int(round(warmup * steps)))
       )
 
     if learning_rate is None:
-      steps = None if per_epoch is None else epochs * per_epoch
       learning_rate = default_learning_rate(steps)
       logging.info(
         "distill: %s steps, peak learning rate %g (%g below %d steps or for a "
