@@ -18,7 +18,7 @@ Example:
 from keras_epitome.backend import keras
 # isort: on
 
-from keras_epitome import compression  # noqa: E402
+from keras_epitome import compression, pruning  # noqa: E402
 from keras_epitome.allocation import Allocation  # noqa: E402
 from keras_epitome.backend import custom_objects  # noqa: E402
 from keras_epitome.calibration import calibrate  # noqa: E402
@@ -41,6 +41,7 @@ from keras_epitome.layers import (  # noqa: E402
   EpitomeConv2D,
   EpitomeDense,
 )
+from keras_epitome.pruning import prune_epitomes, sparsity_for_size  # noqa: E402
 from keras_epitome.quantization import (  # noqa: E402
   EpitomeQuantizeConfig,
   EpitomeQuantizeScheme,
@@ -87,9 +88,12 @@ __all__ = [
   "harden_routing",
   "keras",
   "materialize_layer",
+  "prune_epitomes",
+  "pruning",
   "quantize_model",
   "quantize_scope",
   "run_tflite",
+  "sparsity_for_size",
   "strip_epitome",
   "summarize",
   "tflite_tensor_report",

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_epitome import spec
+from keras_epitome import spec, walk
 from keras_epitome.backend import keras
 from keras_epitome.layers import epitome_layers
 
@@ -204,6 +204,23 @@ def _steps_per_epoch(data, batch_size) -> Optional[int]:
   return math.ceil(len(x) / batch_size)
 
 
+def _with_pruning_step(student, callbacks):
+  """``callbacks`` plus TF-MOT's ``UpdatePruningStep`` if the student needs it.
+
+  TF-MOT's pruning wrappers refuse to train without that callback; a
+  student wrapped for pruning gets it unless ``callbacks`` has it already.
+  """
+  callbacks = list(callbacks or [])
+  if not walk.has_training_wrappers(student, "pruning"):
+    return callbacks
+  import tensorflow_model_optimization as tfmot  # pylint: disable=g-import-not-at-top
+
+  step = tfmot.sparsity.keras.UpdatePruningStep
+  if not any(isinstance(c, step) for c in callbacks):
+    callbacks.append(step())
+  return callbacks
+
+
 def distill(
   student,
   teacher,
@@ -232,7 +249,9 @@ def distill(
   ``alpha`` mixes in the label loss. The student's weights (epitomes,
   offsets, BatchNorm statistics...) are updated in place; the teacher is not
   changed. TF-MOT callbacks such as ``UpdatePruningStep`` work (the student
-  is part of the trained model).
+  is part of the trained model); a student with TF-MOT pruning wrappers
+  (:func:`keras_epitome.prune_epitomes`) gets ``UpdatePruningStep`` added
+  when ``callbacks`` lack it.
 
   The default peak learning rate depends on the length of the run:
   ``3e-3`` from 300 optimizer steps on (``epochs`` times the batches per
@@ -396,7 +415,7 @@ def distill(
   kwargs = dict(
     epochs=epochs,
     verbose=verbose,
-    callbacks=callbacks or [],
+    callbacks=_with_pruning_step(student, callbacks),
     validation_data=validation_data,
   )
   if isinstance(data, tf.data.Dataset):

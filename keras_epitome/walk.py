@@ -165,6 +165,11 @@ def _tfmot_kind(layer) -> str:
   return ""
 
 
+def has_training_wrappers(model, kind: str) -> bool:
+  """Whether ``model`` holds a TF-MOT ``kind`` (``"qat"``/``"pruning"``) layer."""
+  return any(_tfmot_kind(ref.outer) == kind for ref in walk(model))
+
+
 def check_no_training_wrappers(model, what: str, kinds=(), is_target=None) -> None:
   """Refuses a model that still holds TF-MOT training wrappers.
 

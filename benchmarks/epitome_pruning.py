@@ -1,0 +1,126 @@
+r"""Epitome and pruning together, against each alone, at the same stored size.
+
+From the trained Fashion-MNIST CNN of ``pretrained.py``: the data-aware
+conversion at ``--base_ratio`` (cached, as ``recovery_recipes.py`` caches
+it), its epitomes pruned with ``ke.prune_epitomes`` (mask by magnitude at
+the first step, then kept) so that every layer stores no more 32-bit words
+(non-zeros, their positions by ``--positions``, routing map) than the
+data-aware conversion at ``--ratio`` stores in that layer
+(``ke.sparsity_for_size`` with those per-layer words: the budget of the
+pruning rows of ``pretrained.py --allocate``), then ``--epochs`` of
+``ke.distill`` from the trained model. A layer the base conversion keeps
+stock and the ``--ratio`` conversion does not is pruned as a stock kernel.
+One row per recovery seed.
+
+Usage:
+  python benchmarks/epitome_pruning.py --ratio=4 --base_ratio=2 --allocate \
+      --calibration_size=16384 --output_steps=16000 --seeds=0,1,2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(
+  0,
+  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
+)
+
+import common as C  # noqa: E402
+import numpy as np  # noqa: E402
+import recovery_recipes as R  # noqa: E402  (its flags: ratio, allocate, cache...)
+import tensorflow_model_optimization as tfmot  # noqa: E402
+
+import keras_epitome as ke  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_float("base_ratio", 2.0, "Compression of the conversion that is pruned.")
+flags.DEFINE_enum(
+  "positions",
+  "bitmask",
+  list(ke.pruning.POSITION_BITS),
+  "How the non-zeros' positions are charged (ke.sparsity_for_size).",
+)
+flags.DEFINE_list("seeds", ["0"], "Recovery shuffles, one row each.")
+flags.DEFINE_integer("epochs", 1, "Epochs of ke.distill.")
+flags.DEFINE_float("recovery_lr", 0.0, "ke.distill's learning_rate (0: its default).")
+
+
+def budgets(model):
+  """``{layer: stored words}`` of each epitome layer of ``model``."""
+  return {
+    layer.name: layer.epitome_geometry.stored_size
+    for layer in model.layers
+    if isinstance(layer, ke.EPITOME_LAYERS)
+  }
+
+
+def main(argv):
+  del argv
+  ratio = FLAGS.ratio
+  stock, target, (xr, _), test = R.converted_model()
+  FLAGS.ratio = FLAGS.base_ratio
+  _, base, _, _ = R.converted_model()
+  FLAGS.ratio = ratio
+  words = budgets(target)
+  spec = ke.sparsity_for_size(base, words, positions=FLAGS.positions)
+  acc_base, acc_target = C.evaluate(base, test), C.evaluate(target, test)
+  print(
+    f"stock {C.evaluate(stock, test):.4f}; converted at {FLAGS.base_ratio:g}x "
+    f"{acc_base:.4f}, at {ratio:g}x {acc_target:.4f}; words {words}; "
+    f"sparsity {spec}",
+    flush=True,
+  )
+  for seed in FLAGS.seeds:
+    ke.keras.utils.set_random_seed(int(seed))
+    pruned = ke.prune_epitomes(base, spec)
+    t0 = time.time()
+    ke.distill(
+      pruned,
+      stock,
+      xr,
+      epochs=FLAGS.epochs,
+      learning_rate=FLAGS.recovery_lr or None,
+      batch_size=FLAGS.batch_size,
+      verbose=0,
+    )
+    model = tfmot.sparsity.keras.strip_pruning(pruned)
+    stored = {}
+    for name, budget in words.items():
+      layer = model.get_layer(name)
+      weight = layer.epitome if isinstance(layer, ke.EPITOME_LAYERS) else layer.kernel
+      stored[name] = dict(
+        budget=budget,
+        nonzeros=int(np.count_nonzero(weight.numpy())),
+        entries=int(np.prod(weight.shape)),
+      )
+    row = dict(
+      ratio=ratio,
+      base_ratio=FLAGS.base_ratio,
+      allocate=FLAGS.allocate,
+      calibration_size=FLAGS.calibration_size,
+      output_steps=FLAGS.output_steps,
+      positions=FLAGS.positions,
+      epochs=FLAGS.epochs,
+      recovery_lr=FLAGS.recovery_lr,
+      seed=int(seed),
+      stored=stored,
+      acc_base=acc_base,
+      acc_target=acc_target,
+      acc=C.evaluate(model, test),
+      seconds=round(time.time() - t0, 1),
+    )
+    print(json.dumps(row), flush=True)
+    if FLAGS.out:
+      with open(FLAGS.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
