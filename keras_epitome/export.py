@@ -171,6 +171,7 @@ def export_tflite(
   choose: str = "cost",
   form_report: Optional[list] = None,
   objective: str = "latency",
+  sparse: bool = False,
 ) -> bytes:
   """Converts an epitome model to a TFLite flatbuffer.
 
@@ -208,6 +209,12 @@ def export_tflite(
       per layer) or ``"size"`` (per layer the form with the fewest stored
       weights among those estimated not slower than the stock layer: a
       smaller file, still never slower than stock).
+    sparse: store weights that are mostly zeros (a model pruned with
+      :func:`keras_epitome.prune_epitomes` or TF-MOT, then stripped) in
+      TFLite's sparse tensor format (``tf.lite.Optimize.EXPERIMENTAL_SPARSITY``:
+      the non-zeros and their positions), so the file shrinks with the
+      sparsity; LiteRT densifies them when it loads the model. With
+      ``remix="slices"`` the sparse weights are the epitomes themselves.
 
   Returns:
     The ``.tflite`` bytes.
@@ -258,7 +265,7 @@ def export_tflite(
     # A mixed-precision model: export the float32 function (the file is
     # float32 or int8 anyway; the converter refuses some bf16 graphs).
     inf = _float32_copy(inf)
-  tflite = litert.convert(inf, quantize, representative_data, batch_size)
+  tflite = litert.convert(inf, quantize, representative_data, batch_size, sparse)
   if path is not None:
     with tf.io.gfile.GFile(path, "wb") as f:
       f.write(tflite)

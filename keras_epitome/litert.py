@@ -93,7 +93,9 @@ def _representative(data, batch_size: Optional[int], input_shapes) -> Callable:
   return gen
 
 
-def convert(model, quantize=None, representative_data=None, batch_size=None) -> bytes:
+def convert(
+  model, quantize=None, representative_data=None, batch_size=None, sparse=False
+) -> bytes:
   """Converts a float32 Keras model to TFLite bytes (the converter call of the exporters).
 
   Args:
@@ -102,6 +104,8 @@ def convert(model, quantize=None, representative_data=None, batch_size=None) -> 
     representative_data: for ``"int8"``: sample inputs (arrays or a
       ``tf.data.Dataset``, ``(x, y)`` pairs take ``x``); every sample is used.
     batch_size: the batch dimension of the file's inputs (``None``: dynamic).
+    sparse: store sparse weights in TFLite's sparse tensor format
+      (``Optimize.EXPERIMENTAL_SPARSITY``).
 
   Returns:
     The ``.tflite`` bytes.
@@ -121,8 +125,13 @@ def convert(model, quantize=None, representative_data=None, batch_size=None) -> 
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
     [serve.get_concrete_function()], model
   )
+  optimizations = []
   if quantize is not None:
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    optimizations.append(tf.lite.Optimize.DEFAULT)
+  if sparse:
+    optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
+  if optimizations:
+    converter.optimizations = optimizations
   batches = [0]
   if quantize == "int8":
     source = _representative(
