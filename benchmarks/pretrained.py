@@ -16,6 +16,13 @@ compression ratio, from that same trained model:
   "after conversion" is the trained model with those weights zeroed (what
   the first pruning step does);
 * ``pruning_distill``: the same pruning, recovered by ``ke.distill``.
+* ``compose_distill``: epitome and pruning together: the data-aware
+  conversion at ``--compose_base`` times the ratio, its epitomes (and any
+  layer it keeps stock that the ratio's conversion does not) pruned with
+  ``ke.prune_epitomes`` to the same per-layer stored size as the pruning
+  rows (``ke.sparsity_for_size``, positions charged by
+  ``--pruning_positions``), recovered by ``ke.distill``; its accuracy "after
+  conversion" is the base conversion with those weights zeroed.
 
 Each row gives the accuracy right after conversion and after each number of
 recovery epochs in ``--recovery_epochs`` (a separate run from the converted
@@ -72,7 +79,14 @@ import numpy as np  # noqa: E402
 import keras_epitome as ke  # noqa: E402
 
 keras = ke.keras
-METHODS = ("weight_fit", "data", "data_distill", "pruning", "pruning_distill")
+METHODS = (
+  "weight_fit",
+  "data",
+  "data_distill",
+  "pruning",
+  "pruning_distill",
+  "compose_distill",
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -121,6 +135,12 @@ flags.DEFINE_multi_float(
   "(distillation recoveries only); repeat the flag for several.",
 )
 flags.DEFINE_float("temperature", 1.0, "Distillation temperature.")
+flags.DEFINE_float(
+  "compose_base",
+  0.5,
+  "compose_distill: the conversion's ratio as a fraction of --ratios' "
+  "(0.5: epitome at half the ratio, pruned to the rest).",
+)
 flags.DEFINE_bool(
   "allocate", False, "epitomize(allocate=True): per-layer ratios chosen from the data."
 )
@@ -227,8 +247,8 @@ def copy_model(model):
 
 
 def kernel_counts(model, names) -> list:
-  """``(entries, non-zeros)`` of each named layer's kernel."""
-  kernels = [model.get_layer(name).kernel.numpy() for name in names]
+  """``(entries, non-zeros)`` of each named layer's pruned weight (epitome or kernel)."""
+  kernels = [C.pruned_weight(model.get_layer(name)).numpy() for name in names]
   return [(k.size, int(np.count_nonzero(k))) for k in kernels]
 
 
@@ -389,6 +409,16 @@ def main(argv):
           make_trace,
         )
         row[f"stored_params_{epochs}"] = pruned_stored(rec_model, sparsity)
+      elif method == "compose_distill":
+        import tensorflow_model_optimization as tfmot  # noqa: PLC0415
+
+        # `model` has the base's smallest weights zeroed already: TF-MOT's
+        # first mask picks the same ones.
+        rec_model = ke.prune_epitomes(model, sparsity)
+        trace = make_trace(rec_model) if make_trace else None
+        recover(rec_model, stock, recovery, epochs, True, recipe, trace and [trace])
+        rec_model = tfmot.sparsity.keras.strip_pruning(rec_model)
+        row[f"stored_params_{epochs}"] = pruned_stored(rec_model, sparsity)
       else:
         rec_model = copy_model(model)
         trace = make_trace(rec_model) if make_trace else None
@@ -416,6 +446,31 @@ def main(argv):
       sparsity = None
       if method == "weight_fit":
         model = ke.epitomize(stock, ratio, init="fit", verbose=False)
+      elif method == "compose_distill":
+        # The per-layer budget of the ratio's conversion (as the pruning
+        # rows), filled by a conversion at a lower ratio, pruned.
+        reference = converted.get("data") or ke.epitomize(
+          stock,
+          ratio,
+          calibration_data=x_cal,
+          allocate=FLAGS.allocate,
+          verbose=False,
+        )
+        base = ke.epitomize(
+          stock,
+          max(1.0, ratio * FLAGS.compose_base),
+          calibration_data=x_cal,
+          calibration_options=calibration_options(),
+          allocate=FLAGS.allocate,
+          verbose=True,
+        )
+        words = {
+          layer.name: layer.epitome_geometry.stored_size
+          for layer in reference.layers
+          if isinstance(layer, ke.EPITOME_LAYERS)
+        }
+        sparsity = ke.sparsity_for_size(base, words, positions=FLAGS.pruning_positions)
+        model = C.magnitude_prune(base, sparsity)
       elif method in ("data", "data_distill"):
         if "data" not in converted:
           converted["data"] = ke.epitomize(
@@ -444,7 +499,7 @@ def main(argv):
         sparsity = C.prune_spec(reference, FLAGS.pruning_positions)
         model = C.magnitude_prune(stock, sparsity)
       convert_s = time.time() - t0
-      if method.startswith("pruning"):
+      if method.startswith("pruning") or method == "compose_distill":
         stored = pruned_stored(model, sparsity)
         positions = position_words(model, sparsity)
       else:
@@ -456,8 +511,11 @@ def main(argv):
         convert_s=round(convert_s, 1),
         acc_0=C.evaluate(model, (xt, yt)),
       )
-      if method.startswith("pruning") and positions:
+      if (method.startswith("pruning") or method == "compose_distill") and positions:
         row["stored_with_positions"] = stored + positions
+      if method == "compose_distill":
+        row["compose_base"] = max(1.0, ratio * FLAGS.compose_base)
+        row["sparsity"] = sparsity
       if method in ("data", "data_distill"):
         # Per fitted layer: least-squares output error, then the block (or
         # model output) error before and after the gradient steps.

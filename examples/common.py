@@ -420,18 +420,27 @@ def prune_spec(epitome_model: keras.Model, positions: str = "none") -> Dict[str,
   return spec
 
 
+def pruned_weight(layer):
+  """The weight pruning sparsifies: an epitome layer's epitome, else the kernel."""
+  return layer.epitome if isinstance(layer, ke.EPITOME_LAYERS) else layer.kernel
+
+
 def magnitude_prune(model: keras.Model, sparsity: Dict[str, float]) -> keras.Model:
-  """A copy of ``model`` with each named layer's smallest kernel weights zeroed."""
+  """A copy of ``model`` with each named layer's smallest weights zeroed.
+
+  The kernel's, or an epitome layer's epitome's (what TF-MOT prunes there).
+  """
   pruned = keras.models.clone_model(model)
   pruned.set_weights(model.get_weights())
   for layer in pruned.layers:
     if layer.name in sparsity:
-      k = layer.kernel.numpy()
+      weight = pruned_weight(layer)
+      k = weight.numpy()
       drop = int(round(sparsity[layer.name] * k.size))
       if drop:
         cut = np.sort(np.abs(k).reshape(-1))[drop - 1]
         k = np.where(np.abs(k) <= cut, 0.0, k)
-      layer.kernel.assign(k)
+      weight.assign(k)
   return pruned
 
 
