@@ -62,6 +62,13 @@ STOCK_PRUNABLE = (
 )
 
 
+def _is_number(value) -> bool:
+  """A real number (NumPy scalars too), not a bool."""
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+    value, (bool, np.bool_)
+  )
+
+
 def _target_layers(model, names, what):
   """``{name: layer}`` for ``names`` (``None``: every epitome layer)."""
   # Top-level layers: clone_model's clone_function sees those.
@@ -106,11 +113,14 @@ def sparsity_for_size(
   """Per-layer sparsity that fits each layer into a stored-size budget.
 
   A pruned layer stores its non-zeros (32 bits each), their positions
-  (``positions``: ``"bitmask"``, 1 bit per entry of the pruned weight, as
-  TFLite's sparse format or a zip of the mask stores them; ``"index16"``, 16
-  bits per non-zero; ``"none"``, not counted) and, for an epitome layer, its
-  routing map. The returned sparsity is the smallest that keeps all of it
-  within the budget (0 where the layer already fits).
+  (``positions``: ``"bitmask"``, 1 bit per entry of the pruned weight;
+  ``"index16"``, 16 bits per non-zero; ``"none"``, not counted) and, for an
+  epitome layer, its routing map. The returned sparsity is the smallest that
+  keeps all of it within the budget (0 where the layer already fits). A
+  bitmask is the least a mask of random positions costs; TFLite's sparse
+  tensor format (``export_tflite(sparse=True)``) spends more, 9-14 bits per
+  non-zero as measured (``benchmarks/RESULTS.md``, "Epitome and pruning
+  together").
 
   Args:
     model: a built Keras model.
@@ -139,10 +149,7 @@ def sparsity_for_size(
     layers = _target_layers(model, list(size), what)
     budgets = dict(size)
   else:
-    ok = isinstance(size, (int, float, np.integer, np.floating)) and not isinstance(
-      size, bool
-    )
-    if not ok or not math.isfinite(float(size)) or float(size) < 1:
+    if not _is_number(size) or not math.isfinite(float(size)) or float(size) < 1:
       raise ValueError(
         f"{what}: size must be a compression ratio (a finite number >= 1) or a "
         f"dict {{layer name: words}}, got {size!r}"
@@ -155,6 +162,11 @@ def sparsity_for_size(
   out = {}
   for name, layer in layers.items():
     words = budgets[name]
+    if not _is_number(words) or not math.isfinite(float(words)):
+      raise ValueError(
+        f"{what}: layer {name!r}: the budget must be a finite number of 32-bit "
+        f"words, got {words!r}"
+      )
     entries, fixed = _stored_weight(layer)
     bits = 32 * (float(words) - fixed) - per_entry * entries
     if not math.isfinite(bits) or bits <= 0:
@@ -206,10 +218,7 @@ def prune_epitomes(model, sparsity: Union[float, Mapping[str, float]]) -> keras.
     layers = _target_layers(model, None, what)
     fractions = {name: sparsity for name in layers}
   for name, value in fractions.items():
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-      value, bool
-    )
-    if not ok or not 0.0 <= float(value) < 1.0:
+    if not _is_number(value) or not 0.0 <= float(value) < 1.0:
       raise ValueError(
         f"{what}: layer {name!r}: sparsity must be a number in [0, 1), got {value!r}"
       )

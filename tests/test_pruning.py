@@ -119,6 +119,12 @@ class PruneEpitomesTest(tf.test.TestCase, parameterized.TestCase):
         r"layer 'global_average_pooling2d' is a GlobalAveragePooling2D; valid",
       ),
       (dict(size={"conv2d_1": 5}), r"layer 'conv2d_1': a budget of 5 words leaves"),
+      (
+        dict(size={"conv2d_1": "900"}),
+        r"layer 'conv2d_1': the budget must be a finite number of 32-bit words, "
+        r"got '900'",
+      ),
+      (dict(size={"dense": float("nan")}), r"layer 'dense': the budget must be .* nan"),
     ]
     for kwargs, message in cases:
       with self.assertRaisesRegex(ValueError, "sparsity_for_size: " + message):
