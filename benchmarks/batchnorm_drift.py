@@ -20,8 +20,6 @@ Usage:
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import recovery_recipes as R  # also defines the shared flags
 from absl import app, flags
@@ -86,10 +84,7 @@ def main(argv):
       acc_batch_statistics=batch_statistics_accuracy(m, test, FLAGS.batch_size),
       batchnorms=drift(m, xr[: FLAGS.samples]),
     )
-    print(json.dumps(row), flush=True)
-    if FLAGS.out:
-      with open(FLAGS.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    C.emit_row(row, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -62,15 +61,6 @@ flags.DEFINE_bool(
 )
 
 
-def budgets(model):
-  """``{layer: stored words}`` of each epitome layer of ``model``."""
-  return {
-    layer.name: layer.epitome_geometry.stored_size
-    for layer in model.layers
-    if isinstance(layer, ke.EPITOME_LAYERS)
-  }
-
-
 def main(argv):
   del argv
   ratio = FLAGS.ratio
@@ -78,7 +68,7 @@ def main(argv):
   FLAGS.ratio = FLAGS.base_ratio
   _, base, _, _ = R.converted_model()
   FLAGS.ratio = ratio
-  words = budgets(target)
+  words = C.epitome_words(target)
   spec = ke.sparsity_for_size(base, words, positions=FLAGS.positions)
   acc_base, acc_target = C.evaluate(base, test), C.evaluate(target, test)
   print(
@@ -103,8 +93,7 @@ def main(argv):
     model = tfmot.sparsity.keras.strip_pruning(pruned)
     stored = {}
     for name, budget in words.items():
-      layer = model.get_layer(name)
-      weight = layer.epitome if isinstance(layer, ke.EPITOME_LAYERS) else layer.kernel
+      weight = C.pruned_weight(model.get_layer(name))
       stored[name] = dict(
         budget=budget,
         nonzeros=int(np.count_nonzero(weight.numpy())),
@@ -143,10 +132,7 @@ def main(argv):
       seconds=round(time.time() - t0, 1),
       **files,
     )
-    print(json.dumps(row), flush=True)
-    if FLAGS.out:
-      with open(FLAGS.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    C.emit_row(row, FLAGS.out)
 
 
 if __name__ == "__main__":

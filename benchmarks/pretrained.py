@@ -456,20 +456,18 @@ def main(argv):
           allocate=FLAGS.allocate,
           verbose=False,
         )
+        base_ratio = max(1.0, ratio * FLAGS.compose_base)
         base = ke.epitomize(
           stock,
-          max(1.0, ratio * FLAGS.compose_base),
+          base_ratio,
           calibration_data=x_cal,
           calibration_options=calibration_options(),
           allocate=FLAGS.allocate,
           verbose=True,
         )
-        words = {
-          layer.name: layer.epitome_geometry.stored_size
-          for layer in reference.layers
-          if isinstance(layer, ke.EPITOME_LAYERS)
-        }
-        sparsity = ke.sparsity_for_size(base, words, positions=FLAGS.pruning_positions)
+        sparsity = ke.sparsity_for_size(
+          base, C.epitome_words(reference), positions=FLAGS.pruning_positions
+        )
         model = C.magnitude_prune(base, sparsity)
       elif method in ("data", "data_distill"):
         if "data" not in converted:
@@ -499,7 +497,9 @@ def main(argv):
         sparsity = C.prune_spec(reference, FLAGS.pruning_positions)
         model = C.magnitude_prune(stock, sparsity)
       convert_s = time.time() - t0
-      if method.startswith("pruning") or method == "compose_distill":
+      # Methods whose kernels (or epitomes) are pruned: stored non-zeros.
+      sparse = method.startswith("pruning") or method == "compose_distill"
+      if sparse:
         stored = pruned_stored(model, sparsity)
         positions = position_words(model, sparsity)
       else:
@@ -511,10 +511,10 @@ def main(argv):
         convert_s=round(convert_s, 1),
         acc_0=C.evaluate(model, (xt, yt)),
       )
-      if (method.startswith("pruning") or method == "compose_distill") and positions:
+      if sparse and positions:
         row["stored_with_positions"] = stored + positions
       if method == "compose_distill":
-        row["compose_base"] = max(1.0, ratio * FLAGS.compose_base)
+        row["compose_base"] = base_ratio
         row["sparsity"] = sparsity
       if method in ("data", "data_distill"):
         # Per fitted layer: least-squares output error, then the block (or

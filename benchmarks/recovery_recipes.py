@@ -143,10 +143,7 @@ def report(model, student, test, acc_0, t0, **row):
     acc=C.evaluate(student, test),
     seconds=round(time.time() - t0, 1),
   )
-  print(json.dumps(row), flush=True)
-  if FLAGS.out:
-    with open(FLAGS.out, "a") as f:
-      f.write(json.dumps(row) + "\n")
+  C.emit_row(row, FLAGS.out)
 
 
 def main(argv):

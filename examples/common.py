@@ -27,6 +27,7 @@ kernel (TFLite runs them dense).
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import sys
@@ -418,6 +419,26 @@ def prune_spec(epitome_model: keras.Model, positions: str = "none") -> Dict[str,
       nnz = (32 * g.stored_size - per_entry * g.kernel_size) / (32 + per_nonzero)
       spec[layer.name] = float(min(1.0, max(0.0, 1.0 - nnz / g.kernel_size)))
   return spec
+
+
+def epitome_words(model: keras.Model) -> Dict[str, int]:
+  """``{layer name: stored 32-bit words}`` of each epitome layer (epitome and routing map).
+
+  The per-layer budget that pruning, alone or on epitomes, is held to.
+  """
+  return {
+    layer.name: layer.epitome_geometry.stored_size
+    for layer in model.layers
+    if isinstance(layer, ke.EPITOME_LAYERS)
+  }
+
+
+def emit_row(row: Dict, path: str = "") -> None:
+  """Prints one JSON row and, given a ``path``, appends it there (JSON lines)."""
+  print(json.dumps(row), flush=True)
+  if path:
+    with open(path, "a") as f:
+      f.write(json.dumps(row) + "\n")
 
 
 def pruned_weight(layer):

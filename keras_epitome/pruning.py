@@ -46,7 +46,7 @@ from typing import Dict, Mapping, Union
 
 import numpy as np
 
-from keras_epitome import walk
+from keras_epitome import spec, walk
 from keras_epitome.backend import keras
 from keras_epitome.layers import EPITOME_LAYERS
 
@@ -60,13 +60,6 @@ STOCK_PRUNABLE = (
   keras.layers.Conv2D,
   keras.layers.Dense,
 )
-
-
-def _is_number(value) -> bool:
-  """A real number (NumPy scalars too), not a bool."""
-  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-    value, (bool, np.bool_)
-  )
 
 
 def _target_layers(model, names, what):
@@ -149,7 +142,7 @@ def sparsity_for_size(
     layers = _target_layers(model, list(size), what)
     budgets = dict(size)
   else:
-    if not _is_number(size) or not math.isfinite(float(size)) or float(size) < 1:
+    if not spec.is_real(size) or not math.isfinite(float(size)) or float(size) < 1:
       raise ValueError(
         f"{what}: size must be a compression ratio (a finite number >= 1) or a "
         f"dict {{layer name: words}}, got {size!r}"
@@ -162,7 +155,7 @@ def sparsity_for_size(
   out = {}
   for name, layer in layers.items():
     words = budgets[name]
-    if not _is_number(words) or not math.isfinite(float(words)):
+    if not spec.is_real(words) or not math.isfinite(float(words)):
       raise ValueError(
         f"{what}: layer {name!r}: the budget must be a finite number of 32-bit "
         f"words, got {words!r}"
@@ -217,32 +210,28 @@ def prune_epitomes(model, sparsity: Union[float, Mapping[str, float]]) -> keras.
   else:
     layers = _target_layers(model, None, what)
     fractions = {name: sparsity for name in layers}
-  for name, value in fractions.items():
-    if not _is_number(value) or not 0.0 <= float(value) < 1.0:
-      raise ValueError(
-        f"{what}: layer {name!r}: sparsity must be a number in [0, 1), got {value!r}"
-      )
+  fractions = {
+    name: spec.check_fraction(value, "sparsity", f"{what}: layer {name!r}")
+    for name, value in fractions.items()
+  }
   sp = tfmot.sparsity.keras
+  wrapped = {}
 
   def clone(layer):
-    # A new layer each time (clone_model's default): the input model keeps
-    # its own layers and weights.
+    if layer.name not in fractions:
+      return None  # a copy with its weights (walk.clone_model)
+    # end_step=1, frequency=1: the mask is computed at step 0 (TF-MOT masks
+    # on multiples of `frequency` after `begin_step`) and then kept.
+    schedule = sp.ConstantSparsity(
+      fractions[layer.name], begin_step=0, end_step=1, frequency=1
+    )
     copy = layer.__class__.from_config(layer.get_config())
-    if layer.name in fractions:
-      # end_step=1, frequency=1: the mask is computed at step 0 (TF-MOT masks
-      # on multiples of `frequency` after `begin_step`) and then kept.
-      schedule = sp.ConstantSparsity(
-        float(fractions[layer.name]), begin_step=0, end_step=1, frequency=1
-      )
-      return sp.prune_low_magnitude(copy, pruning_schedule=schedule)
-    return copy
+    wrapped[layer.name] = copy
+    return sp.prune_low_magnitude(copy, pruning_schedule=schedule)
 
-  pruned = keras.models.clone_model(model, clone_function=clone)
-  # clone_model builds fresh layers: copy every weight in (the wrappers'
-  # mask, threshold and step variables are theirs).
-  for layer in pruned.layers:
-    inner = getattr(layer, "layer", layer)
-    source = model.get_layer(inner.name)
-    for new, old in zip(inner.weights, source.weights, strict=True):
-      new.assign(old)
+  pruned = walk.clone_model(model, clone, what)
+  # The wrapped copies are built with the new model: copy their weights in
+  # (the wrappers' mask, threshold and step variables are theirs).
+  for name, copy in wrapped.items():
+    copy.set_weights(model.get_layer(name).get_weights())
   return pruned

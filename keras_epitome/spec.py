@@ -46,7 +46,8 @@ EPITOME_ARGS = (
 )
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
+  """A real number (NumPy scalars too), not a bool."""
   return not isinstance(value, (bool, np.bool_)) and isinstance(
     value, (int, float, np.integer, np.floating)
   )
@@ -62,7 +63,7 @@ def check_compression(value, desc: str = "") -> float:
   Returns:
     The ratio as a Python float.
   """
-  if not _is_real(value) or not math.isfinite(float(value)) or float(value) < 1:
+  if not is_real(value) or not math.isfinite(float(value)) or float(value) < 1:
     raise ValueError(
       f"{_prefix(desc)}compression must be a finite number >= 1, got {value!r}"
     )
@@ -75,7 +76,7 @@ def check_positive(value, name: str, desc: str = "") -> float:
   Returns:
     The value as a Python float.
   """
-  if not _is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
+  if not is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
     raise ValueError(
       f"{_prefix(desc)}{name} must be a finite number > 0, got {value!r}"
     )
@@ -87,13 +88,20 @@ def check_offset_scale(value, desc: str = "") -> float:
   return check_positive(value, "offset_scale", desc)
 
 
+def check_fraction(value, name: str, desc: str = "") -> float:
+  """Argument ``name``: a real number in ``[0, 1)`` (NumPy scalars too).
+
+  Returns:
+    The value as a Python float.
+  """
+  if not is_real(value) or not 0.0 <= float(value) < 1.0:
+    raise ValueError(f"{_prefix(desc)}{name} must be a number in [0, 1), got {value!r}")
+  return float(value)
+
+
 def check_routing_momentum(value, desc: str = "") -> float:
   """``routing_momentum``: a real number in ``[0, 1)``."""
-  if not _is_real(value) or not 0.0 <= float(value) < 1.0:
-    raise ValueError(
-      f"{_prefix(desc)}routing_momentum must be a number in [0, 1), got {value!r}"
-    )
-  return float(value)
+  return check_fraction(value, "routing_momentum", desc)
 
 
 def check_channel_roll(value, desc: str = "") -> int:
