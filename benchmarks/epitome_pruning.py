@@ -10,13 +10,20 @@ data-aware conversion at ``--ratio`` stores in that layer
 pruning rows of ``pretrained.py --allocate``), then ``--epochs`` of
 ``ke.distill`` from the trained model. A layer the base conversion keeps
 stock and the ``--ratio`` conversion does not is pruned as a stock kernel.
-One row per recovery seed.
+One row per recovery seed. With ``--base_ratio`` equal to ``--ratio`` the
+conversion is recovered unpruned (the epitome model alone). With
+``--harden`` the conversion's routing maps are fixed first
+(``ke.harden_routing``): the data-aware conversion's offsets are integers,
+so this changes nothing at the start, but the recovery then cannot move
+them off the integers, and the exported file has no blend ops.
 
 Usage:
   python benchmarks/epitome_pruning.py --ratio=4 --base_ratio=2 --allocate \
       --calibration_size=16384 --output_steps=16000 --seeds=0,1,2
   python benchmarks/epitome_pruning.py --ratio=8 --base_ratio=4 --allocate \
       --calibration_size=16384 --output_steps=16000 --tflite
+  python benchmarks/epitome_pruning.py --ratio=8 --base_ratio=8 --allocate \
+      --calibration_size=16384 --output_steps=16000 --harden --tflite
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import recovery_recipes as R  # noqa: E402  (its flags: ratio, allocate, cache..
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
 import keras_epitome as ke  # noqa: E402
+from keras_epitome import walk  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_float("base_ratio", 2.0, "Compression of the conversion that is pruned.")
@@ -55,9 +63,18 @@ flags.DEFINE_bool(
   "tflite",
   False,
   "Also export each recovered model (ke.export_tflite(remix='slices', "
-  "sparse=True)) and record its bytes, zipped bytes and top-1 agreement "
+  "sparse=True when pruned)) and record its bytes, zipped bytes and top-1 agreement "
   "with the Keras model on 1,000 test images; and the same export without "
   "sparse=True (bytes, zipped).",
+)
+flags.DEFINE_string(
+  "save_dir", "", "Optional folder: each recovered model saved as a .keras file."
+)
+flags.DEFINE_bool(
+  "harden",
+  False,
+  "ke.harden_routing the conversion before pruning and recovery (integer, "
+  "fixed routing maps).",
 )
 
 
@@ -69,7 +86,12 @@ def main(argv):
   _, base, _, _ = R.converted_model()
   FLAGS.ratio = ratio
   words = C.epitome_words(target)
-  spec = ke.sparsity_for_size(base, words, positions=FLAGS.positions)
+  prune = FLAGS.base_ratio != ratio
+  spec = ke.sparsity_for_size(base, words, positions=FLAGS.positions) if prune else {}
+  if FLAGS.harden:
+    change = {}
+    base = ke.harden_routing(base, report=change)
+    print(f"hardened: relative kernel change {change}", flush=True)
   acc_base, acc_target = C.evaluate(base, test), C.evaluate(target, test)
   print(
     f"stock {C.evaluate(stock, test):.4f}; converted at {FLAGS.base_ratio:g}x "
@@ -79,7 +101,10 @@ def main(argv):
   )
   for seed in FLAGS.seeds:
     ke.keras.utils.set_random_seed(int(seed))
-    pruned = ke.prune_epitomes(base, spec)
+    if prune:
+      pruned = ke.prune_epitomes(base, spec)
+    else:  # a fresh copy of the conversion for each shuffle
+      pruned = walk.clone_model(base, lambda layer: None, "epitome_pruning")
     t0 = time.time()
     ke.distill(
       pruned,
@@ -102,7 +127,7 @@ def main(argv):
     files = {}
     if FLAGS.tflite:
       x = test[0][:1000]
-      data = ke.export_tflite(model, remix="slices", sparse=True)
+      data = ke.export_tflite(model, remix="slices", sparse=prune)
       agree = np.mean(
         np.argmax(C.run_tflite(data, x), -1)
         == np.argmax(model.predict(x, verbose=0), -1)
@@ -115,6 +140,15 @@ def main(argv):
         tflite_dense_bytes=len(dense),
         tflite_dense_zipped=C.zipped_size(dense),
       )
+    if FLAGS.save_dir:
+      os.makedirs(FLAGS.save_dir, exist_ok=True)
+      model.save(
+        os.path.join(
+          FLAGS.save_dir,
+          f"r{ratio:g}_b{FLAGS.base_ratio:g}_{FLAGS.positions}"
+          f"{'_hard' if FLAGS.harden else ''}_s{seed}.keras",
+        )
+      )
     row = dict(
       ratio=ratio,
       base_ratio=FLAGS.base_ratio,
@@ -122,6 +156,7 @@ def main(argv):
       calibration_size=FLAGS.calibration_size,
       output_steps=FLAGS.output_steps,
       positions=FLAGS.positions,
+      harden=FLAGS.harden,
       epochs=FLAGS.epochs,
       recovery_lr=FLAGS.recovery_lr,
       seed=int(seed),

@@ -349,10 +349,13 @@ class FactoredMixin:
       return self._conv(x)
     ce = self.epitome_shape[-2]
     # conv(x', roll(E, -r)) == conv(x' read from channel -r, E): roll the
-    # activations, keep one stored epitome.
-    outs = [
-      self._conv(_take(x, sampling.roll_slices(-r, ce), ce)) for r in self.window_rolls
-    ]
+    # activations, keep one stored epitome. Every roll is one slice of the
+    # activations concatenated with themselves (one concat for the layer),
+    # not two slices and a concat per window: fewer ops and tensors in the
+    # exported file and fewer copies at run time.
+    starts = [(-int(r)) % ce for r in self.window_rolls]
+    doubled = tf.concat([x, x], axis=-1) if any(starts) else x
+    outs = [self._conv(x if s == 0 else doubled[..., s : s + ce]) for s in starts]
     return outs[0] if len(outs) == 1 else tf.concat(outs, axis=-1)
 
   def _remix_out(self, y):

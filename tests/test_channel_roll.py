@@ -238,3 +238,23 @@ class FactoredRollTest(tf.test.TestCase):
       again.build(x.shape)
       again.set_weights(f.get_weights())
       self.assertAllClose(again(x), fast(x), atol=1e-6)
+
+  def test_exported_rolls_take_one_slice_each(self):
+    # The rolled windows read one copy of the activations concatenated with
+    # themselves: one STRIDED_SLICE per non-zero roll, one concat for them and
+    # one for the windows' outputs (before: two slices and a concat per roll).
+    inputs = keras.Input((6, 6, 32))
+    layer = ke.EpitomeConv2D(64, 3, padding="same", compression=16, name="epi")
+    model = keras.Model(inputs, layer(inputs))
+    f = ke.factorize(model, remix="slices").get_layer("epi")
+    rolled = sum(1 for r in f.window_rolls if r % layer.epitome_geometry.cin_e)
+    self.assertGreater(rolled, 1)
+    report = ke.tflite_tensor_report(ke.export_tflite(model, remix="slices"))
+    ops = [op["name"] for op in report["ops"]]
+    self.assertEqual(ops.count("CONV_2D"), len(f.window_rolls))
+    # R_in: one slice per input chunk (summed); R_out: the windows' outputs
+    # cut to the layer's 64 channels.
+    in_chunks = f._channels.num_in_chunks  # noqa: SLF001
+    out_cut = int(len(f.window_rolls) * f.epitome_shape[-1] > 64)
+    self.assertEqual(ops.count("STRIDED_SLICE"), in_chunks + rolled + out_cut)
+    self.assertEqual(ops.count("CONCATENATION"), 2)
