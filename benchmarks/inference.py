@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -40,6 +42,12 @@ from absl import app, flags
 
 import keras_epitome as ke
 from keras_epitome import export, sampling
+
+sys.path.insert(
+  0,
+  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
+)
+import common as C  # noqa: E402
 
 keras = ke.keras
 
@@ -151,24 +159,6 @@ def _randomize(model, rng, fractional):
     layer.set_routing_map(routing)
 
 
-def _latencies(files, threads, iterations, warmup, x, statistic=np.median):
-  """ms per invoke of each file (``statistic`` over invokes), measured interleaved."""
-  runners = {name: export.LiteRTRunner(b, threads) for name, b in files.items()}
-  for name, runner in runners.items():
-    runner.set_inputs(x[name] if isinstance(x, dict) else x)
-    for _ in range(warmup):
-      runner.invoke()
-  times = {name: [] for name in runners}
-  names = list(runners)
-  for i in range(iterations):
-    order = names[i % len(names) :] + names[: i % len(names)]
-    for name in order:
-      start = time.perf_counter()
-      runners[name].invoke()
-      times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * float(statistic(t)) for name, t in times.items()}
-
-
 def _macs(tflite):
   report = export.tflite_tensor_report(tflite)
   return report["conv_macs"] + report["elementwise_muls"]
@@ -221,7 +211,7 @@ def _profile_layer(width, compression, rng, iterations, threads):
   x = rng.uniform(-1, 1, (1,) + shape).astype(np.float32)
   xs = {name: x for name in files}
   xs["epitome conv alone"] = x[..., :cin_e]
-  lat = _latencies(files, threads, iterations, FLAGS.warmup, xs)
+  lat = C.litert_latencies(files, threads, iterations, FLAGS.warmup, xs)
   for name, tflite in files.items():
     ops = [op["name"] for op in export.tflite_tensor_report(tflite)["ops"]]
     counts = {o: ops.count(o) for o in sorted(set(ops))}
@@ -317,7 +307,9 @@ def main(argv):
         err /= np.abs(y).max()
         stat = np.median if FLAGS.statistic == "median" else np.min
         lat = {
-          t: _latencies(files, t, FLAGS.iterations, FLAGS.warmup, data[:1], stat)
+          t: C.litert_latencies(
+            files, t, FLAGS.iterations, FLAGS.warmup, data[:1], stat
+          )
           for t in threads
         }
         for form, tflite in files.items():

@@ -564,6 +564,24 @@ def zipped_size(data: bytes) -> int:
   return len(buf.getvalue())
 
 
+def litert_latencies(files, threads, iterations, warmup, x, statistic=np.median):
+  """ms per invoke of each file (``statistic`` over invokes), measured interleaved."""
+  runners = {name: ke.export.LiteRTRunner(b, threads) for name, b in files.items()}
+  for name, runner in runners.items():
+    runner.set_inputs(x[name] if isinstance(x, dict) else x)
+    for _ in range(warmup):
+      runner.invoke()
+  times = {name: [] for name in runners}
+  names = list(runners)
+  for i in range(iterations):
+    order = names[i % len(names) :] + names[: i % len(names)]
+    for name in order:
+      start = time.perf_counter()
+      runners[name].invoke()
+      times[name].append(time.perf_counter() - start)
+  return {name: 1e3 * float(statistic(t)) for name, t in times.items()}
+
+
 def run_tflite(data: bytes, x: np.ndarray) -> np.ndarray:
   """Runs a TFLite model on a batch with LiteRT (:func:`keras_epitome.run_tflite`)."""
   return np.asarray(ke.run_tflite(data, x))
