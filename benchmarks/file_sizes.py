@@ -56,7 +56,7 @@ def _buffer_bytes(data) -> int:
   return sum(0 if b.data is None else len(b.data) for b in model.buffers)
 
 
-def _file(name, data, model, x):
+def file_row(name, data, model, x):
   """One table row: the file's bytes and its top-class agreement with ``model``."""
   agree = np.mean(
     np.argmax(C.run_tflite(data, x), -1) == np.argmax(model.predict(x, verbose=0), -1)
@@ -76,8 +76,8 @@ def _pruned_files(stock, spec, x, tag):
   converter = tf.lite.TFLiteConverter.from_keras_model(pruned)
   converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
   return [
-    _file(f"pruning ({tag}), dense", dense, pruned, x),
-    _file(f"pruning ({tag}), sparse format", converter.convert(), pruned, x),
+    file_row(f"pruning ({tag}), dense", dense, pruned, x),
+    file_row(f"pruning ({tag}), sparse format", converter.convert(), pruned, x),
   ]
 
 
@@ -90,7 +90,7 @@ def main(argv):
     x = xt[:1000]
     stored = C.stored_params(model)
     files = [
-      _file(
+      file_row(
         f"epitome, {name}", ke.export_tflite(model, form="factored", **kw), model, x
       )
       for name, kw in EPITOME_EXPORTS.items()
@@ -98,7 +98,7 @@ def main(argv):
     for positions in ("none", "bitmask"):
       files += _pruned_files(stock, C.prune_spec(model, positions), x, positions)
     stock_file = tf.lite.TFLiteConverter.from_keras_model(stock).convert()
-    files.append(_file("stock", stock_file, stock, x))
+    files.append(file_row("stock", stock_file, stock, x))
     for f in files:
       row = {"ratio": FLAGS.ratio, "stored_params": stored, **f}
       rows.append(row)

@@ -11,8 +11,9 @@ to the ``--ratio`` conversion's per-layer budget (non-zeros only, and with a
 bitmask: ``common.prune_spec``) in TFLite's sparse format. Each file's raw
 and zipped bytes, multiply-adds, top-1 agreement with its Keras model on
 1,000 test images, and LiteRT latency (batch 1, XNNPACK, the files invoked
-in turn, median over ``--iterations``). A pruned file is densified when
-LiteRT loads it: it runs at the stock model's speed and memory.
+in turn, median over ``--iterations``). A pruned file carries a
+``DENSIFY`` op that expands its weights when LiteRT prepares the model: it
+runs at the stock model's speed.
 
 Usage:
   python benchmarks/recovered_files.py --allocate --calibration_size=16384 \
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 
+import file_sizes  # its file_row (and its --ratios flag, unused here)
 import numpy as np
 import recovery_recipes as R  # also defines the shared flags
 import tensorflow as tf
@@ -74,17 +76,11 @@ def main(argv):
   )
   rows = []
   for name, (data, model) in files.items():
-    agree = np.mean(
-      np.argmax(C.run_tflite(data, x), -1) == np.argmax(model.predict(x, verbose=0), -1)
-    )
     report = ke.tflite_tensor_report(data)
     row = dict(
       ratio=FLAGS.ratio,
-      file=name,
-      bytes=len(data),
-      zipped=C.zipped_size(data),
+      **file_sizes.file_row(name, data, model, x),
       macs=report["conv_macs"] + report["elementwise_muls"],
-      agree=float(agree),
       ms=ms[name],
       threads=FLAGS.threads,
     )
