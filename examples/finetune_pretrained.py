@@ -15,8 +15,10 @@ The workflow of :func:`keras_epitome.epitomize` on scikit-learn's 8x8 digits
    then all fitted layers take 1,000 Adam steps towards the trained model's
    logits on the same images (no labels);
 3. ``ke.summarize``: kernels, epitomes, stored parameters, multiply-adds;
-4. ``ke.distill(small, model, x)``: a short recovery with the trained model
-   as teacher (no labels needed; epitomes and offsets train);
+4. ``ke.harden_routing(small)`` (``--harden``, the default): the routing
+   maps stay at the conversion's integer offsets, so the exported file
+   needs no blend ops; then ``ke.distill(small, model, x)``: a short
+   recovery with the trained model as teacher (no labels needed);
 5. ``ke.strip_epitome``: back to stock layers with the materialized kernels
    (same outputs), ready for any tool that expects stock layers.
 
@@ -62,6 +64,13 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_bool(
   "allocate", True, "Choose each layer's ratio from the data (same total size)."
+)
+flags.DEFINE_bool(
+  "harden",
+  True,
+  "ke.harden_routing after the conversion: the routing maps stay at the "
+  "conversion's integer offsets through the recovery (no blend ops in an "
+  "exported file).",
 )
 flags.DEFINE_integer("finetune_epochs", 3, "Epochs of each recovery.")
 flags.DEFINE_float(
@@ -146,6 +155,8 @@ def main(argv):
   )
   ke.summarize(small)
   add_row("epitome, data-aware fit", small, accuracy(small, x_te, y_te))
+  if FLAGS.harden:
+    small = ke.harden_routing(small)  # the same function: the offsets are integers
 
   # 4. Short recovery: distillation from the trained model.
   ke.distill(
