@@ -112,6 +112,13 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_float("reconstruct_lr", 1e-3, "calibrate(reconstruct_lr=).")
 flags.DEFINE_list("recovery_epochs", ["1", "3"], "Recovery run lengths.")
+flags.DEFINE_bool(
+  "harden",
+  False,
+  "ke.harden_routing the data-aware conversions (data, data_distill, "
+  "compose_distill) before the recovery: the routing maps stay at their "
+  "integer offsets.",
+)
 flags.DEFINE_integer(
   "recovery_size", 0, "Images per recovery epoch (0: the whole training set)."
 )
@@ -368,6 +375,7 @@ def main(argv):
     epitome_lr=FLAGS.epitome_lr,
     temperature=FLAGS.temperature,
     allocate=FLAGS.allocate,
+    harden=FLAGS.harden,
     calibration_size=len(x_cal),
     calibration_options=calibration_options(),
     pruning_positions=FLAGS.pruning_positions,
@@ -465,6 +473,8 @@ def main(argv):
           allocate=FLAGS.allocate,
           verbose=True,
         )
+        if FLAGS.harden:
+          base = ke.harden_routing(base)
         sparsity = ke.sparsity_for_size(
           base, C.epitome_words(reference), positions=FLAGS.pruning_positions
         )
@@ -479,6 +489,8 @@ def main(argv):
             allocate=FLAGS.allocate,
             verbose=True,
           )
+          if FLAGS.harden:
+            converted["data"] = ke.harden_routing(converted["data"])
         model = converted["data"]
       else:
         # Per layer, as many non-zeros as the epitome model stores there
