@@ -489,7 +489,8 @@ def main(argv):
             allocate=FLAGS.allocate,
             verbose=True,
           )
-          if FLAGS.harden:
+          converted["report"] = converted["data"].epitome_report
+          if FLAGS.harden:  # (the hardened copy has no epitome_report)
             converted["data"] = ke.harden_routing(converted["data"])
         model = converted["data"]
       else:
@@ -533,7 +534,7 @@ def main(argv):
         # model output) error before and after the gradient steps.
         row["calibration"] = [
           [c.name, c.output_error, c.block_error_before, c.block_error]
-          for c in model.epitome_report.calibration
+          for c in converted["report"].calibration
         ]
       for lr, warmup, seed in itertools.product(
         FLAGS.recovery_lr, FLAGS.recovery_warmup, recovery_seeds

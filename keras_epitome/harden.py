@@ -108,7 +108,8 @@ def harden_routing(model, refit: bool = True, report: Dict[str, float] = None):
     report: optional dict; receives ``{layer name: relative kernel change}``.
 
   Returns:
-    The hardened model.
+    The hardened model. It has no ``epitome_report``: read what
+    :func:`keras_epitome.epitomize` did from the model it returned.
 
   Raises:
     ValueError: for a subclassed model.
