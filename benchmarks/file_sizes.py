@@ -32,7 +32,6 @@ import json
 
 import numpy as np
 import recovery_recipes as R  # also defines the shared flags
-import tensorflow as tf
 from absl import app, flags
 
 import keras_epitome as ke
@@ -72,12 +71,11 @@ def file_row(name, data, model, x):
 
 def _pruned_files(stock, spec, x, tag):
   pruned = C.magnitude_prune(stock, spec)
-  dense = tf.lite.TFLiteConverter.from_keras_model(pruned).convert()
-  converter = tf.lite.TFLiteConverter.from_keras_model(pruned)
-  converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+  dense, _ = C.tflite_bytes(pruned)
+  sparse, _ = C.tflite_bytes(pruned, sparse=True)
   return [
     file_row(f"pruning ({tag}), dense", dense, pruned, x),
-    file_row(f"pruning ({tag}), sparse format", converter.convert(), pruned, x),
+    file_row(f"pruning ({tag}), sparse format", sparse, pruned, x),
   ]
 
 
@@ -97,7 +95,7 @@ def main(argv):
     ]
     for positions in ("none", "bitmask"):
       files += _pruned_files(stock, C.prune_spec(model, positions), x, positions)
-    stock_file = tf.lite.TFLiteConverter.from_keras_model(stock).convert()
+    stock_file, _ = C.tflite_bytes(stock)
     files.append(file_row("stock", stock_file, stock, x))
     for f in files:
       row = {"ratio": FLAGS.ratio, "stored_params": stored, **f}

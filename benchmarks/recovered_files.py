@@ -27,7 +27,6 @@ import os
 import file_sizes  # its file_row (and its --ratios flag, unused here)
 import numpy as np
 import recovery_recipes as R  # also defines the shared flags
-import tensorflow as tf
 from absl import app, flags
 
 import keras_epitome as ke
@@ -40,20 +39,17 @@ flags.DEFINE_integer("warmup", 200, "Untimed invokes of each file first.")
 flags.DEFINE_integer("threads", 1, "LiteRT threads.")
 
 
-def _sparse(model):
-  converter = tf.lite.TFLiteConverter.from_keras_model(model)
-  converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
-  return converter.convert()
-
-
 def main(argv):
   del argv
   stock, converted, _, (xt, _) = R.converted_model()
   x = xt[:1000]
-  files = {"stock": (tf.lite.TFLiteConverter.from_keras_model(stock).convert(), stock)}
+  files = {"stock": (C.tflite_bytes(stock)[0], stock)}
   for positions in ("none", "bitmask"):
     pruned = C.magnitude_prune(stock, C.prune_spec(converted, positions))
-    files[f"pruning ({positions}), sparse format"] = (_sparse(pruned), pruned)
+    files[f"pruning ({positions}), sparse format"] = (
+      C.tflite_bytes(pruned, sparse=True)[0],
+      pruned,
+    )
   for path in FLAGS.models:
     model = ke.keras.models.load_model(path)
     name = os.path.basename(path)

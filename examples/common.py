@@ -523,15 +523,21 @@ def strip_pruning(model):
 # TFLite.
 
 
-def tflite_bytes(model: keras.Model, form: str = "factored") -> tuple:
+def tflite_bytes(
+  model: keras.Model, form: str = "factored", sparse: bool = False
+) -> tuple:
   """``(bytes, how)``: the model as a TFLite flatbuffer.
 
   Epitome models go through :func:`keras_epitome.export_tflite` in ``form``;
-  stock models through the plain converter.
+  stock models through the plain converter. ``sparse``: mostly-zero weights
+  in TFLite's sparse tensor format (``Optimize.EXPERIMENTAL_SPARSITY``).
   """
   if any(isinstance(la, ke.EPITOME_LAYERS) for la in _layers(model)):
-    return ke.export_tflite(model, form=form), form
-  return tf.lite.TFLiteConverter.from_keras_model(model).convert(), "stock"
+    return ke.export_tflite(model, form=form, sparse=sparse), form
+  converter = tf.lite.TFLiteConverter.from_keras_model(model)
+  if sparse:
+    converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+  return converter.convert(), "stock"
 
 
 def export_and_report(model, name: str, path: str, accuracy: float, x, y) -> dict:
