@@ -18,16 +18,16 @@ stock layer's size) and compared with the stock model of width 1;
 
 Every run appends one JSON line to ``--out`` (so a long run can be resumed
 with ``--resume``), and the script prints a Markdown table of mean ± std over
-seeds. Counting rules are in ``examples/common.py``.
+seeds. Counting rules are in ``examples/models.py``.
 
 Usage:
-  python benchmarks/accuracy.py --dataset=fashion_mnist --train_size=20000 \
+  python -m benchmarks.accuracy --dataset=fashion_mnist --train_size=20000 \
       --epochs=4 --ratios=2,4,8,16 --seeds=0,1,2
-  python benchmarks/accuracy.py --dataset=fsdd --epochs=12 --ratios=2,4,8
-  python benchmarks/accuracy.py --dataset=digits --epochs=10   # needs no data
-  python benchmarks/accuracy.py --dataset=fsdd --epochs=30 --shift=800 \
+  python -m benchmarks.accuracy --dataset=fsdd --epochs=12 --ratios=2,4,8
+  python -m benchmarks.accuracy --dataset=digits --epochs=10   # needs no data
+  python -m benchmarks.accuracy --dataset=fsdd --epochs=30 --shift=800 \
       --batch_size=32 --ratios=4,8,16 --methods=stock,nes_param,wsnet,thinner
-  python benchmarks/accuracy.py --dataset=fashion_mnist --width=2 --ratios=4 \
+  python -m benchmarks.accuracy --dataset=fashion_mnist --width=2 --ratios=4 \
       --methods=stock,nes_param,wsnet      # wide mode
 """
 
@@ -38,18 +38,12 @@ import datetime
 import json
 import os
 import platform
-import sys
 
+import numpy as np  # noqa: E402
 from absl import app, flags
 
-sys.path.insert(
-  0,
-  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
-)
-
-import common as C  # noqa: E402
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import harness as C  # noqa: E402
+from examples import datasets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -65,7 +59,7 @@ flags.DEFINE_float(
 )
 flags.DEFINE_float("offset_scale", 1.0, "offset_scale of the NES layers.")
 flags.DEFINE_bool(
-  "spread_init", False, "Start NES and WSNet from spread channel offsets (common.py)."
+  "spread_init", False, "Start NES and WSNet from spread channel offsets (examples/models.py)."
 )
 flags.DEFINE_integer(
   "train_size", 20000, "Fashion-MNIST training subset (0 = all 60k)."
@@ -93,7 +87,7 @@ flags.DEFINE_float(
   "Width of the epitome models (wide mode: 2); stock stays at width 1.",
 )
 flags.DEFINE_string(
-  "out", None, "JSON-lines file (default benchmarks/results_DATASET.jsonl)."
+  "out", None, "JSON-lines file (default benchmarks/results/results_DATASET.jsonl)."
 )
 flags.DEFINE_bool("resume", False, "Skip runs already in --out.")
 flags.DEFINE_bool(
@@ -302,7 +296,7 @@ def print_tables(records):
 def main(argv):
   del argv
   out = FLAGS.out or os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), f"results_{FLAGS.dataset}.jsonl"
+    os.path.dirname(os.path.abspath(__file__)), "results", f"results_{FLAGS.dataset}.jsonl"
   )
   done = set()
   records = []

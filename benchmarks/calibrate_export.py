@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 
-import inference as bench  # benchmarks/inference.py (selects Keras 2 first)
 import numpy as np
 from absl import app, flags
 
+from benchmarks import (
+  inference as bench,  # benchmarks/inference.py (selects Keras 2 first)
+)
 from keras_epitome import export, factored, form_choice
 
 # --precisions, --compressions, --json_out and --seed are inference.py's flags.

@@ -18,34 +18,26 @@ so this changes nothing at the start, but the recovery then cannot move
 them off the integers, and the exported file has no blend ops.
 
 Usage:
-  python benchmarks/epitome_pruning.py --ratio=4 --base_ratio=2 --allocate \
+  python -m benchmarks.epitome_pruning --ratio=4 --base_ratio=2 --allocate \
       --calibration_size=16384 --output_steps=16000 --seeds=0,1,2
-  python benchmarks/epitome_pruning.py --ratio=8 --base_ratio=4 --allocate \
+  python -m benchmarks.epitome_pruning --ratio=8 --base_ratio=4 --allocate \
       --calibration_size=16384 --output_steps=16000 --tflite
-  python benchmarks/epitome_pruning.py --ratio=8 --base_ratio=8 --allocate \
+  python -m benchmarks.epitome_pruning --ratio=8 --base_ratio=8 --allocate \
       --calibration_size=16384 --output_steps=16000 --harden --tflite
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
+import numpy as np  # noqa: E402
+import tensorflow_model_optimization as tfmot  # noqa: E402
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(
-  0,
-  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
-)
-
-import common as C  # noqa: E402
-import numpy as np  # noqa: E402
-import recovery_recipes as R  # noqa: E402  (its flags: ratio, allocate, cache...)
-import tensorflow_model_optimization as tfmot  # noqa: E402
-
 import keras_epitome as ke  # noqa: E402
+from benchmarks import harness as C  # noqa: E402
+from benchmarks import recovery_recipes as R  # noqa: E402  (its flags: ratio, allocate, cache...)
 from keras_epitome import walk  # noqa: E402
 
 FLAGS = flags.FLAGS

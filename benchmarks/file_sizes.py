@@ -31,10 +31,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import recovery_recipes as R  # also defines the shared flags
 from absl import app, flags
 
 import keras_epitome as ke
+from benchmarks import recovery_recipes as R  # also defines the shared flags
 
 C = R.C
 FLAGS = flags.FLAGS

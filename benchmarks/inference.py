@@ -32,22 +32,15 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import platform
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 
 import keras_epitome as ke
+from benchmarks import harness as C  # noqa: E402
 from keras_epitome import export, sampling
-
-sys.path.insert(
-  0,
-  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
-)
-import common as C  # noqa: E402
 
 keras = ke.keras
 

@@ -8,9 +8,9 @@ indices the way TF-MOT's guide compares sizes. Needs matplotlib (the ``plot``
 extra).
 
 Usage:
-  python benchmarks/plot_accuracy.py \
-      --results=benchmarks/results_fashion_mnist.jsonl,benchmarks/results_fsdd.jsonl \
-      --out=benchmarks/accuracy.png
+  python -m benchmarks.plot_accuracy \
+      --results=benchmarks/results/results_fashion_issue9.jsonl,benchmarks/results/results_fsdd_issue9.jsonl \
+      --out=benchmarks/results/accuracy.png
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import os
 import numpy as np
 from absl import app, flags
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
   "results",
   [
-    os.path.join(HERE, "results_fashion_mnist.jsonl"),
-    os.path.join(HERE, "results_fsdd.jsonl"),
+    os.path.join(HERE, "results_fashion_issue9.jsonl"),
+    os.path.join(HERE, "results_fsdd_issue9.jsonl"),
   ],
   "JSON-lines files written by accuracy.py.",
 )

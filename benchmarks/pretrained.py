@@ -44,13 +44,13 @@ are (1 bit per kernel entry, or 16 bits per non-zero), so that pruning and
 epitome store the same number of bytes.
 
 Usage:
-  python benchmarks/pretrained.py                       # Fashion-MNIST
-  python benchmarks/pretrained.py --ratios=4 --methods=data,pruning
-  python benchmarks/pretrained.py --output_steps=4000 --calibration_size=2048
-  python benchmarks/pretrained.py --output_steps=4000 --calibration_size=2048 --allocate
-  python benchmarks/pretrained.py --output_steps=4000 --calibration_size=2048 --allocate \
+  python -m benchmarks.pretrained                       # Fashion-MNIST
+  python -m benchmarks.pretrained --ratios=4 --methods=data,pruning
+  python -m benchmarks.pretrained --output_steps=4000 --calibration_size=2048
+  python -m benchmarks.pretrained --output_steps=4000 --calibration_size=2048 --allocate
+  python -m benchmarks.pretrained --output_steps=4000 --calibration_size=2048 --allocate \
       --methods=pruning_distill --pruning_positions=bitmask
-  python benchmarks/pretrained.py --dataset=fsdd --batch_size=32 \
+  python -m benchmarks.pretrained --dataset=fsdd --batch_size=32 \
       --pretrain_epochs=20 --data_dir=/path/to/free-spoken-digit-dataset/recordings
 """
 
@@ -62,21 +62,14 @@ import itertools
 import json
 import os
 import platform
-import sys
 import time
 
+import numpy as np  # noqa: E402
 from absl import app, flags
 
-sys.path.insert(
-  0,
-  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
-)
-
-import common as C  # noqa: E402
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-
 import keras_epitome as ke  # noqa: E402
+from benchmarks import harness as C  # noqa: E402
+from examples import datasets  # noqa: E402
 
 keras = ke.keras
 METHODS = (
@@ -180,7 +173,7 @@ flags.DEFINE_integer(
   "recovery steps (row key 'trace_<epochs>'; 0: off).",
 )
 flags.DEFINE_string(
-  "out", "benchmarks/results_pretrained.jsonl", "JSON lines, one per row."
+  "out", "benchmarks/results/results_pretrained.jsonl", "JSON lines, one per row."
 )
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_list(

@@ -16,7 +16,7 @@ in turn, median over ``--iterations``). A pruned file carries a
 runs at the stock model's speed.
 
 Usage:
-  python benchmarks/recovered_files.py --allocate --calibration_size=16384 \
+  python -m benchmarks.recovered_files --allocate --calibration_size=16384 \
       --output_steps=16000 --ratio=8 --models=/tmp/models/r8_b8_bitmask_hard_s0.keras
 """
 
@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import os
 
-import file_sizes  # its file_row (and its --ratios flag, unused here)
 import numpy as np
-import recovery_recipes as R  # also defines the shared flags
 from absl import app, flags
 
 import keras_epitome as ke
+from benchmarks import file_sizes  # its file_row (and its --ratios flag, unused here)
+from benchmarks import recovery_recipes as R  # also defines the shared flags
 
 C = R.C
 FLAGS = flags.FLAGS

@@ -16,11 +16,11 @@ labels mixed in by ``alpha``) and any ``ke.distill`` keyword
 recovery's shuffle only (default ``--seed``).
 
 Usage:
-  python benchmarks/recovery_recipes.py --ratio=4 \
+  python -m benchmarks.recovery_recipes --ratio=4 \
       --recipes='{"learning_rate":1e-3,"temperature":4}' \
       --recipes='{"learning_rate":3e-3,"temperature":1}'
-  python benchmarks/recovery_recipes.py --ratio=4 --allocate --recipes='{}'
-  python benchmarks/recovery_recipes.py --ratio=4 \
+  python -m benchmarks.recovery_recipes --ratio=4 --allocate --recipes='{}'
+  python -m benchmarks.recovery_recipes --ratio=4 \
       --policy='{"conv2": 2, "conv3": 3, "conv4": {"epitome_shape": [3, 3, 64, 10]}}'
 """
 
@@ -29,21 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 
+import numpy as np  # noqa: E402
 from absl import app, flags
 
-sys.path.insert(
-  0,
-  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
-)
-
-import common as C  # noqa: E402
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-
 import keras_epitome as ke  # noqa: E402
+from benchmarks import harness as C  # noqa: E402
+from examples import datasets  # noqa: E402
 
 keras = ke.keras
 

@@ -17,10 +17,10 @@ remixes or sampling: the limit the factored path can reach on this machine.
 constants were checked).
 
 Usage:
-  PYTHONPATH=. python benchmarks/train_step.py
-  PYTHONPATH=. python benchmarks/train_step.py --shapes=conv3x3 --reps=5 \
+  python -m benchmarks.train_step
+  python -m benchmarks.train_step --shapes=conv3x3 --reps=5 \
       --learners=param --xla=false
-  PYTHONPATH=. python benchmarks/train_step.py --learners=param --plans
+  python -m benchmarks.train_step --learners=param --plans
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common as C  # noqa: E402
+import models as M  # noqa: E402
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -55,7 +55,7 @@ flags.DEFINE_enum(
   "learner", "param", ["param", "feature"], "Offset learner (learned only)."
 )
 flags.DEFINE_bool(
-  "spread_init", False, "Start from spread channel offsets (see common.py)."
+  "spread_init", False, "Start from spread channel offsets (see models.py)."
 )
 flags.DEFINE_integer("tflite_eval", 1000, "Test images run through each .tflite file.")
 flags.DEFINE_string("out", "example_output", "Folder for the .tflite files.")
@@ -83,15 +83,15 @@ def main(argv):
   os.makedirs(FLAGS.out, exist_ok=True)
   rows = []
   for name, make in (
-    ("stock", C.conv_factory("stock", 1)),
-    (label, C.conv_factory(method, FLAGS.compression)),
+    ("stock", M.conv_factory("stock", 1)),
+    (label, M.conv_factory(method, FLAGS.compression)),
   ):
-    C.keras.utils.set_random_seed(FLAGS.seed)
-    model = C.fashion_cnn(input_shape=shape, make=make)
+    M.keras.utils.set_random_seed(FLAGS.seed)
+    model = M.fashion_cnn(input_shape=shape, make=make)
     if name != "stock" and FLAGS.spread_init:
-      C.spread_routing(model)
+      M.spread_routing(model)
     print(f"\n== {name}: training {epochs} epochs")
-    acc = C.train(
+    acc = M.train(
       model,
       data,
       epochs=epochs,
@@ -103,10 +103,10 @@ def main(argv):
     )
     n = min(FLAGS.tflite_eval, len(data[1][0]))
     rows.append(
-      C.export_and_report(model, name, path, acc, data[1][0][:n], data[1][1][:n])
+      M.export_and_report(model, name, path, acc, data[1][0][:n], data[1][1][:n])
     )
   print()
-  print(C.format_table(rows, list(rows[0].keys())))
+  print(M.format_table(rows, list(rows[0].keys())))
   print()
   print(note)
 

@@ -35,13 +35,13 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common as C  # noqa: E402
+import models as M  # noqa: E402
 import datasets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
   "data_dir",
-  os.path.join(C.REPO_ROOT, "..", "shared", "data", "fsdd", "recordings"),
+  os.path.join(M.REPO_ROOT, "..", "shared", "data", "fsdd", "recordings"),
   "Folder of FSDD WAV files ({digit}_{speaker}_{index}.wav).",
 )
 flags.DEFINE_integer("length", 8000, "Samples per recording (crop/pad), 8000 = 1 s.")
@@ -71,10 +71,10 @@ def main(argv):
   rows = []
   for method in methods:
     ratio = 1.0 if method == "stock" else FLAGS.compression
-    C.keras.utils.set_random_seed(FLAGS.seed)
-    model = C.audio_cnn(
+    M.keras.utils.set_random_seed(FLAGS.seed)
+    model = M.audio_cnn(
       length=FLAGS.length,
-      make=C.conv_factory(method, ratio, offset_scale=FLAGS.offset_scale),
+      make=M.conv_factory(method, ratio, offset_scale=FLAGS.offset_scale),
       ratio=ratio,
     )
     print(f"\n== {method} (x{ratio:g}): training {FLAGS.epochs} epochs")
@@ -86,7 +86,7 @@ def main(argv):
             f"  {layer.name}: kernel {g.kernel_shape} from epitome "
             f"{g.epitome_shape}, ratio {g.compression_ratio:.2f}"
           )
-    acc = C.train(
+    acc = M.train(
       model,
       data,
       epochs=FLAGS.epochs,
@@ -94,9 +94,9 @@ def main(argv):
       learning_rate=FLAGS.learning_rate,
     )
     path = os.path.join(FLAGS.out, f"fsdd_{method}.tflite")
-    rows.append(C.export_and_report(model, f"{method} x{ratio:g}", path, acc, xt, yt))
+    rows.append(M.export_and_report(model, f"{method} x{ratio:g}", path, acc, xt, yt))
   print()
-  print(C.format_table(rows, list(rows[0].keys())))
+  print(M.format_table(rows, list(rows[0].keys())))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ after each, GAP, Dense 10. Only the k=3 convolutions change between variants:
 Each run appends a JSON line to ``--out``.
 
 Usage:
-  PYTHONPATH=. python benchmarks/diag_1d.py --variants=thinner,fixed,ref_fixed \
+  python -m benchmarks.archive.diag_1d --variants=thinner,fixed,ref_fixed \
       --ratio=16 --seeds=0,1 --epochs=10
 """
 
@@ -26,29 +26,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from absl import app, flags
 
-sys.path.insert(
-  0,
-  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
-)
-# The tests' NumPy oracle: an independent loop over kernel entries.
-sys.path.insert(
-  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-)
-
-import common as C  # noqa: E402
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import oracle  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
 import keras_epitome as ke  # noqa: E402
+from benchmarks import harness as C  # noqa: E402
+from examples import datasets  # noqa: E402
 from keras_epitome import sampling  # noqa: E402
+from tests import oracle  # noqa: E402
 
 keras = ke.keras
 FLAGS = flags.FLAGS

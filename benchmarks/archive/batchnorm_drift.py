@@ -14,17 +14,17 @@ model and the converted one:
   ``var(x) / moving_var`` on ``--samples`` training images.
 
 Usage:
-  python benchmarks/batchnorm_drift.py --ratio=4 --allocate \
+  python -m benchmarks.archive.batchnorm_drift --ratio=4 --allocate \
       --calibration_size=16384 --output_steps=16000
 """
 
 from __future__ import annotations
 
 import numpy as np
-import recovery_recipes as R  # also defines the shared flags
 from absl import app, flags
 
 import keras_epitome as ke
+from benchmarks import recovery_recipes as R  # also defines the shared flags
 from keras_epitome import calibration
 
 keras = ke.keras

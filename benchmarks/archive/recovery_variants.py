@@ -53,7 +53,7 @@ Same trained model, calibration images, conversion cache and flags as
 ``recovery_recipes.py`` (``--ratio``, ``--allocate``, ...).
 
 Usage:
-  python benchmarks/recovery_variants.py --ratio=4 --allocate \
+  python -m benchmarks.archive.recovery_variants --ratio=4 --allocate \
       --variants='{}' --variants='{"fade": 0.5}'
 """
 
@@ -64,11 +64,11 @@ import math
 import time
 
 import numpy as np
-import recovery_recipes as R  # also defines the shared flags
 import tensorflow as tf
 from absl import app, flags
 
 import keras_epitome as ke
+from benchmarks import recovery_recipes as R  # also defines the shared flags
 from keras_epitome import calibration
 
 C = R.C

@@ -12,10 +12,10 @@ gradient steps). The calibration images are the ones ``pretrained.py`` draws
 set). One JSON line per ratio, also appended to ``--out`` if given.
 
 Usage:
-  python benchmarks/calibration_variants.py                       # least squares
-  python benchmarks/calibration_variants.py \
+  python -m benchmarks.archive.calibration_variants                       # least squares
+  python -m benchmarks.archive.calibration_variants \
       --options='{"reconstruct_steps": 300, "output_steps": 500}'
-  python benchmarks/calibration_variants.py --calibration_size=2048 \
+  python -m benchmarks.archive.calibration_variants --calibration_size=2048 \
       --options='{"output_steps": 4000}' --ratios=2,4
 """
 
@@ -24,21 +24,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import sys
 import time
 
+import numpy as np  # noqa: E402
 from absl import app, flags
 
-sys.path.insert(
-  0,
-  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
-)
-
-import common as C  # noqa: E402
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-
 import keras_epitome as ke  # noqa: E402
+from benchmarks import harness as C  # noqa: E402
+from examples import datasets  # noqa: E402
 
 keras = ke.keras
 
