@@ -1,21 +1,18 @@
-"""Keras 2 set-up: the one place that decides which Keras the package uses.
+"""Keras 2 set-up: the one place that imports Keras 2 (``tf_keras``) and TF-MOT.
 
-TF-MOT 0.8.1 works only with Keras 2 (``tf_keras``), and so does this
-package: every module imports ``tf_keras`` (as this module's ``keras``), never
-``tf.keras``. What ``tf.keras`` itself resolves to does not matter to the
-package; what matters is that models handed to it are Keras 2 models.
+TF-MOT 0.8.1 works only with Keras 2, and so does the package's Keras 2 API:
+every Keras 2 module imports ``tf_keras`` (as this module's ``keras``), never
+``tf.keras``. The Keras 3 API lives in :mod:`keras_epitome.keras3` and never
+imports this module.
 
-* If ``tf.keras`` has not been resolved yet when the package is imported, it
-  is resolved to Keras 2 (``TF_USE_LEGACY_KERAS=1`` while TensorFlow decides),
-  so ``tf.keras`` and ``keras_epitome.keras`` are the same module and user code
-  written with either works with ours.
-* If ``tf.keras`` already is Keras 3, that is allowed: use
-  ``keras_epitome.keras`` for models that hold epitome layers. A Keras 3 model
-  handed to the package's functions is refused with a message that says so
-  (:func:`check_keras2`).
-* ``TF_USE_LEGACY_KERAS`` is restored to what it was afterwards (TF-MOT sets
-  it when imported, too), so child processes inherit the user's environment,
-  not the package's choice. ``tf.keras`` stays resolved in this process.
+Importing the package does not decide what ``tf.keras`` means: that stays the
+user's choice (TensorFlow's default, Keras 3, unless ``TF_USE_LEGACY_KERAS``
+says otherwise). TF-MOT resolves ``tf.keras`` when it is imported and sets
+``TF_USE_LEGACY_KERAS=1`` for itself, so ``tf.keras`` is resolved here first,
+under the user's environment, then TF-MOT is imported, and the variable is
+restored afterwards, so child processes inherit the user's environment too.
+A Keras 3 model handed to a Keras-2-only function is refused with a message
+naming the Keras 2 path (:func:`check_keras2`).
 """
 
 import os
@@ -25,16 +22,17 @@ _ENV = "TF_USE_LEGACY_KERAS"
 
 
 def _import_with_legacy_keras():
+  import tensorflow as tf
+
+  # Resolve TensorFlow's lazy ``tf.keras`` under the user's environment (a
+  # no-op if it was resolved before), so that TF-MOT's import below, which
+  # sets the variable, cannot change it.
+  getattr(tf.keras, "__version__", None)
   previous = os.environ.get(_ENV)
   os.environ[_ENV] = "1"
   try:
-    import tensorflow as tf
     import tensorflow_model_optimization  # noqa: F401  (reads the variable)
     import tf_keras
-
-    # Resolve TensorFlow's lazy ``tf.keras`` now, while the variable is set
-    # (a no-op if it was resolved before: then it may be Keras 3).
-    getattr(tf.keras, "__version__", None)
   finally:
     if previous is None:
       os.environ.pop(_ENV, None)
@@ -121,13 +119,12 @@ def check_keras2(obj, what: str) -> None:
     raise ValueError(
       f"{what}: '{getattr(obj, 'name', obj)}' is a Keras 3 "
       f"{type(obj).__name__} (from the 'keras' package, or tf.keras under "
-      "Keras 3). keras_epitome, like TF-MOT, works with Keras 2 (tf_keras). "
-      "Build the model with keras_epitome's Keras: `import keras_epitome as "
-      "ke; keras = ke.keras` (or `import tf_keras as keras`), or set "
-      "TF_USE_LEGACY_KERAS=1 before TensorFlow is imported so that tf.keras "
-      "is Keras 2. A Keras 3 model's weights can be moved with "
-      "model.get_weights()/set_weights() into the same architecture built "
-      "with ke.keras."
+      f"Keras 3), and {what} works with Keras 2 models only (it builds on "
+      "TF-MOT, which has no Keras 3 version). Build the model with Keras 2: "
+      "`import keras_epitome as ke; keras = ke.keras` (tf_keras); a Keras 3 "
+      "model's weights move with model.get_weights()/set_weights() into the "
+      "same architecture built with ke.keras. The Keras 3 API is "
+      "keras_epitome.keras3 (docs/keras3.md lists what it covers)."
     )
 
 

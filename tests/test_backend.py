@@ -1,4 +1,4 @@
-"""Tests for keras_epitome.backend: Keras 2 (tf_keras) is selected on import.
+"""Tests for keras_epitome.backend: Keras 2 (tf_keras) for the Keras 2 API, tf.keras untouched.
 
 The import-order cases run in fresh interpreters: which Keras ``tf.keras``
 resolves to is decided once per process.
@@ -37,8 +37,10 @@ class BackendTest(tf.test.TestCase):
     self.assertIs(ke.keras, tf_keras)
     self.assertIs(backend.keras, tf_keras)
     self.assertTrue(ke.keras.__version__.startswith("2."), ke.keras.__version__)
-    # tf.keras resolves to the same Keras 2, so user code and ours agree.
-    self.assertIs(tf.keras.layers.Dense, tf_keras.layers.Dense)
+    # Importing the package leaves tf.keras as the environment makes it (the
+    # suite runs without TF_USE_LEGACY_KERAS: Keras 3).
+    if os.environ.get("TF_USE_LEGACY_KERAS") in (None, "", "0"):
+      self.assertTrue(tf.keras.__version__.startswith("3."), tf.keras.__version__)
     self.assertIs(backend.setup_keras(), tf_keras)  # idempotent
     layer = ke.EpitomeDense(4, compression=2)
     self.assertIsInstance(layer, tf_keras.layers.Layer)
@@ -51,7 +53,8 @@ class BackendTest(tf.test.TestCase):
     )
     model.save(saved)
     cases = {
-      # TF imported first but tf.keras untouched: the package still wins, and
+      # TF imported first, tf.keras untouched: importing the package does not
+      # switch tf.keras to Keras 2 (TF-MOT's import would), and
       # TF_USE_LEGACY_KERAS does not leak into this process's environment
       # (so not into child processes either). A .keras file loads once the
       # package is imported.
@@ -60,7 +63,7 @@ class BackendTest(tf.test.TestCase):
         "import tensorflow as tf\n"
         "import keras_epitome as ke\n"
         "assert ke.keras.__version__.startswith('2.')\n"
-        "assert tf.keras.layers.Dense is ke.keras.layers.Dense\n"
+        "assert tf.keras.__version__.startswith('3.'), tf.keras.__version__\n"
         "assert 'TF_USE_LEGACY_KERAS' not in os.environ, os.environ['TF_USE_LEGACY_KERAS']\n"
         "child = subprocess.run([sys.executable, '-c', 'import os; "
         'print(os.environ.get("TF_USE_LEGACY_KERAS"))\'], capture_output=True,'
@@ -68,6 +71,15 @@ class BackendTest(tf.test.TestCase):
         "assert child == 'None', child\n"
         f"m = ke.keras.models.load_model({saved!r})\n"
         "assert type(m.layers[0]).__name__ == 'EpitomeDense'\n"
+        "print('ok')",
+        None,
+      ),
+      # The package first: tf.keras is still the user's (Keras 3 by default).
+      "package_first": (
+        "import keras_epitome as ke\n"
+        "import tensorflow as tf\n"
+        "assert tf.keras.__version__.startswith('3.'), tf.keras.__version__\n"
+        "assert ke.keras.__version__.startswith('2.')\n"
         "print('ok')",
         None,
       ),
