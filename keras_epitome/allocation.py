@@ -220,7 +220,9 @@ def plan(
           ratio,
           skip=others,
           calibration_data=x,
-          calibration_options=dict(max_samples=max_samples),
+          calibration=calibration.CalibrationConfig(
+            max_samples=max_samples, output_check="off"
+          ),
           **kwargs,
         )
       finally:

@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from absl import logging
 
-from keras_epitome import allocation, calibration, sampling, spec, walk
+from keras_epitome import allocation, sampling, spec, walk
+from keras_epitome import calibration as calibration_lib
 from keras_epitome import layers as epitome_layers
 from keras_epitome.backend import check_keras2
 
@@ -109,7 +111,8 @@ class EpitomeReport:
       data-aware pass fitted (epitome layers, then refitted stock layers),
       then, after gradient passes, one for the model's output matching
       (``"<model> (output)"``) and one for the BatchNorm statistics
-      (``"<model> (batchnorm)"``).
+      (``"<model> (batchnorm)"``), and last the check of the converted
+      model's output against the original's (``"<model> (check)"``).
     allocation: with ``allocate=True``, the
       :class:`keras_epitome.allocation.Allocation` that chose the ratios.
   """
@@ -144,7 +147,9 @@ class EpitomeReport:
         )
       elif c.note and c.block_error is None:  # e.g. BatchNorm statistics
         lines.append(f"  {c.name}: {c.note}")
-      if c.block_error is not None:  # gradient reconstruction
+      if c.block_error is not None and c.block_error_before is None:  # check
+        lines.append(f"  {c.name}: {c.note} ({c.block_error:.3f})")
+      elif c.block_error is not None:  # gradient reconstruction
         lines.append(
           f"  {c.name}: reconstructed to {c.reconstructed_to}'s output, error "
           f"{c.block_error_before:.3f} -> {c.block_error:.3f}"
@@ -250,6 +255,7 @@ def epitomize(
   spatial_stride=None,
   offset_scale: float = 1.0,
   calibration_data=None,
+  calibration: Optional[calibration_lib.CalibrationConfig] = None,
   calibration_options: Optional[Mapping[str, Any]] = None,
   allocate: bool = False,
   verbose: bool = True,
@@ -310,13 +316,16 @@ def epitomize(
       (:func:`keras_epitome.calibration.calibrate`; the layers' ``init``
       becomes ``"data"``). Much closer to the trained model than the weight
       fit before any fine-tuning.
-    calibration_options: keyword arguments of
-      :func:`keras_epitome.calibration.calibrate` (``ridge``, ``search``,
-      ``refit_batchnorm``, ``batch_size``, ``max_samples``, and the gradient
-      steps after the least squares: ``reconstruct_steps``, ``output_steps``,
-      ``reconstruct_lr``...). ``max_samples`` (default 2,048) caps the
-      calibration samples used; a larger set is cut to its first
-      ``max_samples``, with a logged warning.
+    calibration: the options of the data-aware fit, a
+      :class:`keras_epitome.calibration.CalibrationConfig` (``ridge``,
+      ``refit_batchnorm``, ``batch_size``, ``max_samples``, the gradient
+      steps after the least squares ``output_steps``...; default: its
+      defaults). ``max_samples`` (default 2,048) caps the calibration samples
+      used; a larger set is cut to its first ``max_samples``, with a logged
+      warning.
+    calibration_options: deprecated: the same options as a dict of
+      :func:`keras_epitome.calibration.calibrate`'s former keyword arguments;
+      a ``DeprecationWarning`` shows the equivalent ``CalibrationConfig``.
     allocate: with ``calibration_data``, choose the ratio of each layer
       from the data instead of giving all of them ``compression``
       (:func:`keras_epitome.allocation.allocate`): the converted layers
@@ -359,6 +368,7 @@ def epitomize(
       f"model '{model.name}' is not built (call it on data or give it an "
       "Input), or use init='random'"
     )
+  config = _calibration_config(calibration, calibration_options)
   if calibration_data is not None:
     if not model.built or init == "random":
       raise ValueError(
@@ -366,10 +376,8 @@ def epitomize(
         f"layer outputs; it needs a built model and init='auto' or 'fit' "
         f"(model '{model.name}': built={model.built}, init={init!r})"
       )
-    calibration_data = calibration.calibration_array(
-      calibration_data,
-      model,
-      **{k: v for k, v in (calibration_options or {}).items() if k == "max_samples"},
+    calibration_data = calibration_lib.calibration_array(
+      calibration_data, model, config.max_samples
     )
   if init == "auto":
     init = "fit" if model.built else "random"
@@ -484,12 +492,8 @@ def epitomize(
         record.init = "random"
     report.converted.append(record)
   if calibration_data is not None:
-    fitted = calibration.calibrate(
-      new_model,
-      model,
-      calibration_data,
-      pairs=converted,
-      **dict(calibration_options or {}),
+    fitted = calibration_lib.calibrate(
+      new_model, model, calibration_data, config, pairs=converted
     )
     report.calibration = fitted
     by_name = {r.name: r for r in fitted}
@@ -499,6 +503,17 @@ def epitomize(
         record.init = "data"
         record.output_error = result.output_error
         record.weight_fit_output_error = result.weight_fit_output_error
+  elif init == "fit" and any(old.built for old, _ in converted):
+    warnings.warn(
+      f"epitomize: model '{model.name}' has weights but no calibration_data "
+      f"was given: its {len(converted)} converted layer(s) get the weight-space "
+      "fit of the trained kernels, which usually leaves a trained model near "
+      "chance accuracy until it is fine-tuned; pass "
+      "calibration_data=x_train[:2048] for a data-aware conversion (or "
+      "init='random' for a model to train from scratch)",
+      UserWarning,
+      stacklevel=2,
+    )
   new_model.epitome_report = report
   if verbose:
     print(report)
@@ -903,3 +918,29 @@ def _print_summary(model, summary: ModelSummary, print_fn):
     f"factored {summary.macs_factored:,} ({mac_ratio:.2f}x fewer)"
   )
   print_fn("_" * line_len)
+
+
+def _calibration_config(config, options) -> "calibration_lib.CalibrationConfig":
+  """``epitomize``'s ``calibration`` (or deprecated ``calibration_options``)."""
+  if options is not None:
+    if config is not None:
+      raise ValueError(
+        "epitomize: pass calibration=CalibrationConfig(...) or the deprecated "
+        "calibration_options, not both"
+      )
+    config = calibration_lib.config_from_options(options, "epitomize")
+    warnings.warn(
+      "epitomize: calibration_options is deprecated; pass "
+      f"calibration=keras_epitome.calibration.{calibration_lib.spelled(config)}",
+      DeprecationWarning,
+      stacklevel=3,
+    )
+    return config
+  if config is None:
+    return calibration_lib.CalibrationConfig()
+  if not isinstance(config, calibration_lib.CalibrationConfig):
+    raise ValueError(
+      "epitomize: calibration must be a keras_epitome.calibration."
+      f"CalibrationConfig, got {type(config).__name__}"
+    )
+  return config

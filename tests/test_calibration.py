@@ -18,6 +18,7 @@ from absl.testing import parameterized
 
 import keras_epitome as ke
 from keras_epitome import calibration, distillation, sampling
+from keras_epitome.calibration import CalibrationConfig, ExperimentalCalibration
 
 keras = ke.keras
 
@@ -127,7 +128,9 @@ class DataAwareFitTest(tf.test.TestCase, parameterized.TestCase):
       teacher,
       policy={"c": {"epitome_shape": (3, 8, 6), "channel_roll": 0}},
       calibration_data=x,
-      calibration_options=dict(ridge=1e-6, search=True),
+      calibration=CalibrationConfig(
+        ridge=1e-6, experimental=ExperimentalCalibration(search=True)
+      ),
       verbose=False,
     )
     record = small.epitome_report.converted[0]
@@ -161,14 +164,14 @@ class DataAwareFitTest(tf.test.TestCase, parameterized.TestCase):
   def test_samples_beyond_max_samples_are_reported_not_silently_dropped(self):
     teacher = _Trained.get()
     (x, _), _ = _digits()
-    options = dict(max_samples=64)
+    options = CalibrationConfig(max_samples=64)
     with self.assertNoLogs("absl", "WARNING"):
       first = ke.epitomize(
-        teacher, 4, calibration_data=x[:64], calibration_options=options, verbose=False
+        teacher, 4, calibration_data=x[:64], calibration=options, verbose=False
       )
     with self.assertLogs("absl", "WARNING") as logs:
       cut = ke.epitomize(
-        teacher, 4, calibration_data=x[:96], calibration_options=options, verbose=False
+        teacher, 4, calibration_data=x[:96], calibration=options, verbose=False
       )
     self.assertRegex(
       "\n".join(logs.output), "digits_cnn.*first 64 of 96 samples.*max_samples=64"
@@ -179,7 +182,7 @@ class DataAwareFitTest(tf.test.TestCase, parameterized.TestCase):
       ds = tf.data.Dataset.from_tensor_slices(x[:96]).batch(batch)
       with self.assertLogs("absl", "WARNING") as logs:
         ke.epitomize(
-          teacher, 4, calibration_data=ds, calibration_options=options, verbose=False
+          teacher, 4, calibration_data=ds, calibration=options, verbose=False
         )
       self.assertRegex(
         "\n".join(logs.output), f"digits_cnn.*first 64 of {total} samples"
@@ -187,7 +190,7 @@ class DataAwareFitTest(tf.test.TestCase, parameterized.TestCase):
     exact = tf.data.Dataset.from_tensor_slices(x[:64]).batch(32)
     with self.assertNoLogs("absl", "WARNING"):
       ke.epitomize(
-        teacher, 4, calibration_data=exact, calibration_options=options, verbose=False
+        teacher, 4, calibration_data=exact, calibration=options, verbose=False
       )
 
   @parameterized.parameters("keras", "h5")
@@ -235,8 +238,8 @@ class DataAwareFitTest(tf.test.TestCase, parameterized.TestCase):
     x = np.zeros((4, 8, 8, 1), "float32")
     with self.assertRaisesRegex(ValueError, "init='random'"):
       ke.epitomize(teacher, 4, init="random", calibration_data=x, verbose=False)
-    with self.assertRaisesRegex(ValueError, "ridge"):
-      ke.calibrate(ke.epitomize(teacher, 4, verbose=False), teacher, x, ridge=-1.0)
+    with self.assertRaisesRegex(ValueError, "config must be a CalibrationConfig"):
+      ke.calibrate(ke.epitomize(teacher, 4, verbose=False), teacher, x, dict(ridge=1))
 
 
 def _bn_input(model, name, x):
@@ -248,13 +251,14 @@ def _layer_output(model, name, x):
 
 
 def _least_squares_and(options):
-  """The 4x data-aware conversion on 256 digits: least squares only, and with ``options``."""
+  """The 4x data-aware conversion on 256 digits: least squares only, and with ``options``.
+
+  ``options``: a :class:`CalibrationConfig`.
+  """
   teacher = _Trained.get()
   (x, _), _ = _digits()
   return [
-    ke.epitomize(
-      teacher, 4, calibration_data=x[:256], calibration_options=o, verbose=False
-    )
+    ke.epitomize(teacher, 4, calibration_data=x[:256], calibration=o, verbose=False)
     for o in (None, options)
   ]
 
@@ -281,7 +285,7 @@ class RestandardizeTest(tf.test.TestCase):
     x = np.random.default_rng(1).normal(3.0, 2.0, (40, 6, 6, 3)).astype("float32")
     before = model(x, training=False).numpy()
     old = {bn.name: [w.copy() for w in bn.get_weights()] for bn in model.layers[2:]}
-    shift = calibration._restandardize_batchnorms(model, model.layers[2:], x, 16)
+    shift = calibration.restandardize_batchnorms(model, model.layers[2:], x, 16)
     self.assertAllClose(model(x, training=False).numpy(), before, rtol=1e-4, atol=1e-4)
     self.assertGreater(shift, 0.1)
     for bn in model.layers[2:]:
@@ -300,7 +304,7 @@ class RestandardizeTest(tf.test.TestCase):
 
   def test_no_batchnorms_is_a_no_op(self):
     model = self._model()
-    self.assertEqual(calibration._restandardize_batchnorms(model, [], None, 16), 0.0)
+    self.assertEqual(calibration.restandardize_batchnorms(model, [], None, 16), 0.0)
 
 
 class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
@@ -309,7 +313,12 @@ class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
   def test_block_reconstruction_lowers_held_out_block_error(self):
     teacher = _Trained.get()
     _, (x_test, _) = _digits()
-    ls, rec = _least_squares_and(dict(reconstruct_steps=150, reconstruct_lr=3e-3))
+    ls, rec = _least_squares_and(
+      CalibrationConfig(
+        learning_rate=3e-3,
+        experimental=ExperimentalCalibration(reconstruct_steps=150),
+      )
+    )
     records = {c.name: c for c in rec.epitome_report.calibration}
     # c2's block is c2 -> bn2 -> ReLU (it stops before the pooling); c3
     # carries its own ReLU and feeds the pooling: its block is c3 alone.
@@ -335,8 +344,8 @@ class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
   def test_output_matching_lowers_held_out_logit_error(self):
     teacher = _Trained.get()
     _, (x_test, _) = _digits()
-    ls, rec = _least_squares_and(dict(output_steps=150))
-    last = rec.epitome_report.calibration[-2]  # then "(batchnorm)"
+    ls, rec = _least_squares_and(CalibrationConfig(output_steps=150))
+    last = rec.epitome_report.calibration[-3]  # then "(batchnorm)", "(check)"
     self.assertEqual(last.name, "digits_cnn (output)")
     self.assertLess(last.block_error, last.block_error_before)
     t = teacher.predict(x_test, verbose=0)
@@ -354,7 +363,11 @@ class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
       teacher,
       4,
       calibration_data=x[:128],
-      calibration_options=dict(reconstruct_steps=5, output_steps=5, reconstruct_lr=1e4),
+      calibration=CalibrationConfig(
+        output_steps=5,
+        learning_rate=1e4,
+        experimental=ExperimentalCalibration(reconstruct_steps=5),
+      ),
       verbose=False,
     )
     for r in bad.epitome_report.calibration:
@@ -375,10 +388,10 @@ class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
       teacher,
       4,
       calibration_data=cal,
-      calibration_options=dict(output_steps=150),
+      calibration=CalibrationConfig(output_steps=150),
       verbose=False,
     )
-    last = model.epitome_report.calibration[-1]
+    last = model.epitome_report.calibration[-2]
     self.assertEqual(last.name, "digits_cnn (batchnorm)")
     self.assertIn("1 BatchNormalization layer(s)", last.note)
     self.assertIn(
@@ -403,11 +416,11 @@ class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
     for w, t in zip(bn1, teacher.get_layer("bn1").get_weights(), strict=True):
       self.assertAllEqual(w, t)
     # Re-estimating the statistics kept the function the matching reached.
-    record = model.epitome_report.calibration[-2]
+    record = model.epitome_report.calibration[-3]
     self.assertEqual(record.name, "digits_cnn (output)")
     self.assertLess(record.block_error, record.block_error_before)
     self.assertAllClose(
-      calibration._relative_error(model, cal, teacher.predict(cal, verbose=0), 64),
+      calibration.relative_error(model, cal, teacher.predict(cal, verbose=0), 64),
       record.block_error,
       rtol=1e-4,
     )
@@ -420,7 +433,9 @@ class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
       teacher,
       4,
       calibration_data=x[:128],
-      calibration_options=dict(reconstruct_steps=20, output_steps=20),
+      calibration=CalibrationConfig(
+        output_steps=20, experimental=ExperimentalCalibration(reconstruct_steps=20)
+      ),
       verbose=False,
     )
     with tempfile.TemporaryDirectory() as d:
@@ -439,31 +454,13 @@ class ReconstructionTest(tf.test.TestCase, parameterized.TestCase):
         teacher,
         4,
         calibration_data=x[:64],
-        calibration_options=dict(output_steps=3, reconstruct_lr=lr),
+        calibration=CalibrationConfig(output_steps=3, learning_rate=lr),
         verbose=False,
       )
       for lr in (np.float32(2e-3), 2e-3)
     )
     for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
       self.assertAllClose(wa, wb, atol=1e-6)
-
-  @parameterized.named_parameters(
-    ("negative_steps", dict(reconstruct_steps=-1), "reconstruct_steps.*>= 0.*-1"),
-    ("float_steps", dict(reconstruct_steps=1.5), "reconstruct_steps.*int.*1.5"),
-    ("bool_steps", dict(output_steps=True), "output_steps.*int.*True"),
-    ("zero_lr", dict(reconstruct_lr=0.0), "reconstruct_lr.*> 0.*0.0"),
-    ("nan_lr", dict(reconstruct_lr=float("nan")), "reconstruct_lr.*nan"),
-    ("bool_lr", dict(reconstruct_lr=True), "reconstruct_lr.*> 0.*True"),
-    ("string_lr", dict(reconstruct_lr="1e-3"), "reconstruct_lr.*> 0.*'1e-3'"),
-    ("zero_batch", dict(batch_size=0), "batch_size.*>= 1.*0"),
-  )
-  def test_bad_arguments(self, options, message):
-    teacher = _Trained.get()
-    x = np.zeros((4, 8, 8, 1), "float32")
-    with self.assertRaisesRegex(ValueError, f"calibrate: {message}"):
-      ke.epitomize(
-        teacher, 4, calibration_data=x, calibration_options=options, verbose=False
-      )
 
 
 class PatchesTest(tf.test.TestCase, parameterized.TestCase):
