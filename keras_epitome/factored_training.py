@@ -261,10 +261,21 @@ def factored_apply(
     plan: a :class:`TrainPlan` (``KERNEL_PLAN`` samples the full kernel).
 
   Returns:
-    The convolution's output, ``Cout`` channels, without bias or activation.
+    The convolution's output, ``Cout`` channels, without bias or activation,
+    in ``x``'s dtype.
+
+  Under a mixed-precision policy (``x`` in float16 or bfloat16, the epitome
+  and the offsets in float32) everything computed from the variables (the
+  convolution's kernel, the remix matrices, the interpolation weights) is
+  computed in the variables' dtype, as on the sampled-kernel path, and only
+  what meets the activations is cast to ``x``'s dtype; the lerp remixes run
+  on the activations cast to the variables' dtype (the offsets' fractions
+  would lose most of their bits in float16).
   """
   g = geometry
   dtype = epitome.dtype
+  compute = x.dtype
+  mixed = compute != dtype
   in_offsets = tf.cast(in_offsets, dtype)
   out_offsets = tf.cast(out_offsets, dtype)
   spatial = tf.cast(spatial_offsets, dtype) if g.slack_axes else None
@@ -299,14 +310,22 @@ def factored_apply(
   else:
     kernel = epitome
   if plan.in_mode == "matrix":
-    x = _pointwise(x, sampling.remix_matrix_in(in_offsets, g, dtype))
+    x = _pointwise(x, _to(sampling.remix_matrix_in(in_offsets, g, dtype), compute))
   elif plan.in_mode == "lerp":
-    x = sampling.remix_in(x, in_offsets, g)
-  y = conv_fn(x, kernel)
+    x = _to(sampling.remix_in(_to(x, dtype), in_offsets, g), compute)
+  y = conv_fn(x, _to(kernel, compute))
   if stacked:
+    if mixed:  # the per-chunk remix (lerp or matrix) at the variables' precision
+      y = sampling.remix_out_chunks(_to(y, dtype), out_offsets, g, plan.out_mode)
+      return _to(y, compute)
     return sampling.remix_out_chunks(y, out_offsets, g, plan.out_mode)
   if plan.out_mode == "matrix":
-    y = _pointwise(y, sampling.remix_matrix_out(out_offsets, g, dtype))
+    y = _pointwise(y, _to(sampling.remix_matrix_out(out_offsets, g, dtype), compute))
   elif plan.out_mode == "lerp":
-    y = sampling.remix_out(y, out_offsets, g)
+    y = _to(sampling.remix_out(_to(y, dtype), out_offsets, g), compute)
   return y
+
+
+def _to(t, dtype):
+  """``t`` cast to ``dtype`` (no op when it has it already)."""
+  return t if t.dtype == dtype else tf.cast(t, dtype)

@@ -146,6 +146,46 @@ class FactoredTrainingTest(tf.test.TestCase, parameterized.TestCase):
       for a, b in zip(g0, g1, strict=True):
         self.assertAllClose(a, b, atol=1e-5 * max(1.0, np.abs(a).max()))
 
+  def test_mixed_float16_every_plan(self):
+    # Issue 27 F1: under mixed_float16 the matrix remixes were built in
+    # float32 and met float16 activations (TypeError in MatMul at build).
+    # The remixes are computed in the variables' dtype and only what meets
+    # the activations is cast, as on the kernel path.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    self.addCleanup(keras.mixed_precision.set_global_policy, "float32")
+    model = keras.Sequential(
+      [keras.Input((8, 8, 16)), ke.EpitomeConv2D(16, 3, compression=4, channel_roll=0)]
+    )
+    self.assertEqual(model.output.dtype, tf.float16)
+    for name, cls, kwargs, shape in CASES:
+      with self.subTest(name):
+        rng = np.random.default_rng(3)
+        x = tf.constant(rng.standard_normal(shape), tf.float32)
+        layer = cls(**kwargs, bias_initializer="random_normal")
+        layer(x)
+        self.assertEqual(layer.epitome.dtype, tf.float32)
+        randomize_routing(layer, rng=rng)
+        names = [v.name for v in layer.trainable_variables]
+        y0, g0 = self._values_and_grads(layer, x, ft.KERNEL_PLAN)
+        plans = ft.candidate_plans(layer.epitome_geometry)
+        for plan in [p for p in plans if not p.is_kernel]:
+          y1, g1 = self._values_and_grads(layer, x, plan)
+          self.assertEqual(y1.dtype, np.float16, plan)
+          scale = float(np.abs(y0).max())
+          err = float(np.abs(y1.astype(np.float32) - y0).max()) / scale
+          self.assertLess(err, 1e-2, f"{name} {plan}")
+          for var, a, b in zip(names, g0, g1, strict=True):
+            self.assertTrue(np.all(np.isfinite(b)), f"{name} {plan} {var}")
+            self.assertGreater(np.abs(b).max(), 0.0, f"{name} {plan} {var}")
+            err = np.abs(a - b).max() / max(1.0, np.abs(a).max())
+            self.assertLess(err, 5e-2, f"{name} {plan} {var}")
+        # train_form="factored" builds and trains in a model.
+        model = keras.Sequential(
+          [keras.Input(shape[1:]), cls(**kwargs, train_form="factored")]
+        )
+        model.compile("sgd", "mse")
+        model.fit(x, tf.zeros_like(model(x)), epochs=1, verbose=0)
+
   def test_a_plan_that_cannot_express_spatial_slack_is_refused(self):
     layer = ke.EpitomeConv2D(16, 3, padding="same", epitome_shape=(5, 3, 5, 6))
     x = tf.zeros([2, 8, 8, 12])
