@@ -1,0 +1,186 @@
+"""The sampler in ``keras.ops``: the kernel from an epitome and a routing map, on any backend.
+
+The same function as :func:`keras_epitome.sampling.sample_kernel` (the
+TensorFlow sampler, which the Keras 3 layers use on the TensorFlow backend),
+written with ``keras.ops`` so that it runs, and differentiates, on JAX and
+PyTorch too. It follows the TensorFlow sampler stage by stage (output
+channels, spatial windows, the static input-channel roll, input channels), so
+both compute the same blends in the same order; ``tests/test_keras3.py``
+checks values and gradients against it. The index math (the geometry, the
+routing map's canonical ranges) is :mod:`keras_epitome.geometry`.
+
+Each stage reads two neighbouring views of one axis with ``take`` /
+``take_along_axis`` at integer starts and blends them with the fractional
+parts, ``lo + f * (hi - lo)``; autodiff gives the epitome gradient (a segment
+sum) and the offsets' gradient ``sum(dK * (hi - lo))`` without a custom
+gradient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from keras import ops
+
+from keras_epitome.geometry import EpitomeGeometry
+
+
+def _finite_or_nan(offsets):
+  """``(safe, nan)``: a diverged offset reads index 0 with a NaN weight (a NaN kernel)."""
+  finite = ops.isfinite(offsets)
+  zeros = ops.zeros_like(offsets)
+  safe = ops.where(finite, offsets, zeros)
+  return safe, ops.where(finite, zeros, ops.full_like(offsets, np.nan))
+
+
+def _channel_taps(offsets, size: int):
+  """Integer start in ``[0, size)`` (int32) and fraction of channel offsets."""
+  offsets, nan = _finite_or_nan(offsets)
+  base = ops.floor(offsets)
+  frac = offsets - base + nan
+  n = ops.cast(ops.mod(base, float(size)), "int32")
+  n = ops.where(n >= size, n - size, n)  # mod in floating point may round up
+  return n, frac
+
+
+def _spatial_taps(offsets, slack: int):
+  """Start (clipped to ``slack - 1``) and fraction of offsets clipped to ``[0, slack]``."""
+  offsets, nan = _finite_or_nan(offsets)
+  offsets = ops.clip(offsets, 0.0, float(slack))
+  base = ops.minimum(ops.floor(offsets), float(slack - 1))
+  return ops.cast(base, "int32"), offsets - base + nan
+
+
+def _shape(rank: int, axis: int, size: int):
+  shape = [1] * rank
+  shape[axis] = size
+  return shape
+
+
+def _expand_channels(x, offsets, size: int, chunk: int, axis: int):
+  """Channel ``axis`` of ``x`` from ``chunk`` to ``size`` entries, chunk ``b`` rolled by ``offsets[b]``.
+
+  Entry ``b*chunk + v`` reads ``x[(v + o_b) mod chunk]`` blended with
+  ``x[(v + o_b + 1) mod chunk]`` (weight ``frac(o_b)``).
+  """
+  num = int(offsets.shape[0])
+  n, frac = _channel_taps(offsets, chunk)
+  v = ops.arange(chunk, dtype="int32")
+  lo_idx = ops.reshape(ops.mod(n[:, None] + v[None, :], chunk), [-1])[:size]
+  hi_idx = ops.reshape(ops.mod(n[:, None] + v[None, :] + 1, chunk), [-1])[:size]
+  lo = ops.take(x, lo_idx, axis=axis)
+  hi = ops.take(x, hi_idx, axis=axis)
+  w = ops.reshape(ops.repeat(ops.cast(frac, x.dtype), chunk)[:size], [-1])
+  w = ops.reshape(w, _shape(len(x.shape), axis, min(size, num * chunk)))
+  return lo + w * (hi - lo)
+
+
+def sample_kernel(
+  epitome, in_offsets, out_offsets, spatial_offsets, geometry: EpitomeGeometry
+):
+  """Samples the full kernel from an epitome and a routing map (``keras.ops``).
+
+  Args:
+    epitome: ``(*S_E, Cin_E, Cout_E)`` tensor.
+    in_offsets: ``(A,)`` input-chunk channel offsets (any real; wrapped).
+    out_offsets: ``(B,)`` output-chunk channel offsets (any real; wrapped).
+    spatial_offsets: ``(B, rank)`` spatial offsets (clipped to
+      ``[0, S_E - S]``), or ``None`` when the epitome has no spatial slack.
+    geometry: the layer's :class:`~keras_epitome.geometry.EpitomeGeometry`.
+
+  Returns:
+    The kernel, ``(*S, Cin, Cout)``, differentiable with respect to the
+    epitome and all offsets.
+
+  Raises:
+    ValueError: if the geometry has spatial slack and no spatial offsets are
+      given.
+
+  Example:
+    >>> g = EpitomeGeometry((4, 6), (2, 3))
+    >>> e = ops.reshape(ops.arange(6, dtype="float32"), (2, 3))
+    >>> tuple(sample_kernel(e, [0.0, 1.0], [0.0, 0.5], None, g).shape)
+    (4, 6)
+  """
+  g = geometry
+  epitome = ops.convert_to_tensor(epitome)
+  dtype = epitome.dtype
+  rank = g.rank
+  ndim = rank + 2
+  b = g.num_out_chunks
+  if g.slack_axes and spatial_offsets is None:
+    raise ValueError(
+      f"geometry {g.kernel_shape} <- {g.epitome_shape} has spatial slack "
+      f"{g.slack} and needs spatial offsets"
+    )
+
+  # Stage 1: output channels, (*S_E, Cin_E, Cout_E) -> (*S_E, Cin_E, B*Cout_E)
+  # (every chunk complete, so the spatial stage can give each its window).
+  out_offsets = ops.cast(ops.convert_to_tensor(out_offsets), dtype)
+  x = _expand_channels(epitome, out_offsets, b * g.cout_e, g.cout_e, axis=rank + 1)
+
+  # Stage 2: spatial axes with slack, one window per output chunk.
+  if g.slack_axes:
+    sp = ops.cast(ops.convert_to_tensor(spatial_offsets), dtype)
+    for d in g.slack_axes:
+      start, frac = _spatial_taps(sp[:, d], g.slack[d])
+      length = g.spatial[d]
+      start = ops.repeat(start, g.cout_e)  # (B*Cout_E,)
+      frac = ops.repeat(frac, g.cout_e)
+      idx_shape = _shape(ndim, d, length)
+      idx_shape[-1] = b * g.cout_e
+      idx = ops.reshape(ops.arange(length, dtype="int32"), _shape(ndim, d, length))
+      idx = idx + ops.reshape(start, _shape(ndim, ndim - 1, b * g.cout_e))
+      full = list(x.shape)
+      full[d] = length
+      idx = ops.broadcast_to(idx, full)
+      lo = ops.take_along_axis(x, idx, axis=d)
+      hi = ops.take_along_axis(x, idx + 1, axis=d)
+      w = ops.reshape(frac, _shape(ndim, ndim - 1, b * g.cout_e))
+      x = lo + w * (hi - lo)
+
+  # The static input-channel roll of each output chunk: entry (e, b*Cout_E + v)
+  # reads epitome input channel (e + r_b) mod Cin_E.
+  if g.in_rolls.any():
+    e = np.arange(g.cin_e)[:, None]
+    r = np.repeat(g.in_rolls, g.cout_e)[None, :]
+    idx = ((e + r) % g.cin_e).astype(np.int32)
+    idx = np.broadcast_to(idx.reshape([1] * rank + list(idx.shape)), tuple(x.shape))
+    x = ops.take_along_axis(x, ops.convert_to_tensor(idx), axis=rank)
+  if b * g.cout_e > g.cout:
+    x = x[..., : g.cout]
+
+  # Stage 3: input channels, (*S, Cin_E, Cout) -> (*S, Cin, Cout).
+  in_offsets = ops.cast(ops.convert_to_tensor(in_offsets), dtype)
+  return _expand_channels(x, in_offsets, g.cin, g.cin_e, axis=rank)
+
+
+def full_spatial(columns, geometry: EpitomeGeometry):
+  """``(B, len(slack_axes))`` stored spatial offsets -> ``(B, rank)``, zeros elsewhere."""
+  g = geometry
+  b = g.num_out_chunks
+  if not g.rank:
+    return ops.zeros((b, 0), columns.dtype)
+  zeros = ops.zeros((b,), columns.dtype)
+  by_axis = {d: columns[:, i] for i, d in enumerate(g.slack_axes)}
+  return ops.stack([by_axis.get(d, zeros) for d in range(g.rank)], axis=1)
+
+
+def pack_offsets(in_offsets, out_offsets, spatial_offsets, geometry: EpitomeGeometry):
+  """Offsets (spatial ``(B, rank)``) -> the ``(routing_size,)`` vector (ops version of
+  :meth:`~keras_epitome.geometry.EpitomeGeometry.pack_offsets`)."""
+  g = geometry
+  in_o = ops.reshape(in_offsets, [-1])
+  sp = ops.reshape(ops.cast(spatial_offsets, in_o.dtype), (g.num_out_chunks, g.rank))
+  parts = [in_o, ops.reshape(ops.cast(out_offsets, in_o.dtype), [-1])]
+  if g.slack_axes:
+    cols = ops.stack([sp[:, d] for d in g.slack_axes], axis=1)
+    parts.append(ops.reshape(cols, [-1]))
+  return ops.concatenate(parts, axis=0)
+
+
+def unpack_offsets(packed, geometry: EpitomeGeometry):
+  """The ``(routing_size,)`` vector -> ``(in, out, spatial (B, rank))``."""
+  g = geometry
+  a, b = g.num_in_chunks, g.num_out_chunks
+  columns = ops.reshape(packed[a + b :], (b, len(g.slack_axes)))
+  return packed[:a], packed[a : a + b], full_spatial(columns, g)
