@@ -1,12 +1,17 @@
 """TFLite export of epitome models, and LiteRT helpers to run and inspect them.
 
-Two inference forms (DESIGN.md section 4):
+Two inference forms (docs/design.md section 4):
 
-* ``"factored"`` (default): every epitome layer becomes its factored layer
-  (:func:`keras_epitome.factorize`): the file stores the epitome, not
-  the full kernel, and the convolutions have ``Cin_E x Cout_E`` channels.
-  Following BatchNorms are folded in. A layer without a factored form
-  (``groups > 1``) falls back to the materialized form (logged).
+* ``"factored"`` (default): every epitome layer becomes the inference form
+  :func:`keras_epitome.factorize` picks for it: by default (``remix="auto"``,
+  ``objective="latency"``) its fastest form on LiteRT, a factored layer (the
+  file stores the epitome, not the full kernel, and the convolutions have
+  ``Cin_E x Cout_E`` channels) or, where no factored form is estimated
+  faster, its stock layer (a warning says when that costs file size;
+  ``objective="size"`` gives the small file). Following BatchNorms are
+  folded in. A layer without a factored form (``groups > 1``) falls back to
+  the materialized form (logged). Measured sizes and latencies:
+  ``docs/results.md``.
 * ``"materialized"``: every epitome layer becomes the stock layer holding its
   sampled kernel; a plain model of the original size that any tool accepts.
 
@@ -95,11 +100,12 @@ def inference_model(
   form: str = "factored",
   *,
   fold_batchnorm: bool = True,
-  remix: str = "slices",
+  remix: str = "auto",
   precision: str = "float",
   choose: str = "cost",
   form_report: Optional[list] = None,
   objective: str = "latency",
+  cost_model=None,
 ):
   """The Keras model that :func:`export_tflite` converts, in the given form.
 
@@ -107,10 +113,10 @@ def inference_model(
     model: a built Keras model (epitome layers anywhere, nested models too).
     form: ``"factored"`` or ``"materialized"``.
     fold_batchnorm: for ``"factored"``, fold following BatchNorms.
-    remix: for ``"factored"``: one of :data:`keras_epitome.factored.FORMS`
-      or ``"auto"`` (see :func:`keras_epitome.factorize`).
-    precision, choose, form_report, objective: for ``remix="auto"``, as in
-      :func:`keras_epitome.factorize`.
+    remix: for ``"factored"``: ``"auto"`` (default) or one of
+      :data:`keras_epitome.factored.FORMS` (see :func:`keras_epitome.factorize`).
+    precision, choose, form_report, objective, cost_model: for
+      ``remix="auto"``, as in :func:`keras_epitome.factorize`.
 
   Returns:
     A new Keras model.
@@ -129,6 +135,7 @@ def inference_model(
       choose=choose,
       form_report=form_report,
       objective=objective,
+      cost_model=cost_model,
     )
   return materialize(model)
 
@@ -171,6 +178,7 @@ def export_tflite(
   choose: str = "cost",
   form_report: Optional[list] = None,
   objective: str = "latency",
+  cost_model=None,
   sparse: bool = False,
 ) -> bytes:
   """Converts an epitome model to a TFLite flatbuffer.
@@ -187,28 +195,42 @@ def export_tflite(
       ``(x, y)`` pairs (``x`` is taken; batched or not), or a generator
       function as the TFLite converter takes it. Every sample is used: the
       last batch is filled up with samples from the start.
-    batch_size: static batch size of the exported model (``None``: dynamic;
-      static shapes run faster on LiteRT).
+    batch_size: static batch size of the exported model, an integer >= 1
+      (``None``: dynamic; static shapes run faster on LiteRT).
     fold_batchnorm: fold BatchNorms into factored layers.
-    remix: for ``"factored"``: ``"auto"`` (default: per layer, the fastest
-      on LiteRT of the factored forms and the materialized stock layer, for
-      the precision being exported, so the model is never slower than stock),
-      ``"slices"`` (the smallest file), ``"matmul"`` (channel remixes as
-      1x1 convolutions: fewer ops, faster on narrow layers, a larger file),
-      ``"fold_slices"`` or ``"fold_matmul"`` (``R_out`` folded into one
-      ``(*S, Cin_E, Cout)`` kernel: one convolution per layer however many
-      channel rolls or spatial windows it has).
-    choose: for ``remix="auto"``: ``"cost"`` (default: a cost model
-      calibrated on LiteRT) or ``"measure"`` (each candidate layer converted
-      and timed with LiteRT, 1 thread; slower export).
+    remix: for ``"factored"``: ``"auto"`` (default: per layer, the form
+      ``objective`` asks for among the factored forms and the materialized
+      stock layer, for the precision being exported), or one form for every
+      layer: ``"slices"`` (the smallest file), ``"matmul"`` (channel remixes
+      as 1x1 convolutions: fewer ops, faster on narrow layers, a larger
+      file), ``"fold_slices"`` or ``"fold_matmul"`` (``R_out`` folded into
+      one ``(*S, Cin_E, Cout)`` kernel: one convolution per layer however
+      many channel rolls or spatial windows it has).
+    choose: for ``remix="auto"``: ``"cost"`` (default: the LiteRT cost
+      model, see ``cost_model``) or ``"measure"`` (each candidate layer
+      converted and timed with LiteRT on this machine, 1 thread; slower
+      export).
     form_report: optional list; for ``remix="auto"`` one
       :class:`keras_epitome.form_choice.FormChoice` per epitome layer is
-      appended (the chosen form and every candidate's estimate or time; also
-      logged at INFO level).
-    objective: for ``remix="auto"``: ``"latency"`` (default: the fastest form
-      per layer) or ``"size"`` (per layer the form with the fewest stored
-      weights among those estimated not slower than the stock layer: a
-      smaller file, still never slower than stock).
+      appended (the chosen form, every candidate's estimate or time and
+      stored weights, and the cost model that chose; also logged at INFO
+      level).
+    objective: for ``remix="auto"``. The default, ``"latency"``, is speed
+      first: per layer the fastest form, so a layer whose factored forms are
+      not estimated faster than its stock layer (by the cost model's margin)
+      is stored full size, and the file can be much larger than the epitome
+      model's stored size; a WARNING is logged when the epitome layers store
+      over 10% more than their smallest forms, and ``form_report`` marks each
+      such layer ("size traded for speed"). ``"size"``: per layer the form
+      with the fewest stored weights, whatever its latency: the small file
+      (about the model's stored-size ratio), possibly slower than stock.
+    cost_model: for ``choose="cost"``, the latency model the choice uses
+      (:func:`keras_epitome.cost_model.resolve`): ``None`` (default) this
+      host's calibration when cached (:func:`keras_epitome.cost_model.calibrate`,
+      keyed by CPU, LiteRT version and threads), else the bundled constants
+      with a 10% safety margin; ``"host"`` calibrates now (and caches) if
+      needed; ``"bundled"``; or a table measured on the device you ship to
+      (a dict or a JSON path, :func:`keras_epitome.cost_model.from_table`).
     sparse: store weights that are mostly zeros (a model pruned with
       :func:`keras_epitome.prune_epitomes` or TF-MOT, then stripped) in
       TFLite's sparse tensor format (``tf.lite.Optimize.EXPERIMENTAL_SPARSITY``:
@@ -222,7 +244,8 @@ def export_tflite(
   A model under a mixed-precision policy is exported in float32.
 
   Raises:
-    ValueError: for an unknown form or quantization, ``"int8"`` without data
+    ValueError: for an unknown form or quantization, a ``batch_size`` that is
+      neither ``None`` nor an integer >= 1, ``"int8"`` without data
       or with data that yields no calibration batch, an unbuilt epitome
       layer, an epitome layer inside a pruning wrapper, a quantization-aware
       training model, or a Keras 3 model.
@@ -242,6 +265,7 @@ def export_tflite(
       "quantize='int8' needs representative_data (sample inputs to calibrate "
       "the activation ranges)"
     )
+  litert.check_batch_size(batch_size, "export_tflite")
   check_keras2(model, "export_tflite")
   walk.check_no_training_wrappers(
     model, "export_tflite", ("qat", "pruning"), _is_epitome_layer
@@ -251,6 +275,7 @@ def export_tflite(
       f"model '{model.name}' must be built with known inputs (a functional or "
       "Sequential model with an Input) to be exported"
     )
+  records = []
   inf = inference_model(
     model,
     form,
@@ -258,9 +283,16 @@ def export_tflite(
     remix=remix,
     precision="int8" if quantize == "int8" else "float",
     choose=choose,
-    form_report=form_report,
+    form_report=records,
     objective=objective,
+    cost_model=cost_model,
   )
+  if records:
+    _log.info(
+      "export_tflite '%s': forms %s", model.name, form_choice.summarize_choices(records)
+    )
+  if form_report is not None:
+    form_report.extend(records)
   if not _is_float32(inf):
     # A mixed-precision model: export the float32 function (the file is
     # float32 or int8 anyway; the converter refuses some bf16 graphs).

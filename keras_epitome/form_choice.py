@@ -20,25 +20,37 @@ and picks one, by
 
 * ``choose="cost"`` (default): a latency model of LiteRT (XNNPACK, 1 thread)
   over the candidate's graph: ``mac * multiply-adds + elem * elements written
-  by the other ops + op * ops``, with constants per precision fitted to
-  measurements of single layers on this machine
-  (``benchmarks/calibrate_export.py``; :data:`LITERT_COST_US`); or
+  by the other ops + op * ops``, with constants per precision from a
+  :class:`keras_epitome.cost_model.CostModel`: this host's cached
+  calibration (:func:`keras_epitome.cost_model.calibrate`), a table measured
+  on the target device (``cost_model=``), or else the bundled constants with
+  a safety margin (a factored form replaces the stock layer only when
+  estimated faster by that margin); or
 * ``choose="measure"``: converting each candidate as a one-layer model and
   timing it with LiteRT (interleaved, median), at the cost of a few seconds of
   export time per layer.
 
+With ``objective="latency"`` (default) each layer takes its fastest form, so
+a layer whose factored forms are not faster than its stock layer is stored
+full size: when that makes the file notably larger than the smallest form
+would, :func:`factorize` logs a warning saying so and how to get the small
+file (``objective="size"``: per layer the form with the fewest stored
+weights, whatever its latency).
+
 Each choice is recorded as a :class:`FormChoice` (the estimate or time of
-every candidate), logged at INFO level, and returned through
-``form_report=`` of :func:`keras_epitome.export_tflite` and
+every candidate, and the cost model that made it), logged at INFO level, and
+returned through ``form_report=`` of :func:`keras_epitome.export_tflite` and
 :func:`keras_epitome.factorize`.
 
 Example:
   >>> model = keras.Sequential([
   ...     keras.Input((16, 16, 32)), ke.EpitomeConv2D(32, 3, compression=4)])
   >>> report = []
-  >>> tflite = ke.export_tflite(model, form_report=report)
+  >>> tflite = ke.export_tflite(model, form_report=report, cost_model="bundled")
   >>> report[0].form in CANDIDATES, sorted(report[0].estimates_us)
   (True, ['fold_matmul', 'fold_slices', 'materialized', 'matmul', 'slices'])
+  >>> report[0].cost_model.startswith("bundled constants fitted on")
+  True
 """
 
 from __future__ import annotations
@@ -46,11 +58,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from keras_epitome import cost_model as cost_model_lib
 from keras_epitome import factored, litert, transform
 from keras_epitome.backend import keras
 
@@ -61,38 +74,14 @@ CHOOSE = ("cost", "measure")
 OBJECTIVES = ("latency", "size")
 PRECISIONS = ("float", "int8")
 
-# Microseconds per unit on LiteRT with XNNPACK, 1 thread, batch 1, on this
-# project's machine (AMD EPYC, AVX-512; 2 shared vCPUs, fitted under load
-# average ~10, so absolute values are ~2x an idle machine's; only their ratios
-# matter for the choice): per convolution/fully-connected multiply-add, per
-# element written by any other op over an activation (slices, concats,
-# elementwise multiplies and adds, pads), and per such op (the fit gave 0:
-# XNNPACK's per-op overhead is below the noise next to a pass over a
-# 32x32xC activation). Fitted by ``benchmarks/calibrate_export.py`` (least
-# squares, relative error, over the 32 epitome layers of the benchmark ResNets
-# at widths 32 and 64 and the audio CNN at 4x, each in the three forms;
-# measurements in ``benchmarks/calibration_litert.jsonl``). With these
-# constants the model picks the measured-fastest form for 32/32 layers in
-# both precisions.
-LITERT_COST_US = {
-  "float": {"mac": 1.97e-5, "elem": 1.51e-4, "op": 0.0},
-  "int8": {"mac": 4.84e-6, "elem": 1.93e-4, "op": 0.0},
-}
-
-# Ops that TFLite fuses into their producer or that move no data.
-_FREE_OPS = {
-  "Identity",
-  "Reshape",
-  "ExpandDims",
-  "Squeeze",
-  "NoOp",
-  "BiasAdd",
-  "Relu",
-  "Relu6",
-  "Shape",
-  "Const",
-}
-_CONV_OPS = {"Conv2D", "Conv3D", "DepthwiseConv2dNative", "MatMul", "BatchMatMulV2"}
+# The bundled constants (kept here under their old name).
+LITERT_COST_US = cost_model_lib.BUNDLED_COST_US
+graph_features = cost_model_lib.graph_features
+# Unknown spatial sizes (a model with dynamic inputs) are estimated at this.
+NOMINAL_SPATIAL = 16
+# objective="latency" warns when the chosen forms store this much more than
+# the smallest forms would.
+SIZE_WARNING_RATIO = 1.10
 
 
 @dataclasses.dataclass
@@ -101,8 +90,7 @@ class FormChoice:
 
   Attributes:
     layer: the epitome layer's name.
-    form: the chosen candidate (``"slices"``, ``"matmul"`` or
-      ``"materialized"``).
+    form: the chosen candidate (one of :data:`CANDIDATES`).
     estimates_us: the cost model's latency estimate of each candidate
       (microseconds, LiteRT 1 thread).
     measured_us: with ``choose="measure"``, the measured median latency of
@@ -111,6 +99,11 @@ class FormChoice:
     precision: ``"float"`` or ``"int8"``.
     weights: per candidate: the number of stored weights.
     objective: ``"latency"`` or ``"size"``.
+    cost_model: which cost model made the estimates (e.g. ``"host
+      calibration on <cpu>, <date>"``, ``"bundled constants fitted on
+      <cpu>"``, ``"user table '<name>'"``).
+    margin: how much faster (a fraction) a factored form had to be estimated
+      than the stock layer to replace it.
   """
 
   layer: str
@@ -121,73 +114,91 @@ class FormChoice:
   precision: str
   weights: Optional[Dict[str, int]] = None
   objective: str = "latency"
+  cost_model: str = ""
+  margin: float = 0.0
+
+  @property
+  def smallest(self) -> Optional[str]:
+    """The candidate with the fewest stored weights."""
+    if not self.weights:
+      return None
+    return min(self.weights, key=lambda f: (self.weights[f], f != self.form))
+
+  @property
+  def size_traded(self) -> bool:
+    """Whether the chosen form stores more weights than the smallest one."""
+    small = self.smallest
+    return small is not None and self.weights[self.form] > self.weights[small]
 
   def __str__(self):
     basis = self.measured_us if self.measured_us is not None else self.estimates_us
     how = "measured" if self.measured_us is not None else "estimated"
     parts = ", ".join(f"{k} {v:.1f} us" for k, v in basis.items())
-    return f"{self.layer}: {self.form} ({self.precision}, {how}: {parts})"
+    text = f"{self.layer}: {self.form} ({self.precision}, {how}: {parts}"
+    if self.measured_us is None and self.cost_model:
+      text += f"; by {self.cost_model}"
+    text += ")"
+    if self.size_traded:
+      small = self.smallest
+      text += (
+        f" [size traded for speed: {self.weights[self.form]} weights stored, "
+        f"{small} would store {self.weights[small]}]"
+      )
+    return text
 
 
-def graph_features(layer, input_shape) -> Dict[str, int]:
-  """Multiply-adds, elements written and ops of ``layer``'s graph on one input.
-
-  Traces ``layer`` (built) on ``input_shape`` and counts the ops that depend
-  on the input (weight-only ops are constant-folded by the TFLite converter):
-  convolutions and matmuls by their multiply-adds, every other op (except
-  reshapes and the bias/ReLU that TFLite fuses) by the elements it writes.
-
-  Args:
-    layer: a Keras layer.
-    input_shape: a static input shape, batch included.
-
-  Returns:
-    ``{"macs": ..., "elements": ..., "ops": ...}``.
-  """
-  fn = tf.function(lambda x: layer(x, training=False))
-  graph = fn.get_concrete_function(tf.TensorSpec(input_shape, tf.float32)).graph
-  # dynamic[op name]: the type of the last op that did work on the way to it.
-  dynamic = {}
-  macs = elements = ops = 0
-  for op in graph.get_operations():
-    if op.type == "Placeholder" and not op.inputs:
-      if op.outputs[0].dtype == tf.float32 and list(op.outputs[0].shape) == list(
-        input_shape
-      ):
-        dynamic[op.name] = "Placeholder"
-      continue
-    sources = [dynamic[t.op.name] for t in op.inputs if t.op.name in dynamic]
-    if not sources:
-      continue
-    dynamic[op.name] = op.type
-    if op.type in _FREE_OPS:
-      dynamic[op.name] = sources[0]
-      continue
-    if op.type in ("AddV2", "Add") and len(sources) == 1 and sources[0] in _CONV_OPS:
-      dynamic[op.name] = sources[0]  # a bias: fused into the convolution
-      continue
-    out = op.outputs[0].shape
-    size = int(np.prod(out.as_list())) if out.is_fully_defined() else 0
-    if op.type in _CONV_OPS:
-      w = op.inputs[1].shape.as_list()
-      inner = int(np.prod(w[:-1])) if op.type != "DepthwiseConv2dNative" else 1
-      if op.type in ("MatMul", "BatchMatMulV2"):
-        inner = int(op.inputs[0].shape.as_list()[-1])
-      macs += size * inner
-    else:
-      elements += size
-    ops += 1
-  return {"macs": int(macs), "elements": int(elements), "ops": int(ops)}
-
-
-def estimate_us(features: Dict[str, int], precision: str = "float") -> float:
-  """The cost model's LiteRT latency (microseconds) of a graph's features."""
-  c = LITERT_COST_US[precision]
+def summarize_choices(records: Sequence[FormChoice]) -> str:
+  """One line: the forms chosen, by which cost model, and the weights stored."""
+  if not records:
+    return "no epitome layer chosen"
+  forms = [r.form for r in records]
+  counts = ", ".join(f"{f} x{forms.count(f)}" for f in sorted(set(forms)))
+  models = sorted({r.cost_model for r in records if r.measured_us is None})
+  how = "LiteRT timing" if not models else "; ".join(models)
+  stored = sum(r.weights[r.form] for r in records if r.weights)
+  smallest = sum(r.weights[r.smallest] for r in records if r.weights)
   return (
-    c["mac"] * features["macs"]
-    + c["elem"] * features["elements"]
-    + c["op"] * features["ops"]
+    f"{counts} (objective={records[0].objective}, {records[0].precision}, by "
+    f"{how}); epitome layers store {stored} weights, {smallest} in their "
+    "smallest forms"
   )
+
+
+def _warn_if_size_traded(records: Sequence[FormChoice]):
+  """Warns when the speed-first choice stores notably more than the smallest forms."""
+  traded = [r for r in records if r.weights and r.size_traded]
+  if not traded:
+    return
+  stored = sum(r.weights[r.form] for r in records if r.weights)
+  smallest = sum(r.weights[r.smallest] for r in records if r.weights)
+  if stored <= SIZE_WARNING_RATIO * smallest:
+    return
+  full = sum(1 for r in traded if r.form == "materialized")
+  _log.warning(
+    "factorize/export_tflite: size traded for speed: %d of %d epitome layers "
+    "take a larger form than their smallest (%d as full-size stock layers) "
+    "because it is estimated faster (%s); the epitome layers store %d weights "
+    "instead of %d (%.2fx). Pass objective='size' for the small file "
+    "(per layer the fewest stored weights, possibly slower than stock).",
+    len(traded),
+    len(records),
+    full,
+    "; ".join(sorted({r.cost_model or "LiteRT timing" for r in traded})),
+    stored,
+    smallest,
+    stored / max(smallest, 1),
+  )
+
+
+def estimate_us(
+  features: Dict[str, int], precision: str = "float", cost_model=None
+) -> float:
+  """The cost model's LiteRT latency (microseconds) of a graph's features.
+
+  ``cost_model``: as :func:`keras_epitome.cost_model.resolve` takes it
+  (``None``: this host's calibration, else the bundled constants).
+  """
+  return cost_model_lib.resolve(cost_model).estimate_us(features, precision)
 
 
 def materialized_candidate(layer, batchnorm=None):
@@ -220,12 +231,20 @@ def _layer_input_shape(layer):
   if shape is None:
     shape = layer.input_shape
   shape = tf.TensorShape(shape).as_list()
-  if any(d is None for d in shape[1:]):
+  if shape[-1] is None:
     raise ValueError(
-      f"{type(layer).__name__} '{layer.name}': form choice needs a static input "
-      f"shape, got {shape}; use remix='slices' or 'matmul'"
+      f"{type(layer).__name__} '{layer.name}': form choice needs the input "
+      f"channels, got shape {shape}"
     )
-  return [1] + shape[1:]
+  if any(d is None for d in shape[1:-1]):
+    _log.info(
+      "form choice: %s '%s' has input shape %s; estimating at %d per unknown size",
+      type(layer).__name__,
+      layer.name,
+      shape,
+      NOMINAL_SPATIAL,
+    )
+  return [1] + [NOMINAL_SPATIAL if d is None else d for d in shape[1:]]
 
 
 def _measure(candidates, input_shape, precision, iterations=60, warmup=5):
@@ -252,6 +271,19 @@ def _measure(candidates, input_shape, precision, iterations=60, warmup=5):
   return {name: 1e6 * float(np.median(t)) for name, t in times.items()}
 
 
+def _pick(basis, weights, objective, margin):
+  """The chosen candidate of ``basis`` (latency per form) under ``objective``."""
+  if objective == "size":
+    return min(basis, key=lambda f: (weights[f], basis[f]))
+  form = min(basis, key=basis.get)
+  stock = basis.get("materialized")
+  if (
+    form != "materialized" and stock is not None and basis[form] > (1 - margin) * stock
+  ):
+    return "materialized"  # not faster by the margin
+  return form
+
+
 def choose_layer_form(
   layer,
   batchnorm=None,
@@ -260,34 +292,41 @@ def choose_layer_form(
   choose: str = "cost",
   candidates: Sequence[str] = CANDIDATES,
   objective: str = "latency",
+  cost_model=None,
 ):
   """Picks the fastest (or smallest) inference form of one epitome layer.
 
   Args:
-    layer: a built epitome layer with a static input shape.
+    layer: a built epitome layer (unknown spatial input sizes are estimated
+      at :data:`NOMINAL_SPATIAL`).
     batchnorm: a following BatchNorm to fold in (as
       :meth:`keras_epitome.factored.FactoredMixin.from_epitome_layer`).
     precision: ``"float"`` or ``"int8"``: which latency the choice minimizes.
-    choose: ``"cost"`` (the calibrated model) or ``"measure"`` (LiteRT timing).
+    choose: ``"cost"`` (the cost model) or ``"measure"`` (LiteRT timing).
     candidates: the forms to choose among (a subset of :data:`CANDIDATES`).
-    objective: ``"latency"`` (default: the fastest candidate) or ``"size"``
-      (the candidate with the fewest stored weights among those not slower
-      than the materialized stock layer: the smallest file that still never
-      loses to stock).
+    objective: ``"latency"`` (default: the fastest candidate; a factored form
+      replaces the stock layer only when faster by the cost model's margin)
+      or ``"size"`` (the candidate with the fewest stored weights, whatever
+      its latency: the smallest file).
+    cost_model: the latency model, as
+      :func:`keras_epitome.cost_model.resolve` takes it (``None``: this
+      host's cached calibration, else the bundled constants with a margin; a
+      :class:`~keras_epitome.cost_model.CostModel`; a user table as a dict or
+      JSON path; ``"host"``; ``"bundled"``).
 
   Returns:
-    ``(new layer, FormChoice)``: a fresh, unbuilt-or-built layer in the chosen
-    form, and the record of the choice.
+    ``(new layer, FormChoice)``: a fresh layer in the chosen form, and the
+    record of the choice.
 
   Raises:
-    ValueError: for an unknown precision, choice or candidate, or a layer
-      without a static input shape.
+    ValueError: for an unknown precision, choice, objective or candidate, or
+      a layer without known input channels.
 
   Example:
     >>> model = keras.Sequential([
     ...     keras.Input((16, 16, 32)), ke.EpitomeConv2D(32, 3, compression=4)])
     >>> new, choice = choose_layer_form(model.layers[0], precision="int8")
-    >>> choice.form == min(choice.estimates_us, key=choice.estimates_us.get)
+    >>> choice.form in choice.estimates_us
     True
   """
   if precision not in PRECISIONS:
@@ -301,6 +340,7 @@ def choose_layer_form(
     raise ValueError(
       f"candidates must be a non-empty subset of {CANDIDATES}, got {list(candidates)}"
     )
+  costs = cost_model_lib.resolve(cost_model)
   input_shape = _layer_input_shape(layer)
   if getattr(layer, "groups", 1) != 1:
     candidates = ["materialized"]
@@ -314,7 +354,7 @@ def choose_layer_form(
     built[form] = cand
     features[form] = graph_features(cand, input_shape)
     weights[form] = int(sum(int(np.prod(w.shape)) for w in cand.weights))
-    estimates[form] = estimate_us(features[form], precision)
+    estimates[form] = costs.estimate_us(features[form], precision)
   measured = None
   if choose == "measure" and len(candidates) > 1:
     measured = _measure(
@@ -322,12 +362,8 @@ def choose_layer_form(
       input_shape,
       precision,
     )
-  basis = measured if measured is not None else estimates
-  form = min(basis, key=basis.get)
-  if objective == "size":
-    limit = basis.get("materialized", max(basis.values()))
-    fit = [f for f in basis if basis[f] <= limit]
-    form = min(fit, key=lambda f: (weights[f], basis[f]))
+  margin = 0.0 if measured is not None else costs.margin
+  form = _pick(measured or estimates, weights, objective, margin)
   record = FormChoice(
     layer.name,
     form,
@@ -337,6 +373,8 @@ def choose_layer_form(
     precision,
     weights,
     objective,
+    str(costs),
+    margin,
   )
   _log.info("form choice: %s", record)
   return build_candidate(layer, batchnorm, form), record
@@ -348,11 +386,12 @@ def factorize(
   fold_batchnorm: bool = True,
   fallback: str = "materialize",
   report: Optional[list] = None,
-  remix: str = "slices",
+  remix: str = "auto",
   precision: str = "float",
   choose: str = "cost",
   form_report: Optional[list] = None,
   objective: str = "latency",
+  cost_model=None,
 ):
   """Replaces every epitome layer of ``model`` by its factored inference layer.
 
@@ -363,6 +402,14 @@ def factorize(
   in a functional model (the TFLite converter removes it). Nested models are
   transformed recursively; other layers are copied with their weights.
 
+  The default is speed first: ``remix="auto"`` with ``objective="latency"``
+  gives each layer its fastest form on LiteRT, which is its full-size stock
+  layer where no factored form is estimated faster (by the cost model's
+  margin). When that makes the epitome layers store notably more than their
+  smallest forms, a warning says so; ``objective="size"`` gives the small
+  file (each layer's form with the fewest stored weights, whatever its
+  latency), ``remix="slices"`` forces the slices form everywhere.
+
   Args:
     model: a built Keras model containing epitome layers.
     fold_batchnorm: whether to fold following BatchNorms.
@@ -371,30 +418,37 @@ def factorize(
       kernel, logged) or ``"error"``.
     report: optional list; ``(layer name, new class name)`` is appended for
       every epitome layer replaced.
-    remix: ``"slices"`` (default: the smallest file) or ``"matmul"`` (the
-      channel remixes as 1x1 convolutions: fewer ops, faster on narrow
-      layers, larger file), ``"fold_slices"`` or ``"fold_matmul"`` (``R_out``
-      folded into the kernel); see :meth:`FactoredMixin.from_epitome_layer`.
-      ``"auto"``: per layer, the fastest of these forms and the
-      materialized stock layer on LiteRT
-      (:func:`keras_epitome.form_choice.choose_layer_form`).
+    remix: ``"auto"`` (default: per layer the form ``objective`` asks for,
+      among the factored forms and the materialized stock layer,
+      :func:`choose_layer_form`), or one form for every layer:
+      ``"slices"`` (the smallest file), ``"matmul"`` (the channel remixes as
+      1x1 convolutions: fewer ops, faster on narrow layers, larger file),
+      ``"fold_slices"`` or ``"fold_matmul"`` (``R_out`` folded into the
+      kernel); see :meth:`FactoredMixin.from_epitome_layer`.
     precision: for ``remix="auto"``: ``"float"`` or ``"int8"``, the
       precision whose latency the choice minimizes.
-    choose: for ``remix="auto"``: ``"cost"`` (calibrated cost model) or
+    choose: for ``remix="auto"``: ``"cost"`` (the cost model) or
       ``"measure"`` (time each candidate with LiteRT).
-    objective: for ``remix="auto"``: ``"latency"`` (the fastest form) or
-      ``"size"`` (the smallest among those not slower than stock).
+    objective: for ``remix="auto"``: ``"latency"`` (default: the fastest
+      form) or ``"size"`` (the fewest stored weights).
     form_report: optional list; for ``remix="auto"``, one
       :class:`keras_epitome.form_choice.FormChoice` is appended per epitome
-      layer (what it became and the estimate or time of every candidate).
+      layer (what it became, the estimate or time of every candidate, and the
+      cost model that made the choice).
+    cost_model: for ``choose="cost"``: the latency model
+      (:func:`keras_epitome.cost_model.resolve`: ``None`` for this host's
+      cached calibration, else the bundled constants with a safety margin;
+      ``"host"`` to calibrate now if needed; a user table measured on the
+      target device, as a dict or a JSON path).
 
   Returns:
     A new ``keras.Model`` computing the same inference function.
 
   Raises:
     ValueError: for an unbuilt epitome layer, an epitome layer inside a
-      training wrapper (pruning, QAT), non-finite weights, or (with
-      ``fallback="error"``) a layer without factored form.
+      training wrapper (pruning, QAT), non-finite weights, an unknown remix,
+      objective or cost model, or (with ``fallback="error"``) a layer without
+      factored form.
 
   Example:
     >>> model = keras.Sequential([
@@ -409,18 +463,33 @@ def factorize(
     raise ValueError(
       f"remix must be one of {', '.join(factored.FORMS + ('auto',))}, got {remix!r}"
     )
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+  costs = cost_model_lib.resolve(cost_model) if remix == "auto" else None
+  records: List[FormChoice] = []
 
   def choose_layer(layer, bn):
     if remix != "auto":
       cls = factored._factored_class(layer)  # noqa: SLF001
       return cls.from_epitome_layer(layer, bn, remix=remix)
     new, record = choose_layer_form(
-      layer, bn, precision=precision, choose=choose, objective=objective
+      layer,
+      bn,
+      precision=precision,
+      choose=choose,
+      objective=objective,
+      cost_model=costs,
     )
-    if form_report is not None:
-      form_report.append(record)
+    records.append(record)
     return new
 
-  return factored.factorize_layers(
+  out = factored.factorize_layers(
     model, choose_layer, fold_batchnorm=fold_batchnorm, fallback=fallback, report=report
   )
+  if records:
+    _log.info("factorize '%s': %s", model.name, summarize_choices(records))
+    if objective == "latency":
+      _warn_if_size_traded(records)
+  if form_report is not None:
+    form_report.extend(records)
+  return out

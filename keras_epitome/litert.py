@@ -93,6 +93,27 @@ def _representative(data, batch_size: Optional[int], input_shapes) -> Callable:
   return gen
 
 
+def check_batch_size(batch_size, caller: str = "export_tflite"):
+  """Raises unless ``batch_size`` is ``None`` (dynamic) or an int >= 1.
+
+  A file with batch 0 converts but LiteRT cannot run it.
+
+  Raises:
+    ValueError: naming the value.
+  """
+  if batch_size is None:
+    return
+  if (
+    isinstance(batch_size, bool)
+    or not isinstance(batch_size, (int, np.integer))
+    or batch_size < 1
+  ):
+    raise ValueError(
+      f"{caller}: batch_size must be None (dynamic) or an integer >= 1, got "
+      f"{batch_size!r}"
+    )
+
+
 def convert(
   model, quantize=None, representative_data=None, batch_size=None, sparse=False
 ) -> bytes:
@@ -111,8 +132,11 @@ def convert(
     The ``.tflite`` bytes.
 
   Raises:
-    ValueError: if ``"int8"`` calibration produced no batch.
+    ValueError: if ``batch_size`` is not ``None`` or an int >= 1, or
+      ``"int8"`` calibration produced no batch.
   """
+  check_batch_size(batch_size, "convert")
+  batch_size = None if batch_size is None else int(batch_size)
   specs = [
     tf.TensorSpec([batch_size] + list(t.shape[1:]), tf.float32, name=f"input_{i}")
     for i, t in enumerate(model.inputs)

@@ -250,6 +250,17 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "multiple of it"):
       ke.run_tflite(ke.export_tflite(self.model, batch_size=4), self.x[:6])
 
+  def test_batch_size_is_validated(self):
+    # batch_size=0 used to convert into a file run_tflite cannot run.
+    for bad in (0, -1, 1.5, "2", True):
+      with self.assertRaisesRegex(ValueError, f"batch_size .* got {bad!r}"):
+        ke.export_tflite(_small_model(), batch_size=bad)
+      with self.assertRaisesRegex(ValueError, "batch_size"):
+        litert.convert(_small_model(), batch_size=bad)
+    tflite = ke.export_tflite(_small_model(), batch_size=np.int64(2), remix="slices")
+    x = np.zeros((2, 6, 6, 4), np.float32)
+    self.assertEqual(ke.run_tflite(tflite, x).shape, (2, 3))
+
 
 def _small_model():
   return keras.Sequential(

@@ -5,6 +5,10 @@ The forms checked: ``export_tflite(form="factored")`` with the default
 materialized stock layers, each compared with ``model(x, training=False)``.
 """
 
+import os
+import tempfile
+from unittest import mock
+
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
@@ -51,6 +55,12 @@ def _model(width, epitome_shape, size=16, rng=None, channel_roll=0):
 
 
 class FormChoiceTest(tf.test.TestCase, parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    # No host calibration: the bundled constants (with their margin) choose.
+    cache = self.enter_context(tempfile.TemporaryDirectory())
+    self.enter_context(mock.patch.dict(os.environ, {"KERAS_EPITOME_CACHE": cache}))
+
   @parameterized.named_parameters(("float", None), ("int8", "int8"))
   def test_near_full_epitome_is_materialized(self, quantize):
     # An epitome barely smaller than the kernel saves ~6% of the multiply-adds;
@@ -98,7 +108,12 @@ class FormChoiceTest(tf.test.TestCase, parameterized.TestCase):
     choice = report[0]
     self.assertEqual(choice.precision, "float" if quantize is None else "int8")
     self.assertEqual(set(choice.estimates_us), set(form_choice.CANDIDATES))
-    self.assertEqual(choice.form, min(choice.estimates_us, key=choice.estimates_us.get))
+    fastest = min(choice.estimates_us, key=choice.estimates_us.get)
+    self.assertEqual(choice.form, fastest)
+    self.assertLess(
+      choice.estimates_us[fastest],
+      (1 - choice.margin) * choice.estimates_us["materialized"],
+    )
     self.assertIn(choice.form, ("fold_slices", "fold_matmul"), str(choice))
     ops = [op["name"] for op in ke.tflite_tensor_report(tflite)["ops"]]
     self.assertEqual(ops.count("CONV_2D"), 1 if choice.form == "fold_slices" else 2)
@@ -108,25 +123,25 @@ class FormChoiceTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLess(err, tol)
 
   def test_size_objective(self):
-    """objective='size': the fewest weights among forms not slower than stock."""
+    """objective='size': the fewest stored weights, whatever the latency."""
     model = _model(128, (3, 3, 64, 64))
     conv, bn = model.get_layer("conv"), model.get_layer("bn")
     _, small = form_choice.choose_layer_form(conv, bn, objective="size")
     w = small.weights
     self.assertLess(w["slices"], w["matmul"])
     self.assertLess(w["matmul"], w["materialized"])
-    self.assertLessEqual(
-      small.estimates_us["slices"], small.estimates_us["materialized"]
-    )
     self.assertEqual(small.form, "slices")
     self.assertEqual(small.objective, "size")
-    # Near-full epitome: every factored form is slower than stock, so the
-    # size objective cannot pick one either.
+    # Near-full epitome: every factored form is slower than stock, and the
+    # size objective still takes the smallest (it used to keep the stock
+    # layer, so objective='size' gave a stock-sized file).
     near = _model(32, (3, 3, 32, 30))
     _, rec = form_choice.choose_layer_form(
       near.get_layer("conv"), near.get_layer("bn"), objective="size"
     )
-    self.assertEqual(rec.form, "materialized", str(rec))
+    self.assertEqual(rec.form, min(rec.weights, key=rec.weights.get), str(rec))
+    self.assertNotEqual(rec.form, "materialized")
+    self.assertGreater(rec.estimates_us[rec.form], rec.estimates_us["materialized"])
     with self.assertRaisesRegex(ValueError, "objective must be one of"):
       form_choice.choose_layer_form(conv, bn, objective="speed")
 
