@@ -20,6 +20,16 @@ what its extension points need for epitome layers:
   supported``).
 * :func:`quantize_scope`: TF-MOT's ``quantize_scope`` plus this package's
   classes, for loading saved QAT models.
+* :class:`EpitomeQuantizeLayoutTransform`: TF-MOT's default layout
+  transforms plus the same ``BatchNormalization`` patterns for epitome layers
+  that TF-MOT applies to ``Conv2D``/``Dense``: an epitome layer (linear
+  activation) followed by ``BatchNormalization`` (and optionally ``ReLU`` or
+  ``Activation("relu")``) gets no fake quant between the layer and BN (its
+  activation becomes TF-MOT's ``NoOpActivation``); BN quantizes its output, or
+  nothing when the ReLU follows (the ReLU does). BN is not folded into the
+  epitome (neither does TF-MOT's default scheme fold it into ``Conv2D``); the
+  TFLite converter folds it. As in TF-MOT, the pattern applies to the
+  ``EpitomeConv1D`` too, which TF-MOT's registry does not quantize at all.
 
 What the TFLite converter makes of it depends on whether it constant-folds
 the sampler. With the slice-based sampler it does: the converted model holds
@@ -55,6 +65,15 @@ Example:
 from __future__ import annotations
 
 import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+  default_8bit_quantize_layout_transform as _layout,
+)
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+  default_8bit_transforms as _transforms,
+)
+from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (  # noqa: E501
+  model_transformer as _model_transformer,
+)
 
 from keras_epitome import backend
 from keras_epitome import layers as epitome_layers
@@ -155,8 +174,71 @@ class EpitomeQuantizeRegistry(_tfq.default_8bit.Default8BitQuantizeRegistry):
     return super().get_quantize_config(layer)
 
 
+# Layer class names as they appear in a model's config (the registered name
+# "keras_epitome>EpitomeConv2D" too); TF-MOT matches '^' + pattern + '$'.
+_EPITOME_PATTERN = "(?:keras_epitome>)?(?:EpitomeConv1D|EpitomeConv2D|EpitomeDense)"
+_BN_PATTERN = "(?:BatchNormalization|SyncBatchNormalization)"
+_LayerPattern = _transforms.LayerPattern
+
+
+def _epitome_bn_pattern():
+  return _LayerPattern(
+    _BN_PATTERN,
+    inputs=[_LayerPattern(_EPITOME_PATTERN, config={"activation": "linear"})],
+  )
+
+
+class _EpitomeBatchNormQuantize(_transforms.Conv2DBatchNormQuantize):
+  """Epitome layer + BN: TF-MOT's ``Conv2DBatchNormQuantize`` for epitome layers."""
+
+  def pattern(self):
+    return _epitome_bn_pattern()
+
+
+class _EpitomeBatchNormReLUQuantize(_transforms.Conv2DBatchNormReLUQuantize):
+  """Epitome layer + BN + ReLU: TF-MOT's ``Conv2DBatchNormReLUQuantize``."""
+
+  def pattern(self):
+    return _LayerPattern("ReLU", inputs=[_epitome_bn_pattern()])
+
+
+class _EpitomeBatchNormActivationQuantize(_EpitomeBatchNormReLUQuantize):
+  """Epitome layer + BN + ``Activation("relu")``."""
+
+  def pattern(self):
+    return _LayerPattern(
+      "Activation", config={"activation": "relu"}, inputs=[_epitome_bn_pattern()]
+    )
+
+
+class EpitomeQuantizeLayoutTransform(_layout.Default8BitQuantizeLayoutTransform):
+  """TF-MOT's default 8-bit layout transforms, plus epitome layer + BatchNormalization.
+
+  An epitome layer with a linear activation followed by
+  ``BatchNormalization`` (+ ``ReLU`` or ``Activation("relu")``) is treated as
+  TF-MOT treats ``Conv2D`` + BN: the layer's activation becomes
+  ``NoOpActivation`` (no fake quant before BN) and BN gets TF-MOT's
+  ``Default8BitOutputQuantizeConfig`` (or ``NoOpQuantizeConfig`` when the
+  ReLU follows). Layers annotated with their own ``QuantizeConfig`` are left
+  as annotated. The epitome patterns run first, then TF-MOT's.
+  """
+
+  def apply(self, model, layer_quantize_map):
+    transforms = [
+      _EpitomeBatchNormReLUQuantize(),
+      _EpitomeBatchNormActivationQuantize(),
+      _EpitomeBatchNormQuantize(),
+    ]
+    model, layer_quantize_map = _model_transformer.ModelTransformer(
+      model, transforms, set(layer_quantize_map.keys()), layer_quantize_map
+    ).transform()
+    return super().apply(model, layer_quantize_map)
+
+
 class EpitomeQuantizeScheme(_tfq.default_8bit.Default8BitQuantizeScheme):
-  """TF-MOT's default 8-bit scheme with :class:`EpitomeQuantizeRegistry`.
+  """TF-MOT's default 8-bit scheme with the epitome registry and layout transform.
+
+  :class:`EpitomeQuantizeRegistry` and :class:`EpitomeQuantizeLayoutTransform`.
 
   Example:
     >>> import tensorflow_model_optimization as tfmot
@@ -167,6 +249,9 @@ class EpitomeQuantizeScheme(_tfq.default_8bit.Default8BitQuantizeScheme):
     ...   qat = q.quantize_apply(q.quantize_annotate_model(model),
     ...                          scheme=EpitomeQuantizeScheme())
   """
+
+  def get_layout_transformer(self):
+    return EpitomeQuantizeLayoutTransform()
 
   def get_quantize_registry(self):
     return EpitomeQuantizeRegistry(disable_per_axis=self._disable_per_axis)

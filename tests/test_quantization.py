@@ -155,6 +155,79 @@ class QuantizeTest(tf.test.TestCase, parameterized.TestCase):
     }
     self.assertTrue({geometry.epitome_size, geometry.kernel_size} & int8_sizes)
 
+  @parameterized.named_parameters(
+    ("conv2d_bn_relu", "conv2d", "relu_layer"),
+    ("conv2d_bn_activation_relu", "conv2d", "activation"),
+    ("conv2d_bn", "conv2d", None),
+    ("conv1d_bn_relu", "conv1d", "relu_layer"),
+    ("dense_bn_relu", "dense", "relu_layer"),
+    ("dense_bn", "dense", None),
+  )
+  def test_batch_norm_after_an_epitome_layer(self, kind, relu):
+    # Issue 27 F2: BatchNormalization after an epitome layer was refused
+    # ("Layer batch_normalization ... is not supported") while the stock
+    # Conv2D + BN quantizes. Handled as TF-MOT handles Conv2D/Dense + BN: no
+    # fake quant between the layer and BN (NoOpActivation), BN quantizes its
+    # output, or nothing when a ReLU follows (the ReLU quantizes).
+    rng = np.random.default_rng(0)
+    shapes = {"conv2d": (8, 8, 3), "conv1d": (12, 3), "dense": (12,)}
+    x_in = keras.Input(shapes[kind])
+    if kind == "conv2d":
+      layer = ke.EpitomeConv2D(8, 3, use_bias=False, compression=2, name="e")
+    elif kind == "conv1d":
+      layer = ke.EpitomeConv1D(8, 3, use_bias=False, compression=2, name="e")
+    else:
+      layer = ke.EpitomeDense(8, use_bias=False, compression=2, name="e")
+    h = keras.layers.BatchNormalization(name="bn")(layer(x_in))
+    if relu == "relu_layer":
+      h = keras.layers.ReLU(name="relu")(h)
+    elif relu == "activation":
+      h = keras.layers.Activation("relu", name="relu")(h)
+    if kind != "dense":
+      h = keras.layers.Flatten()(h)
+    model = keras.Model(x_in, keras.layers.Dense(4, name="head")(h))
+    x = rng.uniform(0.0, 1.0, (16,) + shapes[kind]).astype("float32")
+    y = rng.integers(0, 4, 16)
+    # BN with statistics that are not the identity.
+    bn = model.get_layer("bn")
+    bn.set_weights(
+      [
+        rng.uniform(0.5, 1.5, 8).astype("float32"),
+        rng.uniform(-0.2, 0.2, 8).astype("float32"),
+        rng.uniform(-0.1, 0.1, 8).astype("float32"),
+        rng.uniform(0.5, 1.5, 8).astype("float32"),
+      ]
+    )
+    qat = ke.quantize_model(model)
+    wrapper = qat.get_layer("quant_e")
+    self.assertIsInstance(wrapper.quantize_config, ke.EpitomeQuantizeConfig)
+    # No fake quant between the layer and BN.
+    self.assertEqual(
+      type(wrapper.layer.activation.activation).__name__, "NoOpActivation"
+    )
+    bn_config = qat.get_layer("quant_bn").quantize_config
+    expected = "NoOpQuantizeConfig" if relu else "Default8BitOutputQuantizeConfig"
+    self.assertEqual(type(bn_config).__name__, expected)
+    # Before training the QAT model computes the float model within 8-bit
+    # steps (in training mode: the quantizers' ranges come from the batch,
+    # BN normalizes with the batch's statistics in both).
+    want = model(x, training=True).numpy()
+    got = qat(x, training=True).numpy()
+    err = np.abs(got - want).max() / np.abs(want).max()
+    self.assertLess(err, 0.05)
+    # One training step moves the epitome and the routing map.
+    _compile(qat)
+    before = {w.name: w.numpy().copy() for w in qat.trainable_weights}
+    qat.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    moved = {
+      name.split("/")[-1].split(":")[0]
+      for name, w in ((w.name, w.numpy()) for w in qat.trainable_weights)
+      if name in before and np.abs(w - before[name]).max() > 0
+    }
+    for weight in ("epitome", "in_offsets", "out_offsets", "gamma", "beta"):
+      self.assertIn(weight, moved)
+    self.assertTrue(np.all(np.isfinite(qat.predict(x, verbose=0))))
+
   @parameterized.parameters("h5", "savedmodel")
   def test_save_and_load(self, fmt):
     qat = _compile(ke.quantize_model(_model()))
