@@ -23,8 +23,17 @@ Epitome layers get random fractional routing maps (the general case a trained
 NES model ends in: every chunk needs both rolls and blends); pass
 ``--offsets=integer`` for WSNet-style integer maps.
 
+The stock model is exported and timed in the same run, interleaved with the
+epitome files. ``--remix=auto,auto:size`` gives both ends of the default
+export: speed first (``remix="auto"``, ``objective="latency"``, the default)
+and size first (``objective="size"``); ``--summary`` closes with a table of
+file-size and latency ratios against stock.
+
 Usage:
   PYTHONPATH=. python benchmarks/inference.py --iterations=200
+  python -m benchmarks.inference --models=resnet,audio,mobilenetv2 --widths=32,64 \
+      --compressions=4 --threads=1 --remix=auto,auto:size --materialized=false \
+      --summary --json_out=benchmarks/results/inference.jsonl
   PYTHONPATH=. python benchmarks/inference.py --models=resnet --compressions=4
 """
 
@@ -32,7 +41,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
+import subprocess
 import time
 
 import numpy as np
@@ -40,12 +51,24 @@ from absl import app, flags
 
 import keras_epitome as ke
 from benchmarks import harness as C  # noqa: E402
-from keras_epitome import export, sampling
+from keras_epitome import cost_model, export, sampling
 
 keras = ke.keras
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["resnet", "audio"], "Models: resnet, audio.")
+flags.DEFINE_list(
+  "models",
+  ["resnet", "audio"],
+  "Models: resnet (at each --widths), audio, mobilenetv2 (alpha 0.35, at each "
+  "--mobilenet_sizes; the epitome model is ke.epitomize of it).",
+)
+flags.DEFINE_list("widths", None, "ResNet base widths (default: --width).")
+flags.DEFINE_list("mobilenet_sizes", ["32", "96"], "MobileNetV2 input sizes.")
+flags.DEFINE_bool("materialized", True, "Also time the materialized form.")
+flags.DEFINE_string("commit", None, "Commit recorded in the rows (default: git HEAD).")
+flags.DEFINE_bool(
+  "summary", False, "Print a closing table: file-size and latency ratio vs stock."
+)
 flags.DEFINE_list("compressions", ["2", "4", "8"], "Compression ratios.")
 flags.DEFINE_list("precisions", ["float", "int8"], "float and/or int8.")
 flags.DEFINE_list("threads", ["1", "2"], "LiteRT thread counts.")
@@ -120,6 +143,13 @@ def audio_cnn(conv, width=64):
       x = keras.layers.MaxPooling1D(2)(x)
   x = keras.layers.GlobalAveragePooling1D()(x)
   return keras.Model(inputs, keras.layers.Dense(10)(x), name="audio")
+
+
+def mobilenetv2(size):
+  """MobileNetV2 (alpha 0.35, 10 classes, random weights) at ``size`` x ``size``."""
+  return keras.applications.MobileNetV2(
+    input_shape=(size, size, 3), alpha=0.35, weights=None, classes=10
+  )
 
 
 MODELS = {
@@ -237,18 +267,17 @@ def main(argv):
   rng = np.random.default_rng(FLAGS.seed)
   rows = []
   threads = [int(t) for t in FLAGS.threads]
+  cpu = cost_model.host_key()["cpu"]
+  when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  commit = _commit()
   print(
-    f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-    f"{platform.processor() or platform.machine()}, "
+    f"# {when}, {cpu} ({platform.machine()}), commit {commit}, "
     f"offsets={FLAGS.offsets}, iterations={FLAGS.iterations}, "
-    f"latency statistic={FLAGS.statistic}"
+    f"latency statistic={FLAGS.statistic}, cost model: {cost_model.default()}"
   )
-  for model_name in FLAGS.models:
-    build, stock_cls, epitome_cls, shape = MODELS[model_name]
+  for _model_name, variant_name, build_stock, build_epitome, shape in _model_list():
     data = rng.uniform(-1, 1, (16,) + shape).astype(np.float32)
-    if model_name == "resnet":
-      build = functools.partial(resnet, width=FLAGS.width)
-    stock = build(stock_cls)
+    stock = build_stock()
     _randomize(stock, rng, True)
     stock_files = {}
     for precision in FLAGS.precisions:
@@ -257,19 +286,17 @@ def main(argv):
         stock, quantize=quantize, representative_data=data
       )
     for c in (float(c) for c in FLAGS.compressions):
-
-      def conv(*args, c=c, cls=epitome_cls, **kwargs):
-        return cls(*args, compression=c, channel_roll=FLAGS.channel_roll, **kwargs)
-
-      model = build(conv)
+      model = build_epitome(stock, c)
       _randomize(model, rng, FLAGS.offsets == "fractional")
       summary = ke.summarize(model, print_fn=None)
       for precision in FLAGS.precisions:
         quantize = None if precision == "float" else "int8"
         files = {"stock": stock_files[precision]}
-        files["materialized"] = export.export_tflite(
-          model, form="materialized", quantize=quantize, representative_data=data
-        )
+        if FLAGS.materialized:
+          files["materialized"] = export.export_tflite(
+            model, form="materialized", quantize=quantize, representative_data=data
+          )
+        forms_of = {}
         for variant in FLAGS.remix:
           # "auto:size": remix="auto" with objective="size".
           remix, _, objective = variant.partition(":")
@@ -285,8 +312,9 @@ def main(argv):
           )
           if report:
             forms = [r.form for r in report]
+            forms_of[f"factored/{variant}"] = {f: forms.count(f) for f in set(forms)}
             print(
-              f"# {model_name} {c:g}x {precision} remix={variant}: "
+              f"# {variant_name} {c:g}x {precision} remix={variant}: "
               + ", ".join(f"{f} x{forms.count(f)}" for f in sorted(set(forms)))
               + " ("
               + " ".join(f"{r.layer}={r.form}" for r in report)
@@ -307,7 +335,7 @@ def main(argv):
         }
         for form, tflite in files.items():
           row = dict(
-            model=model_name,
+            model=variant_name,
             compression=c,
             params_ratio=summary.compression_ratio,
             precision=precision,
@@ -315,6 +343,12 @@ def main(argv):
             bytes=len(tflite),
             macs=_macs(tflite),
             factored_rel_err=float(err),
+            forms=forms_of.get(form),
+            cpu=cpu,
+            commit=commit,
+            date=when,
+            iterations=FLAGS.iterations,
+            statistic=FLAGS.statistic,
           )
           for t in threads:
             row[f"ms_{t}t"] = lat[t][form]
@@ -322,28 +356,120 @@ def main(argv):
           stock_row = next(
             r
             for r in rows
-            if r["model"] == model_name
+            if r["model"] == variant_name
             and r["compression"] == c
             and r["precision"] == precision
             and r["form"] == "stock"
           )
+          row["bytes_ratio"] = row["bytes"] / stock_row["bytes"]
+          for t in threads:
+            row[f"latency_ratio_{t}t"] = row[f"ms_{t}t"] / stock_row[f"ms_{t}t"]
           ratios = [
-            f"{row['bytes'] / 1024:8.1f} KB ({row['bytes'] / stock_row['bytes']:.3f})",
+            f"{row['bytes'] / 1024:8.1f} KB ({row['bytes_ratio']:.3f})",
             f"{row['macs'] / 1e6:8.2f} M ({row['macs'] / stock_row['macs']:.3f})",
           ] + [
-            f"{row[f'ms_{t}t']:7.3f} ms ({row[f'ms_{t}t'] / stock_row[f'ms_{t}t']:.2f})"
+            f"{row[f'ms_{t}t']:7.3f} ms ({row[f'latency_ratio_{t}t']:.2f})"
             for t in threads
           ]
           print(
-            f"| {model_name} | {c:g} | {precision} | {form} | "
+            f"| {variant_name} | {c:g} | {precision} | {form} | "
             + " | ".join(ratios)
             + " |",
             flush=True,
           )
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, "w") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
+        if FLAGS.json_out:
+          _append_rows(rows[-len(files) :])
+  if FLAGS.summary:
+    _print_summary(rows, threads[0])
+
+
+def _model_list():
+  """``(name, label, build stock, build epitome from (stock, c), input shape)``."""
+  out = []
+  for name in FLAGS.models:
+    if name == "resnet":
+      for w in [int(w) for w in (FLAGS.widths or [FLAGS.width])]:
+        out.append(
+          _layer_model(name, f"resnet_w{w}", functools.partial(resnet, width=w))
+        )
+    elif name == "audio":
+      out.append(_layer_model(name, "audio", audio_cnn))
+    elif name == "mobilenetv2":
+      for size in [int(v) for v in FLAGS.mobilenet_sizes]:
+
+        def epitomize(stock, c):
+          return ke.epitomize(stock, compression=c, verbose=False)
+
+        out.append(
+          (
+            name,
+            f"mobilenetv2_a0.35_{size}",
+            functools.partial(mobilenetv2, size),
+            epitomize,
+            (size, size, 3),
+          )
+        )
+    else:
+      raise ValueError(f"unknown model {name!r}")
+  return out
+
+
+def _layer_model(name, label, build):
+  _, stock_cls, epitome_cls, shape = MODELS[name]
+
+  def build_epitome(stock, c):
+    del stock
+
+    def conv(*args, **kwargs):
+      return epitome_cls(
+        *args, compression=c, channel_roll=FLAGS.channel_roll, **kwargs
+      )
+
+    return build(conv)
+
+  return (name, label, lambda: build(stock_cls), build_epitome, shape)
+
+
+def _commit():
+  if FLAGS.commit:
+    return FLAGS.commit
+  try:
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=os.path.dirname(os.path.abspath(__file__)),
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def _append_rows(rows):
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
+  with open(FLAGS.json_out, "a") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+
+
+def _print_summary(rows, t):
+  """File-size and latency ratios vs stock: size first and speed first."""
+  names = {
+    "factored/auto": "speed-first (default)",
+    "factored/auto:size": "size-first (objective='size')",
+  }
+  print(f"\n# ratios vs stock in the same run, LiteRT {t} thread(s)")
+  print("| model | x | precision | export | forms | file | latency |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    if r["form"] == "stock":
+      continue
+    forms = ", ".join(f"{f} {n}" for f, n in sorted((r["forms"] or {}).items()))
+    print(
+      f"| {r['model']} | {r['compression']:g} | {r['precision']} | "
+      f"{names.get(r['form'], r['form'])} | {forms} | {r['bytes_ratio']:.3f}x | "
+      f"{r[f'latency_ratio_{t}t']:.2f}x |"
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ relative to a slice on a CPU with VNNI or AMX than on one without), so a
 :class:`CostModel` carries them together with where they come from:
 
 * ``"host"``: fitted on this machine by :func:`calibrate` (a few one-layer
-  models, converted and timed with LiteRT: about 10-30 s) and cached per CPU
+  models, converted and timed with LiteRT: seconds, not minutes) and cached per CPU
   (the CPU model name and flags, the LiteRT version and the thread count) as
   JSON under ``$KERAS_EPITOME_CACHE`` or ``~/.cache/keras_epitome``;
   :func:`default` uses it whenever it exists;
@@ -70,6 +70,15 @@ BUNDLED_CPU = "AMD EPYC (AVX-512, no VNNI/AMX)"
 # when estimated at least this fraction faster: on another CPU the constants
 # are off, and a wrong factored pick costs more than a missed one.
 BUNDLED_MARGIN = 0.10
+
+# The file-size model of objective="size": bytes per stored weight, and per
+# op over the activations (its tensor, its quantization parameters, the
+# constant begin/end/strides of a slice, the operator table: about 250-300
+# bytes in float and in int8 alike, from one-layer files of each form). In
+# int8 a 1x1 layer of a few thousand weights is smaller stock than in the
+# slices form.
+BYTES_PER_WEIGHT = {"float": 4, "int8": 1}
+BYTES_PER_OP = 260
 
 # Ops that TFLite fuses into their producer or that move no data.
 _FREE_OPS = {
@@ -136,6 +145,11 @@ def graph_features(layer, input_shape) -> Dict[str, int]:
       elements += size
     ops += 1
   return {"macs": int(macs), "elements": int(elements), "ops": int(ops)}
+
+
+def estimate_bytes(weights: int, features: Dict[str, int], precision: str) -> int:
+  """Estimated ``.tflite`` bytes of a candidate: its weights and its ops."""
+  return int(BYTES_PER_WEIGHT[precision] * weights + BYTES_PER_OP * features["ops"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +493,7 @@ def calibrate(
   margin: float = 0.0,
   probes=PROBES,
 ) -> CostModel:
-  """Fits the cost model on this host and caches it (about 10-30 s).
+  """Fits the cost model on this host and caches it (seconds, not minutes).
 
   Converts the probe layers (:data:`PROBES`: 3x3 and 1x1 epitome layers in
   factored and stock forms) to float and int8 one-layer models, times them

@@ -219,11 +219,12 @@ def export_tflite(
       first: per layer the fastest form, so a layer whose factored forms are
       not estimated faster than its stock layer (by the cost model's margin)
       is stored full size, and the file can be much larger than the epitome
-      model's stored size; a WARNING is logged when the epitome layers store
-      over 10% more than their smallest forms, and ``form_report`` marks each
-      such layer ("size traded for speed"). ``"size"``: per layer the form
-      with the fewest stored weights, whatever its latency: the small file
-      (about the model's stored-size ratio), possibly slower than stock.
+      model's stored size; a WARNING is logged when the epitome layers are
+      estimated over 10% larger than in their smallest forms, and
+      ``form_report`` marks each such layer ("size traded for speed").
+      ``"size"``: per layer the form with the fewest estimated file bytes
+      (its weights at the precision's width and its ops), whatever its
+      latency: the small file, possibly slower than stock.
     cost_model: for ``choose="cost"``, the latency model the choice uses
       (:func:`keras_epitome.cost_model.resolve`): ``None`` (default) this
       host's calibration when cached (:func:`keras_epitome.cost_model.calibrate`,

@@ -1,4 +1,4 @@
-"""Factored inference form: ``R_out(conv(R_in(x), E))`` (DESIGN.md section 4.2).
+"""Factored inference form: ``R_out(conv(R_in(x), E))`` (docs/design.md section 4.2).
 
 With its routing map frozen, an epitome layer's convolution factors into
 
@@ -26,12 +26,11 @@ The index math (which slices, which weights) comes from
 holding the same linear maps instead: 3 ops per layer instead of up to ~30
 (fractional offsets, 2x2 chunks), with the BatchNorm scale, bias and activation
 fused into the second, at the cost of storing ``Cin * Cin_E + Cout_E * Cout``
-more weights. Measured on LiteRT (``benchmarks/RESULTS.md``): the slices form
-gives the smallest file and is fast on wide layers (a 128-channel 3x3 layer at
-4x: 0.46x stock latency), while each of its elementwise ops is a full pass
-over the activations, which costs more than the convolution saves on narrow
-layers (32 channels: 1.25x stock) and in int8; the matmul form is faster there
-(0.48x).
+more weights. The slices form gives the smallest file and is fast on wide
+layers, while each of its elementwise ops is a full pass over the
+activations, which can cost more than the convolution saves on narrow layers
+and in int8, where the matmul form is faster (measurements:
+``docs/results.md``).
 
 With a channel roll (the layers' default) each output chunk reads the
 epitome's input channels rolled by its own amount, so the slices form runs

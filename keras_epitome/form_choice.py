@@ -34,8 +34,8 @@ With ``objective="latency"`` (default) each layer takes its fastest form, so
 a layer whose factored forms are not faster than its stock layer is stored
 full size: when that makes the file notably larger than the smallest form
 would, :func:`factorize` logs a warning saying so and how to get the small
-file (``objective="size"``: per layer the form with the fewest stored
-weights, whatever its latency).
+file (``objective="size"``: per layer the form with the fewest estimated
+file bytes, its weights and its ops, whatever its latency).
 
 Each choice is recorded as a :class:`FormChoice` (the estimate or time of
 every candidate, and the cost model that made it), logged at INFO level, and
@@ -99,6 +99,9 @@ class FormChoice:
     precision: ``"float"`` or ``"int8"``.
     weights: per candidate: the number of stored weights.
     objective: ``"latency"`` or ``"size"``.
+    bytes: per candidate: its estimated bytes in the file
+      (:func:`keras_epitome.cost_model.estimate_bytes`: its weights at the
+      precision's width and its ops).
     cost_model: which cost model made the estimates (e.g. ``"host
       calibration on <cpu>, <date>"``, ``"bundled constants fitted on
       <cpu>"``, ``"user table '<name>'"``).
@@ -116,19 +119,20 @@ class FormChoice:
   objective: str = "latency"
   cost_model: str = ""
   margin: float = 0.0
+  bytes: Optional[Dict[str, int]] = None
 
   @property
   def smallest(self) -> Optional[str]:
-    """The candidate with the fewest stored weights."""
-    if not self.weights:
+    """The candidate with the smallest estimated file bytes."""
+    if not self.bytes:
       return None
-    return min(self.weights, key=lambda f: (self.weights[f], f != self.form))
+    return min(self.bytes, key=lambda f: (self.bytes[f], f != self.form))
 
   @property
   def size_traded(self) -> bool:
-    """Whether the chosen form stores more weights than the smallest one."""
+    """Whether the chosen form is estimated larger than the smallest one."""
     small = self.smallest
-    return small is not None and self.weights[self.form] > self.weights[small]
+    return small is not None and self.bytes[self.form] > self.bytes[small]
 
   def __str__(self):
     basis = self.measured_us if self.measured_us is not None else self.estimates_us
@@ -141,45 +145,45 @@ class FormChoice:
     if self.size_traded:
       small = self.smallest
       text += (
-        f" [size traded for speed: {self.weights[self.form]} weights stored, "
-        f"{small} would store {self.weights[small]}]"
+        f" [size traded for speed: ~{self.bytes[self.form]} bytes, "
+        f"{small} ~{self.bytes[small]}]"
       )
     return text
 
 
 def summarize_choices(records: Sequence[FormChoice]) -> str:
-  """One line: the forms chosen, by which cost model, and the weights stored."""
+  """One line: the forms chosen, by which cost model, and their estimated bytes."""
   if not records:
     return "no epitome layer chosen"
   forms = [r.form for r in records]
   counts = ", ".join(f"{f} x{forms.count(f)}" for f in sorted(set(forms)))
   models = sorted({r.cost_model for r in records if r.measured_us is None})
   how = "LiteRT timing" if not models else "; ".join(models)
-  stored = sum(r.weights[r.form] for r in records if r.weights)
-  smallest = sum(r.weights[r.smallest] for r in records if r.weights)
+  stored = sum(r.bytes[r.form] for r in records if r.bytes)
+  smallest = sum(r.bytes[r.smallest] for r in records if r.bytes)
   return (
     f"{counts} (objective={records[0].objective}, {records[0].precision}, by "
-    f"{how}); epitome layers store {stored} weights, {smallest} in their "
-    "smallest forms"
+    f"{how}); epitome layers ~{stored} bytes, ~{smallest} in their smallest "
+    "forms"
   )
 
 
 def _warn_if_size_traded(records: Sequence[FormChoice]):
   """Warns when the speed-first choice stores notably more than the smallest forms."""
-  traded = [r for r in records if r.weights and r.size_traded]
+  traded = [r for r in records if r.bytes and r.size_traded]
   if not traded:
     return
-  stored = sum(r.weights[r.form] for r in records if r.weights)
-  smallest = sum(r.weights[r.smallest] for r in records if r.weights)
+  stored = sum(r.bytes[r.form] for r in records if r.bytes)
+  smallest = sum(r.bytes[r.smallest] for r in records if r.bytes)
   if stored <= SIZE_WARNING_RATIO * smallest:
     return
   full = sum(1 for r in traded if r.form == "materialized")
   _log.warning(
     "factorize/export_tflite: size traded for speed: %d of %d epitome layers "
     "take a larger form than their smallest (%d as full-size stock layers) "
-    "because it is estimated faster (%s); the epitome layers store %d weights "
-    "instead of %d (%.2fx). Pass objective='size' for the small file "
-    "(per layer the fewest stored weights, possibly slower than stock).",
+    "because it is estimated faster (%s); the epitome layers take ~%d bytes "
+    "instead of ~%d (%.2fx). Pass objective='size' for the small file "
+    "(per layer the smallest form, possibly slower than stock).",
     len(traded),
     len(records),
     full,
@@ -271,10 +275,10 @@ def _measure(candidates, input_shape, precision, iterations=60, warmup=5):
   return {name: 1e6 * float(np.median(t)) for name, t in times.items()}
 
 
-def _pick(basis, weights, objective, margin):
+def _pick(basis, sizes, objective, margin):
   """The chosen candidate of ``basis`` (latency per form) under ``objective``."""
   if objective == "size":
-    return min(basis, key=lambda f: (weights[f], basis[f]))
+    return min(basis, key=lambda f: (sizes[f], basis[f]))
   form = min(basis, key=basis.get)
   stock = basis.get("materialized")
   if (
@@ -306,8 +310,9 @@ def choose_layer_form(
     candidates: the forms to choose among (a subset of :data:`CANDIDATES`).
     objective: ``"latency"`` (default: the fastest candidate; a factored form
       replaces the stock layer only when faster by the cost model's margin)
-      or ``"size"`` (the candidate with the fewest stored weights, whatever
-      its latency: the smallest file).
+      or ``"size"`` (the candidate with the fewest estimated file bytes,
+      :func:`keras_epitome.cost_model.estimate_bytes`, whatever its latency:
+      the smallest file).
     cost_model: the latency model, as
       :func:`keras_epitome.cost_model.resolve` takes it (``None``: this
       host's cached calibration, else the bundled constants with a margin; a
@@ -363,7 +368,11 @@ def choose_layer_form(
       precision,
     )
   margin = 0.0 if measured is not None else costs.margin
-  form = _pick(measured or estimates, weights, objective, margin)
+  sizes = {
+    f: cost_model_lib.estimate_bytes(weights[f], features[f], precision)
+    for f in weights
+  }
+  form = _pick(measured or estimates, sizes, objective, margin)
   record = FormChoice(
     layer.name,
     form,
@@ -375,6 +384,7 @@ def choose_layer_form(
     objective,
     str(costs),
     margin,
+    sizes,
   )
   _log.info("form choice: %s", record)
   return build_candidate(layer, batchnorm, form), record
@@ -407,7 +417,7 @@ def factorize(
   layer where no factored form is estimated faster (by the cost model's
   margin). When that makes the epitome layers store notably more than their
   smallest forms, a warning says so; ``objective="size"`` gives the small
-  file (each layer's form with the fewest stored weights, whatever its
+  file (each layer's form with the fewest estimated bytes, whatever its
   latency), ``remix="slices"`` forces the slices form everywhere.
 
   Args:
@@ -430,7 +440,7 @@ def factorize(
     choose: for ``remix="auto"``: ``"cost"`` (the cost model) or
       ``"measure"`` (time each candidate with LiteRT).
     objective: for ``remix="auto"``: ``"latency"`` (default: the fastest
-      form) or ``"size"`` (the fewest stored weights).
+      form) or ``"size"`` (the fewest estimated file bytes).
     form_report: optional list; for ``remix="auto"``, one
       :class:`keras_epitome.form_choice.FormChoice` is appended per epitome
       layer (what it became, the estimate or time of every candidate, and the

@@ -212,6 +212,30 @@ class MarginTest(_EmptyCache):
 
 
 class SizeObjectiveTest(_EmptyCache):
+  def test_size_counts_the_ops_in_int8(self):
+    # A small 1x1 layer: in int8 the slices form's ops cost more bytes than
+    # its weights save, and the stock layer is the smallest file.
+    inputs = keras.Input((12, 12, 96))
+    conv = ke.EpitomeConv2D(16, 1, use_bias=False, compression=4, name="conv")
+    model = keras.Model(inputs, conv(inputs))
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 12, 12, 96)).astype(np.float32)
+    files, reports = {}, {}
+    for q in (None, "int8"):
+      reports[q] = []
+      files[q] = ke.export_tflite(
+        model,
+        quantize=q,
+        representative_data=x,
+        objective="size",
+        form_report=reports[q],
+      )
+    self.assertNotEqual(reports[None][0].form, "materialized")
+    self.assertEqual(reports["int8"][0].form, "materialized", str(reports["int8"][0]))
+    slices = ke.export_tflite(
+      model, quantize="int8", representative_data=x, remix="slices"
+    )
+    self.assertLess(len(files["int8"]), len(slices))
+
   def test_size_takes_the_fewest_weights_even_if_slower(self):
     model = _model(32, (3, 3, 32, 30))
     conv, bn = model.get_layer("conv"), model.get_layer("bn")
@@ -220,8 +244,12 @@ class SizeObjectiveTest(_EmptyCache):
     self.assertTrue(fast.size_traded)
     self.assertIn("size traded for speed", str(fast))
     _, small = form_choice.choose_layer_form(conv, bn, objective="size")
-    self.assertEqual(small.form, min(small.weights, key=small.weights.get))
-    self.assertLess(small.weights[small.form], small.weights["materialized"])
+    self.assertEqual(small.form, min(small.bytes, key=small.bytes.get))
+    self.assertLess(small.bytes[small.form], small.bytes["materialized"])
+    for f, b in small.bytes.items():
+      self.assertEqual(
+        b, cost_model.estimate_bytes(small.weights[f], small.features[f], "float")
+      )
     self.assertFalse(small.size_traded)
 
   def test_speed_first_warns_and_size_gives_the_small_file(self):

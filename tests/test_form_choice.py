@@ -123,7 +123,7 @@ class FormChoiceTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLess(err, tol)
 
   def test_size_objective(self):
-    """objective='size': the fewest stored weights, whatever the latency."""
+    """objective='size': the fewest estimated bytes, whatever the latency."""
     model = _model(128, (3, 3, 64, 64))
     conv, bn = model.get_layer("conv"), model.get_layer("bn")
     _, small = form_choice.choose_layer_form(conv, bn, objective="size")
@@ -139,7 +139,7 @@ class FormChoiceTest(tf.test.TestCase, parameterized.TestCase):
     _, rec = form_choice.choose_layer_form(
       near.get_layer("conv"), near.get_layer("bn"), objective="size"
     )
-    self.assertEqual(rec.form, min(rec.weights, key=rec.weights.get), str(rec))
+    self.assertEqual(rec.form, min(rec.bytes, key=rec.bytes.get), str(rec))
     self.assertNotEqual(rec.form, "materialized")
     self.assertGreater(rec.estimates_us[rec.form], rec.estimates_us["materialized"])
     with self.assertRaisesRegex(ValueError, "objective must be one of"):
