@@ -1,0 +1,889 @@
+"""Model transforms for Keras 3: swap a model's layers for epitome layers, and back.
+
+The Keras 3 counterparts of :mod:`keras_epitome.transform`, on any backend
+(TensorFlow, JAX, PyTorch), for Keras 3 ``Sequential`` and functional models,
+nested ones included:
+
+* :func:`epitomize`: one ``keras.models.clone_model(model, clone_function=...,
+  recursive=True)`` call that replaces every ``Conv1D``, ``Conv2D`` and
+  ``Dense`` (exact stock types) by its Keras 3 epitome twin under a per-layer
+  policy, copies every other weight and, from a trained model, starts each
+  epitome as the closed-form least-squares fit of the trained kernel
+  (:func:`keras_epitome.geometry.fit_epitome`);
+* :func:`strip_epitome` / :func:`materialize_layer`: the inverse, stock layers
+  holding the sampled kernels (equal outputs in inference mode);
+* :func:`summarize`: what the epitome layers store and cost.
+
+The data-aware conversion (``calibration_data=``) and ``allocate`` are Keras 2
+only for now (:func:`keras_epitome.epitomize`).
+
+This module imports neither TensorFlow nor Keras 2.
+
+Example:
+  >>> import keras
+  >>> import keras_epitome.keras3 as ke
+  >>> model = keras.Sequential([
+  ...     keras.Input((8, 8, 1)),
+  ...     keras.layers.Conv2D(32, 3, activation="relu"),
+  ...     keras.layers.Conv2D(64, 3, activation="relu"),
+  ...     keras.layers.Flatten(),
+  ...     keras.layers.Dense(10),
+  ... ])
+  >>> small = ke.epitomize(model, compression=4, verbose=False)
+  >>> [type(l).__name__ for l in small.layers]
+  ['Conv2D', 'EpitomeConv2D', 'Flatten', 'EpitomeDense']
+  >>> stock = ke.strip_epitome(small)
+  >>> [type(l).__name__ for l in stock.layers]
+  ['Conv2D', 'Conv2D', 'Flatten', 'Dense']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import keras
+import numpy as np
+from absl import logging
+from keras import ops
+
+from keras_epitome import geometry as geo
+from keras_epitome import spec
+from keras_epitome.keras3 import layers as k3_layers
+
+# Arguments a policy entry may set for one layer.
+POLICY_KEYS = spec.EPITOME_ARGS
+INITS = ("auto", "fit", "random")
+DEFAULT_MIN_PARAMS = 1024
+
+# Layers that hold a kernel-like weight but have no epitome twin yet; they are
+# reported when left alone.
+_KERNEL_ATTRS = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings")
+# Stock config keys an epitome layer cannot take (Keras 3 LoRA).
+_DROPPED_KEYS = ("lora_rank", "lora_alpha")
+
+PolicyValue = Union[None, float, int, Mapping[str, Any]]
+Policy = Union[None, Mapping[str, PolicyValue], Callable[[Any], PolicyValue]]
+
+
+# ----------------------------------------------------------------------------
+# Model checks and the clone.
+
+
+def is_keras2_object(obj) -> bool:
+  """Whether ``obj`` is a Keras 2 (``tf_keras``) object; never imports Keras 2."""
+  for cls in type(obj).__mro__:
+    module = cls.__module__ or ""
+    if module.split(".")[0] == "tf_keras" or module.startswith(
+      "tensorflow.python.keras"
+    ):
+      return True
+  return False
+
+
+def check_keras3_model(model, what: str) -> None:
+  """Refuses what a Keras 3 transform cannot handle, saying what to do instead.
+
+  Args:
+    model: what the user passed.
+    what: the function's name (``"epitomize"``...), for the message; the
+      Keras 2 function of the same name is ``keras_epitome.<what>``.
+
+  Raises:
+    ValueError: for a Keras 2 (``tf_keras``) model, a non-model, or a
+      subclassed model (nested ones included).
+  """
+  if is_keras2_object(model):
+    raise ValueError(
+      f"{what}: '{getattr(model, 'name', model)}' is a Keras 2 (tf_keras) "
+      f"{type(model).__name__}; keras_epitome.keras3.{what} takes Keras 3 "
+      f"models. Use the Keras 2 API for it: keras_epitome.{what} (`import "
+      f"keras_epitome as ke; ke.{what}(model, ...)`)"
+    )
+  if not isinstance(model, keras.Model):
+    raise ValueError(
+      f"{what} takes a Keras 3 keras.Model (Sequential or functional); got "
+      f"{type(model).__name__}"
+    )
+  _check_clonable(model, what)
+
+
+def _is_graph_model(model) -> bool:
+  from keras.src.models.functional import Functional  # not in the public API
+
+  return isinstance(model, (keras.Sequential, Functional))
+
+
+def _check_clonable(model, what: str) -> None:
+  if not _is_graph_model(model):
+    raise ValueError(
+      f"{what}: model '{model.name}' is a subclassed model "
+      f"({type(model).__name__}); only Sequential and functional models can "
+      "be transformed (their layer graph is known). Build it with the "
+      "functional API, or use epitome layers directly in your subclass."
+    )
+  for layer in model.layers:
+    if isinstance(layer, keras.Model):
+      _check_clonable(layer, what)
+
+
+def _walk(model, owner=None):
+  """Yields ``(layer, owner)`` for every leaf layer, nested models looked through."""
+  seen = set()
+
+  def visit(m):
+    for layer in m.layers:
+      if id(layer) in seen:
+        continue
+      seen.add(id(layer))
+      if isinstance(layer, keras.Model) and _is_graph_model(layer):
+        yield from visit(layer)
+      else:
+        yield layer, m
+
+  yield from visit(model)
+
+
+def _layer_names(model) -> set:
+  return {layer.name for layer in model._flatten_layers(include_self=False)}
+
+
+def clone_model(model, clone_layer: Callable, what: str):
+  """``keras.models.clone_model(recursive=True)`` with one clone function.
+
+  ``clone_layer(layer)`` returns the new layer, or ``None`` to keep a copy of
+  ``layer`` (from its config; its weights are copied once the new model is
+  built). Nested Sequential/functional models are cloned through the same
+  function, and a layer shared between call sites stays shared.
+  """
+  check_keras3_model(model, what)
+  copies = []
+
+  def clone_function(layer):
+    new = clone_layer(layer)
+    if new is None:
+      new = layer.__class__.from_config(layer.get_config())
+      copies.append((layer, new))
+    return new
+
+  new_model = keras.models.clone_model(
+    model, clone_function=clone_function, recursive=True
+  )
+  for old, new in copies:
+    if old.weights and old.built and new.built:
+      new.set_weights(old.get_weights())
+  return new_model
+
+
+def _numpy(x) -> np.ndarray:
+  return np.asarray(ops.convert_to_numpy(x))
+
+
+def _kernel_shape(layer) -> Optional[Tuple[int, ...]]:
+  if not layer.built:
+    return None
+  kernel = getattr(layer, "kernel", None)
+  if kernel is None:
+    return None
+  return tuple(int(d) for d in kernel.shape)
+
+
+def _relative(a, b) -> float:
+  return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12))
+
+
+# ----------------------------------------------------------------------------
+# The report.
+
+
+@dataclasses.dataclass
+class ConvertedLayer:
+  """A layer :func:`epitomize` replaced (as :class:`keras_epitome.transform.ConvertedLayer`).
+
+  Attributes:
+    name: the layer's name (unchanged by the transform).
+    kernel_shape: shape of the stock kernel (``None`` if it was not built).
+    epitome_shape: shape of the epitome (``None`` if the model was not built).
+    compression_ratio: achieved ratio, kernel over epitome plus routing map.
+    init: ``"fit"`` or ``"random"``.
+    fit_error: relative reconstruction error ``|K - K_fit| / |K|`` of the
+      trained kernel by the fitted epitome (``init="fit"`` only).
+  """
+
+  name: str
+  kernel_shape: Optional[Tuple[int, ...]]
+  epitome_shape: Optional[Tuple[int, ...]]
+  compression_ratio: Optional[float]
+  init: str
+  fit_error: Optional[float] = None
+
+
+@dataclasses.dataclass
+class KeptLayer:
+  """A kernel layer :func:`epitomize` left as it was, and why."""
+
+  name: str
+  class_name: str
+  reason: str
+
+
+@dataclasses.dataclass
+class EpitomeReport:
+  """What :func:`epitomize` did; available as ``model.epitome_report``.
+
+  Attributes:
+    converted: the layers turned into epitome layers.
+    kept: layers with a kernel that stayed stock (skipped, too small, refused
+      by the policy or of an unsupported type such as ``DepthwiseConv2D``).
+  """
+
+  converted: List[ConvertedLayer] = dataclasses.field(default_factory=list)
+  kept: List[KeptLayer] = dataclasses.field(default_factory=list)
+
+  def __str__(self) -> str:
+    lines = [f"epitomize: {len(self.converted)} layer(s) converted"]
+    for c in self.converted:
+      ratio = f"{c.compression_ratio:.2f}x" if c.compression_ratio else "?"
+      err = f", fit error {c.fit_error:.3f}" if c.fit_error is not None else ""
+      lines.append(
+        f"  {c.name}: {c.kernel_shape} -> {c.epitome_shape} ({ratio}, "
+        f"init={c.init}{err})"
+      )
+    lines.append(f"epitomize: {len(self.kept)} kernel layer(s) kept stock")
+    for k in self.kept:
+      lines.append(f"  {k.name} ({k.class_name}): {k.reason}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# epitomize
+
+
+def _resolve_policy(layer, policy, defaults, min_params):
+  """Returns ``(kwargs or None, reason, explicit)`` for a supported layer.
+
+  The same rule as the Keras 2 transform's helper of the same name.
+  """
+  entry, explicit = None, False
+  if callable(policy) and not isinstance(policy, Mapping):
+    entry, explicit = policy(layer), True
+  elif policy is not None and layer.name in policy:
+    entry, explicit = policy[layer.name], True
+  if explicit and entry is None:
+    return None, "policy returned None", explicit
+  kwargs = dict(defaults)
+  if explicit:
+    if isinstance(entry, bool) or not isinstance(
+      entry, (int, float, np.integer, np.floating, Mapping)
+    ):
+      raise ValueError(
+        f"epitomize: policy for layer '{layer.name}' must be a compression "
+        f"ratio, a dict of epitome arguments or None; got {entry!r}"
+      )
+    if isinstance(entry, Mapping):
+      unknown = sorted(set(entry) - set(POLICY_KEYS))
+      if unknown:
+        raise ValueError(
+          f"epitomize: policy for layer '{layer.name}' has unknown "
+          f"argument(s) {unknown}; valid: {', '.join(POLICY_KEYS)}"
+        )
+      if entry.get("epitome_shape") is not None:
+        kwargs.pop("compression", None)
+      kwargs.update(entry)
+    else:
+      kwargs["compression"] = float(entry)
+  shape = _kernel_shape(layer)
+  if not explicit and shape is not None and math.prod(shape) < min_params:
+    return (
+      None,
+      f"kernel has {math.prod(shape)} entries < min_params={min_params}",
+      explicit,
+    )
+  return kwargs, "", explicit
+
+
+def _epitome_config(layer, kwargs) -> Dict[str, Any]:
+  config = layer.get_config()
+  for key in POLICY_KEYS + _DROPPED_KEYS:
+    config.pop(key, None)
+  for key, value in kwargs.items():
+    if value is not None:
+      config[key] = value
+  if config.get("epitome_shape") is not None:
+    config.pop("compression", None)
+  return config
+
+
+def _check_geometry(layer, new) -> None:
+  """Raises the ValueError the epitome layer's build would raise, if any."""
+  shape = _kernel_shape(layer)
+  if shape is None:
+    return
+  g = geo.layer_geometry(shape, new.compression, new.epitome_shape, new.channel_roll)
+  geo.fixed_routing(g, new.spatial_stride)
+
+
+def _fit_layer(old, new) -> float:
+  """Sets ``new``'s epitome to the least-squares fit of ``old``'s kernel."""
+  kernel = _numpy(old.kernel)
+  g = new.epitome_geometry
+  rounded = geo.RoutingMap(*(np.round(np.asarray(r)) for r in new.routing_map))
+  epitome = geo.fit_epitome(kernel, rounded, g, fill=_numpy(new.epitome))
+  new.epitome.assign(epitome.astype(new.epitome.dtype))
+  return _relative(_numpy(new.kernel), kernel)
+
+
+def _unsupported_reason(layer) -> Optional[str]:
+  """Why a stock Conv/Dense cannot become an epitome layer, or ``None``."""
+  mode = getattr(getattr(layer, "dtype_policy", None), "quantization_mode", None)
+  if mode:
+    return (
+      f"quantized ({mode}): its kernel is not a float tensor; convert the "
+      "float model, then quantize"
+    )
+  return None
+
+
+def _check_min_params(value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"epitomize: min_params must be an int >= 0, got {value!r}")
+  return int(value)
+
+
+def epitomize(
+  model,
+  compression: float = 4.0,
+  *,
+  policy: Policy = None,
+  min_params: int = DEFAULT_MIN_PARAMS,
+  skip: Sequence[str] = (),
+  sampler: str = "learned",
+  learner: str = "param",
+  init: str = "auto",
+  spatial_stride=None,
+  offset_scale: float = 1.0,
+  channel_roll: int = 1,
+  calibration_data=None,
+  allocate: bool = False,
+  verbose: bool = True,
+):
+  """Returns a copy of a Keras 3 ``model`` whose Conv/Dense layers are epitome layers.
+
+  The Keras 3 version of :func:`keras_epitome.epitomize`, on any backend.
+  Built on ``keras.models.clone_model(model, clone_function=...,
+  recursive=True)``. Each layer whose exact type is ``keras.layers.Conv1D``,
+  ``Conv2D`` or ``Dense`` (not a subclass) becomes its
+  :mod:`keras_epitome.keras3` epitome twin with the same config (name,
+  activation, bias, strides, padding, regularizers, dtype policy...) plus the
+  epitome arguments; every other layer is cloned from its config with its
+  weights. Biases are copied, layers shared between call sites stay shared,
+  and nested Sequential/functional models are transformed recursively. The
+  input model is not modified.
+
+  Which layers are converted, with which arguments:
+
+  1. names in ``skip`` stay stock;
+  2. ``policy`` decides per layer when it has a say: a dict
+     ``{layer_name: value}`` or a callable ``layer -> value``, where value is
+     a compression ratio, a dict of epitome arguments (any of
+     :data:`POLICY_KEYS`; missing ones take this function's arguments), or
+     ``None`` to keep the layer stock;
+  3. otherwise layers whose kernel has fewer than ``min_params`` entries stay
+     stock (a policy entry overrides this), the others get ``compression``;
+  4. a layer the settings cannot serve (``data_format="channels_first"``, a
+     ratio too large for its kernel, a quantized layer) stays stock with the
+     reason, or raises a ``ValueError`` naming it when the policy asked for it
+     explicitly.
+
+  Args:
+    model: a Keras 3 Sequential or functional model, trained or not.
+    compression: default ratio of kernel size to epitome size.
+    policy: per-layer overrides (see above).
+    min_params: kernels with fewer entries stay stock unless the policy names
+      them.
+    skip: names of layers to leave stock.
+    sampler: ``"learned"`` (NES) or ``"fixed"`` (WSNet).
+    learner: ``"param"`` or ``"feature"``.
+    init: ``"fit"``: each epitome is the closed-form least-squares fit of the
+      trained kernel for the layer's initial (integer) routing map (needs a
+      built model); ``"random"``: the layers' own initializers; ``"auto"``:
+      ``"fit"`` for a built model, ``"random"`` otherwise.
+    spatial_stride: the epitome layers' ``spatial_stride``.
+    offset_scale: the epitome layers' ``offset_scale``.
+    channel_roll: the epitome layers' ``channel_roll`` (default 1, as the
+      layers').
+    calibration_data: not available in Keras 3 yet: a ``ValueError`` says how
+      to do the data-aware conversion with Keras 2.
+    allocate: not available in Keras 3 yet (as ``calibration_data``).
+    verbose: print the report; otherwise it is logged at INFO level.
+
+  Returns:
+    A new Keras 3 model of the same kind with an ``epitome_report`` attribute
+    (an :class:`EpitomeReport`).
+
+  Raises:
+    ValueError: for a Keras 2 model (use :func:`keras_epitome.epitomize`), a
+      subclassed model, an invalid ``compression``, ``sampler``, ``learner``,
+      ``spatial_stride``, ``offset_scale``, ``channel_roll`` or
+      ``min_params``, an unknown ``init``, a policy or skip entry naming no
+      layer of the model, a malformed policy value, epitome arguments that do
+      not fit a layer the policy names, ``init="fit"`` on a model that is not
+      built, or ``calibration_data``/``allocate``.
+
+  Example:
+    >>> model = keras.Sequential([
+    ...     keras.Input((16,)),
+    ...     keras.layers.Dense(64, activation="relu", name="hidden"),
+    ...     keras.layers.Dense(64, name="out")])
+    >>> small = epitomize(model, policy={"out": 8.0}, min_params=0,
+    ...                   verbose=False)
+    >>> [(c.name, round(c.compression_ratio, 1))
+    ...  for c in small.epitome_report.converted]
+    [('hidden', 3.9), ('out', 8.0)]
+  """
+  check_keras3_model(model, "epitomize")
+  if calibration_data is not None or allocate:
+    what = "calibration_data" if calibration_data is not None else "allocate=True"
+    raise ValueError(
+      f"epitomize: {what} (the data-aware conversion) is not available for "
+      "Keras 3 models yet. Convert with the Keras 2 API: build the same "
+      "architecture with `import keras_epitome as ke; keras = ke.keras`, move "
+      "the weights with set_weights(model.get_weights()), then "
+      "ke.epitomize(model2, compression, calibration_data=x_train[:2048]); or "
+      "here, epitomize without data and recover with "
+      "keras_epitome.keras3.distill(student, model, x_train)"
+    )
+  if init not in INITS:
+    raise ValueError(f"epitomize: unknown init {init!r}; valid: {', '.join(INITS)}")
+  if init == "fit" and not model.built:
+    raise ValueError(
+      f"epitomize: init='fit' needs a built model with trained weights; "
+      f"model '{model.name}' is not built (call it on data or give it an "
+      "Input), or use init='random'"
+    )
+  if init == "auto":
+    init = "fit" if model.built else "random"
+  min_params = _check_min_params(min_params)
+  # The global settings must be valid: only a per-layer misfit (a ratio too
+  # large for one kernel) may leave a layer stock.
+  spec.check_epitome_args(
+    "epitomize",
+    compression=compression,
+    sampler=sampler,
+    learner=learner,
+    spatial_stride=spatial_stride,
+    offset_scale=offset_scale,
+    channel_roll=channel_roll,
+    require_one=False,
+  )
+  if isinstance(skip, str):
+    skip = (skip,)
+  names = _layer_names(model)
+  missing = sorted(set(skip) - names)
+  if isinstance(policy, Mapping):
+    missing += sorted(set(policy) - names)
+  elif policy is not None and not callable(policy):
+    raise ValueError(
+      "epitomize: policy must be a dict {layer name: ratio, dict or None} or "
+      f"a callable layer -> value; got {type(policy).__name__}"
+    )
+  if missing:
+    raise ValueError(
+      f"epitomize: policy/skip name(s) {missing} match no layer of model "
+      f"'{model.name}'; its layers are {sorted(names)}"
+    )
+  defaults = dict(
+    compression=compression,
+    sampler=sampler,
+    learner=learner,
+    spatial_stride=spatial_stride,
+    offset_scale=offset_scale,
+    channel_roll=channel_roll,
+  )
+  skip = set(skip)
+  report = EpitomeReport()
+  converted = []  # (old, new)
+
+  def clone_layer(layer):
+    if isinstance(layer, keras.Model):  # recursive=True clones graph models
+      raise ValueError(
+        f"epitomize: nested model '{layer.name}' ({type(layer).__name__}) is "
+        "subclassed; only Sequential and functional models can be transformed"
+      )
+    epitome_cls = k3_layers.STOCK_TO_EPITOME.get(type(layer))
+    name, cls_name = layer.name, type(layer).__name__
+    if epitome_cls is None:
+      if not k3_layers.is_epitome_layer(layer) and any(
+        getattr(layer, a, None) is not None for a in _KERNEL_ATTRS
+      ):
+        report.kept.append(
+          KeptLayer(
+            name,
+            cls_name,
+            "no epitome layer for this type (supported: "
+            + ", ".join(c.__name__ for c in k3_layers.STOCK_TO_EPITOME)
+            + ")",
+          )
+        )
+      return None
+    if name in skip:
+      report.kept.append(KeptLayer(name, cls_name, "in skip"))
+      return None
+    kwargs, reason, explicit = _resolve_policy(layer, policy, defaults, min_params)
+    if kwargs is None:
+      report.kept.append(KeptLayer(name, cls_name, reason))
+      return None
+    try:
+      reason = _unsupported_reason(layer)
+      if reason is not None:
+        raise ValueError(reason)
+      new = epitome_cls.from_config(_epitome_config(layer, kwargs))
+      # Build errors (a ratio too large for the kernel...) surface here,
+      # not deep inside clone_model.
+      _check_geometry(layer, new)
+    except ValueError as e:
+      if explicit:
+        raise ValueError(f"epitomize: layer '{name}': {e}") from None
+      # The global settings do not fit this layer: keep it, say why.
+      report.kept.append(KeptLayer(name, cls_name, str(e)))
+      return None
+    converted.append((layer, new))
+    return new
+
+  new_model = clone_model(model, clone_layer, "epitomize")
+  for old, new in converted:
+    record = ConvertedLayer(new.name, _kernel_shape(old), None, None, init)
+    if new.built:
+      record.epitome_shape = new.epitome_geometry.epitome_shape
+      record.compression_ratio = new.epitome_geometry.compression_ratio
+      if getattr(old, "bias", None) is not None and new.bias is not None:
+        new.bias.assign(_numpy(old.bias))
+      if init == "fit" and old.built:
+        record.fit_error = _fit_layer(old, new)
+      elif init == "fit":
+        record.init = "random"
+    elif init == "fit":
+      record.init = "random"
+    report.converted.append(record)
+  new_model.epitome_report = report
+  if verbose:
+    print(report)
+  else:
+    logging.info("%s", report)
+  return new_model
+
+
+# ----------------------------------------------------------------------------
+# strip_epitome
+
+
+def _build_shape(layer):
+  shapes = getattr(layer, "_build_shapes_dict", None) or {}
+  shape = shapes.get("input_shape")
+  if shape is None:
+    raise ValueError(
+      f"{type(layer).__name__} '{layer.name}' has no recorded input shape; "
+      "call it on an input before materializing it"
+    )
+  return tuple(shape)
+
+
+def materialize_layer(layer):
+  """Returns the stock Keras 3 layer equal to an epitome layer in inference mode.
+
+  The stock layer (``Conv1D``/``Conv2D``/``Dense``) has the epitome layer's
+  config without the epitome arguments, is built for the same input shape,
+  and holds the kernel sampled with the inference routing map
+  (``layer.kernel``: the moving average for the ``feature`` learner) and the
+  same bias.
+
+  Args:
+    layer: a built Keras 3 epitome layer.
+
+  Returns:
+    A built stock layer with the same name.
+
+  Raises:
+    ValueError: if ``layer`` is not a Keras 3 epitome layer or is not built.
+
+  Example:
+    >>> layer = ke.EpitomeDense(32, compression=4)
+    >>> x = np.random.default_rng(0).normal(size=(2, 64)).astype("float32")
+    >>> y = layer(x)
+    >>> stock = materialize_layer(layer)
+    >>> bool(np.abs(np.asarray(stock(x)) - np.asarray(y)).max() < 1e-5)
+    True
+  """
+  if not k3_layers.is_epitome_layer(layer):
+    valid = ", ".join(c.__name__ for c in k3_layers.EPITOME_LAYERS)
+    hint = " (a Keras 2 layer: use keras_epitome.materialize_layer)"
+    raise ValueError(
+      f"materialize_layer takes a Keras 3 epitome layer ({valid}); got "
+      f"{type(layer).__name__} '{getattr(layer, 'name', '?')}'"
+      + (hint if is_keras2_object(layer) else "")
+    )
+  if not layer.built or layer.epitome is None:
+    raise ValueError(
+      f"{type(layer).__name__} '{layer.name}' is not built yet; call it on an "
+      "input before materializing it"
+    )
+  config = layer.get_config()
+  for key in POLICY_KEYS:
+    config.pop(key, None)
+  stock_cls = k3_layers.STOCK_OF[type(layer)]
+  stock = stock_cls.from_config(config)
+  stock.build(_build_shape(layer))
+  stock.kernel.assign(_numpy(layer.kernel).astype(stock.kernel.dtype))
+  if layer.use_bias:
+    stock.bias.assign(_numpy(layer.bias))
+  return stock
+
+
+def strip_epitome(model):
+  """Returns a copy of a Keras 3 ``model`` with every epitome layer made stock.
+
+  The inverse of :func:`epitomize`: each epitome layer becomes
+  :func:`materialize_layer` of it, every other layer is cloned with its
+  weights, nested models are stripped recursively and shared layers stay
+  shared. Outputs equal the epitome model's in inference mode.
+
+  Args:
+    model: a Keras 3 Sequential or functional model.
+
+  Returns:
+    A new model of stock layers.
+
+  Raises:
+    ValueError: for a Keras 2 model (use :func:`keras_epitome.strip_epitome`),
+      a subclassed model, or an unbuilt epitome layer.
+  """
+
+  def clone_layer(layer):
+    if k3_layers.is_epitome_layer(layer):
+      return materialize_layer(layer)
+    return None
+
+  return clone_model(model, clone_layer, "strip_epitome")
+
+
+# ----------------------------------------------------------------------------
+# summarize
+
+
+@dataclasses.dataclass
+class LayerSummary:
+  """One kernel layer in :func:`summarize` (as :class:`keras_epitome.transform.LayerSummary`).
+
+  Attributes:
+    name: layer name.
+    class_name: layer class.
+    kernel_shape: shape of the (sampled or stock) kernel.
+    epitome_shape: the epitome's shape (``None`` for a stock layer).
+    sampler: ``"learned/param"``, ``"learned/feature"``, ``"fixed"`` or
+      ``"stock"``.
+    compression_ratio: kernel size over stored size (1 for a stock layer).
+    kernel_params: entries of the full kernel.
+    stored_params: entries stored for the kernel (epitome plus routing map;
+      the kernel for a stock layer). Biases are not included.
+    output_positions: output positions per example, summed over the layer's
+      call sites.
+    macs_materialized: multiply-adds per example of the stock/materialized
+      form.
+    macs_factored: multiply-adds per example of the factored form (equal to
+      ``macs_materialized`` for a stock layer).
+  """
+
+  name: str
+  class_name: str
+  kernel_shape: Tuple[int, ...]
+  epitome_shape: Optional[Tuple[int, ...]]
+  sampler: str
+  compression_ratio: float
+  kernel_params: int
+  stored_params: int
+  output_positions: int
+  macs_materialized: int
+  macs_factored: int
+
+
+@dataclasses.dataclass
+class ModelSummary:
+  """What :func:`summarize` returns: per-layer records and the model's totals.
+
+  Attributes:
+    layers: one :class:`LayerSummary` per Conv/Dense or epitome layer.
+    total_params: ``model.count_params()`` (everything stored, offsets and
+      learners included).
+    stock_params: what the model would hold with stock kernels.
+    compression_ratio: ``stock_params / total_params``.
+    macs_materialized: summed over the layers listed, per example.
+    macs_factored: summed over the layers listed, per example.
+  """
+
+  layers: List[LayerSummary]
+  total_params: int
+  stock_params: int
+  compression_ratio: float
+  macs_materialized: int
+  macs_factored: int
+
+
+def _output_positions(layer) -> int:
+  """Output positions per example, summed over the layer's call sites."""
+  total = 0
+  for node in getattr(layer, "_inbound_nodes", []):
+    outputs = node.outputs
+    shape = tuple(outputs[0].shape)
+    dims = shape[1:-1]
+    if any(d is None for d in dims):
+      raise ValueError(
+        f"summarize: layer '{layer.name}' has an output of unknown size "
+        f"{shape}; give the model a fixed input shape to count MACs"
+      )
+    total += int(np.prod(dims)) if dims else 1
+  return max(total, 1)
+
+
+def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelSummary:
+  """Per-layer table of kernels, epitomes, stored sizes and multiply-adds (Keras 3).
+
+  Lists every Keras 3 epitome layer and every stock layer that could be one
+  (``Conv1D``, ``Conv2D``, ``Dense``), inside nested models too. MACs are
+  per example: :meth:`EpitomeGeometry.macs_per_position` times the layer's
+  output positions (summed over its call sites). The materialized form costs
+  what the stock layer costs; the factored form runs the convolution on the
+  epitome's channels plus two channel remixes.
+
+  Args:
+    model: a built Keras 3 model.
+    print_fn: called with each line of the table, like ``model.summary``;
+      ``None`` prints nothing.
+
+  Returns:
+    A :class:`ModelSummary`.
+
+  Raises:
+    ValueError: for a Keras 2 model (use :func:`keras_epitome.summarize`), a
+      model that is not built, or a layer whose output size is unknown.
+  """
+  check_keras3_model(model, "summarize")
+  if not model.built:
+    raise ValueError(
+      f"summarize: model '{model.name}' is not built; call it on data or "
+      "give it an Input first"
+    )
+  records = []
+  total = int(model.count_params())
+  stock_params = total
+  for layer, _ in _walk(model):
+    if k3_layers.is_epitome_layer(layer) and layer.built:
+      g = layer.epitome_geometry
+      sampler = layer.sampler
+      if sampler == "learned":
+        sampler += "/" + layer.learner
+      macs = g.macs_per_position()
+      positions = _output_positions(layer)
+      record = LayerSummary(
+        layer.name,
+        type(layer).__name__,
+        g.kernel_shape,
+        g.epitome_shape,
+        sampler,
+        g.compression_ratio,
+        g.kernel_size,
+        g.stored_size,
+        positions,
+        macs["stock"] * positions,
+        macs["factored"] * positions,
+      )
+      extra = sum(int(np.prod(w.shape)) for w in layer.weights)
+      if layer.use_bias:
+        extra -= int(np.prod(layer.bias.shape))
+      stock_params += g.kernel_size - extra
+    elif type(layer) in k3_layers.STOCK_TO_EPITOME and layer.built:
+      shape = _kernel_shape(layer)
+      size = int(np.prod(shape))
+      positions = _output_positions(layer)
+      record = LayerSummary(
+        layer.name,
+        type(layer).__name__,
+        shape,
+        None,
+        "stock",
+        1.0,
+        size,
+        size,
+        positions,
+        size * positions,
+        size * positions,
+      )
+    else:
+      continue
+    records.append(record)
+  summary = ModelSummary(
+    records,
+    total,
+    stock_params,
+    stock_params / max(total, 1),
+    sum(r.macs_materialized for r in records),
+    sum(r.macs_factored for r in records),
+  )
+  if print_fn is not None:
+    _print_summary(model, summary, print_fn)
+  return summary
+
+
+def _fmt_shape(shape) -> str:
+  return "-" if shape is None else "x".join(str(d) for d in shape)
+
+
+def _print_summary(model, summary: ModelSummary, print_fn):
+  header = (
+    "Layer (type)",
+    "Kernel",
+    "Epitome",
+    "Sampler",
+    "Ratio",
+    "Stored",
+    "MACs mat.",
+    "MACs fact.",
+  )
+  rows = [
+    (
+      f"{r.name} ({r.class_name})",
+      _fmt_shape(r.kernel_shape),
+      _fmt_shape(r.epitome_shape),
+      r.sampler,
+      f"{r.compression_ratio:.2f}",
+      f"{r.stored_params:,}",
+      f"{r.macs_materialized:,}",
+      f"{r.macs_factored:,}",
+    )
+    for r in summary.layers
+  ]
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+  line_len = sum(widths) + 2 * (len(widths) - 1)
+
+  def fmt(cols):
+    left = [str(c).ljust(w) for c, w in zip(cols[:4], widths[:4], strict=True)]
+    right = [str(c).rjust(w) for c, w in zip(cols[4:], widths[4:], strict=True)]
+    return "  ".join(left + right)
+
+  print_fn(f'Epitome summary: "{model.name}"')
+  print_fn("_" * line_len)
+  print_fn(fmt(header))
+  print_fn("=" * line_len)
+  for row in rows:
+    print_fn(fmt(row))
+  print_fn("=" * line_len)
+  print_fn(
+    f"Total params: {summary.total_params:,} (stock kernels: "
+    f"{summary.stock_params:,}, {summary.compression_ratio:.2f}x smaller)"
+  )
+  mac_ratio = summary.macs_materialized / max(summary.macs_factored, 1)
+  print_fn(
+    f"MACs per example: materialized {summary.macs_materialized:,}, "
+    f"factored {summary.macs_factored:,} ({mac_ratio:.2f}x fewer)"
+  )
+  print_fn("_" * line_len)
