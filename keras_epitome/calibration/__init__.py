@@ -83,4 +83,5 @@ __all__ = [
   "calibration_array",
   "config_from_options",
   "layer_patches",
+  "spelled",
 ]

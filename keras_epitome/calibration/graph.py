@@ -23,7 +23,7 @@ def feeds_only_batchnorm(layer) -> bool:
     axis = axis if isinstance(axis, (list, tuple)) else [axis]
     if list(axis) not in ([-1], [len(layer.output_shape) - 1]):
       return False
-  return layer.activation is keras.activations.linear
+  return getattr(layer, "activation", None) is keras.activations.linear
 
 
 def input_model(model, layers: Sequence):
