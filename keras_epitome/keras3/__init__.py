@@ -15,6 +15,8 @@ Example:
 """
 
 from keras_epitome.geometry import RoutingMap, epitome_shape_for_ratio
+from keras_epitome.keras3.distillation import Distiller, distill
+from keras_epitome.keras3.harden import harden_layer, harden_routing
 from keras_epitome.keras3.layers import (
   EPITOME_LAYERS,
   EpitomeConv1D,
@@ -23,14 +25,28 @@ from keras_epitome.keras3.layers import (
   epitome_layers,
 )
 from keras_epitome.keras3.learners import FeatureOffsetLearner
+from keras_epitome.keras3.transform import (
+  epitomize,
+  materialize_layer,
+  strip_epitome,
+  summarize,
+)
 
 __all__ = [
+  "Distiller",
   "EPITOME_LAYERS",
   "EpitomeConv1D",
   "EpitomeConv2D",
   "EpitomeDense",
   "FeatureOffsetLearner",
   "RoutingMap",
+  "distill",
   "epitome_layers",
   "epitome_shape_for_ratio",
+  "epitomize",
+  "harden_layer",
+  "harden_routing",
+  "materialize_layer",
+  "strip_epitome",
+  "summarize",
 ]
