@@ -4,6 +4,8 @@ Forms checked: the training-time layer (``model(x)``) against the
 materialized form (:func:`strip_epitome` / :func:`materialize_layer`).
 """
 
+import warnings
+
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
@@ -335,6 +337,48 @@ class EpitomizeTest(tf.test.TestCase, parameterized.TestCase):
     self.assertIsInstance(small.layers[1], ke.EpitomeConv1D)
     x = np.random.rand(2, 32, 4).astype("float32")
     self.assertAllClose(small(x), ke.strip_epitome(small)(x), atol=1e-5)
+
+
+class NoCalibrationDataWarningTest(tf.test.TestCase):
+  """A built (trained) model converted by the weight fit alone says so."""
+
+  def _model(self):
+    return keras.Sequential(
+      [keras.Input((8, 8, 3)), keras.layers.Conv2D(32, 3, name="c")]
+    )
+
+  def test_weight_fit_of_a_built_model_warns_with_the_fix(self):
+    for init in ("auto", "fit"):
+      with self.assertWarnsRegex(
+        UserWarning,
+        r"'sequential.*' has weights but no calibration_data.*1 converted "
+        r"layer.*pass calibration_data=x_train\[:2048\]",
+      ):
+        ke.epitomize(self._model(), 4, init=init, min_params=0, verbose=False)
+
+  def test_no_warning_when_nothing_needs_data(self):
+    x = np.zeros((4, 8, 8, 3), "float32")
+    cases = [
+      lambda: ke.epitomize(
+        self._model(), 4, init="random", min_params=0, verbose=False
+      ),
+      lambda: ke.epitomize(
+        self._model(), 4, calibration_data=x, min_params=0, verbose=False
+      ),
+      # Nothing converted (the kernel is below min_params).
+      lambda: ke.epitomize(self._model(), 4, verbose=False),
+      # Not built: the layers start from their initializers.
+      lambda: ke.epitomize(
+        keras.Sequential([keras.layers.Conv2D(32, 3)]), 4, min_params=0, verbose=False
+      ),
+    ]
+    for convert in cases:
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert()
+      self.assertEqual(
+        [str(w.message) for w in caught if "calibration_data" in str(w.message)], []
+      )
 
 
 class MaterializeLayerTest(tf.test.TestCase, parameterized.TestCase):
