@@ -1,0 +1,120 @@
+"""The Keras 3 transforms on another backend, with TensorFlow and Keras 2 unimportable.
+
+Run by ``tests/test_keras3_transform.py`` in a subprocess (the Keras backend
+is fixed per process); by hand:
+
+  KERAS_BACKEND=jax python tests/keras3_transform_jax_check.py
+
+TensorFlow, ``tf_keras`` and TF-MOT are made unimportable first (as on a
+JAX-only machine), so an import of either from :mod:`keras_epitome.keras3`
+fails the check. Prints one JSON line of measurements; exits non-zero on a
+failed check.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+for _name in ("tensorflow", "tf_keras", "tensorflow_model_optimization"):
+  sys.modules[_name] = None  # `import` raises ImportError, find_spec gives None
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_epitome.keras3 as ke  # noqa: E402
+
+
+def residual_model():
+  inner_in = keras.Input((8, 8, 16))
+  h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="b_c1")(
+    inner_in
+  )
+  h = keras.layers.Conv2D(16, 3, padding="same", name="b_c2")(h)
+  h = keras.layers.Add(name="b_add")([inner_in, h])
+  block = keras.Model(inner_in, h, name="block")
+  inp = keras.Input((8, 8, 3))
+  x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="stem")(inp)
+  x = block(x)
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  out = keras.layers.Dense(10, name="fc")(x)
+  return keras.Model(inp, out, name="resnet")
+
+
+def main():
+  assert keras.backend.backend() != "tensorflow", keras.backend.backend()
+  assert "tensorflow" not in [m for m in sys.modules if sys.modules[m] is not None]
+  keras.utils.set_random_seed(0)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+  y = rng.integers(0, 10, size=64)
+  teacher = residual_model()
+  model = ke.epitomize(
+    teacher, 4, min_params=0, policy={"fc": None}, skip=("stem",), verbose=False
+  )
+  names = sorted(layer.name for layer in ke.epitome_layers(model))
+  assert names == ["b_c1", "b_c2"], names
+  fit_errors = [c.fit_error for c in model.epitome_report.converted]
+  layer = model.get_layer("block").get_layer("b_c2")
+  offsets0 = np.asarray(layer.in_offsets.numpy()).copy()
+  model.compile(
+    keras.optimizers.Adam(1e-2),
+    keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
+  losses = [float(model.evaluate(x, y, verbose=0))]
+  for _ in range(3):
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
+    losses.append(float(model.evaluate(x, y, verbose=0)))
+  moved = float(np.abs(np.asarray(layer.in_offsets.numpy()) - offsets0).max())
+  assert losses[-1] < losses[0], losses
+  assert moved > 0, moved
+  stock = ke.strip_epitome(model)
+  assert not ke.epitome_layers(stock)
+  y_e = np.asarray(model.predict(x, verbose=0))
+  strip_diff = float(np.abs(np.asarray(stock.predict(x, verbose=0)) - y_e).max())
+  assert strip_diff < 1e-5, strip_diff
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+  load_diff = float(np.abs(np.asarray(loaded.predict(x, verbose=0)) - y_e).max())
+  assert load_diff == 0.0, load_diff
+  hard = ke.harden_routing(model)
+  for h in ke.epitome_layers(hard):
+    for arr in h.routing_map:
+      assert np.array_equal(arr, np.round(arr)), arr
+  summary = ke.summarize(model, print_fn=None)
+  student = ke.epitomize(teacher, 8, min_params=0, init="fit", verbose=False)
+
+  def gap():
+    d = np.asarray(student.predict(x, verbose=0)) - np.asarray(
+      teacher.predict(x, verbose=0)
+    )
+    return float(np.mean(d**2))
+
+  gap0 = gap()
+  ke.distill(
+    student, teacher, x, epochs=5, batch_size=16, learning_rate=1e-2, verbose=0
+  )
+  gap1 = gap()
+  assert gap1 < gap0, (gap0, gap1)
+  print(
+    json.dumps(
+      dict(
+        backend=keras.backend.backend(),
+        converted=names,
+        fit_errors=fit_errors,
+        losses=losses,
+        offsets_moved=moved,
+        strip_diff=strip_diff,
+        load_diff=load_diff,
+        summary_ratio=summary.compression_ratio,
+        distill_gap=[gap0, gap1],
+      )
+    )
+  )
+
+
+if __name__ == "__main__":
+  main()
