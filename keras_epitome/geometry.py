@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -106,8 +107,9 @@ class EpitomeGeometry:
   channel_roll: int = 0
 
   def __post_init__(self):
-    k = tuple(int(d) for d in self.kernel_shape)
-    e = tuple(int(d) for d in self.epitome_shape)
+    # Integer entries only: 3.7 or "3" is refused, not truncated or parsed.
+    k = spec._int_tuple(self.kernel_shape, "kernel shape", "")  # noqa: SLF001
+    e = spec._int_tuple(self.epitome_shape, "epitome shape", "")  # noqa: SLF001
     object.__setattr__(self, "kernel_shape", k)
     object.__setattr__(self, "epitome_shape", e)
     object.__setattr__(self, "channel_roll", spec.check_channel_roll(self.channel_roll))
@@ -312,7 +314,8 @@ def epitome_shape_for_ratio(
 
   Raises:
     ValueError: if the ratio is below 1, not finite, or needs fewer than one
-      channel on either side (too large for the kernel).
+      channel on either side (too large for the kernel), or the kernel has no
+      input or output channel.
 
   Example:
     >>> epitome_shape_for_ratio((3, 3, 64, 64), 4)
@@ -320,7 +323,7 @@ def epitome_shape_for_ratio(
     >>> epitome_shape_for_ratio((3, 3, 16, 64), 4)
     (3, 3, 16, 16)
   """
-  kernel_shape = tuple(int(d) for d in kernel_shape)
+  kernel_shape = spec.check_channels(kernel_shape)
   compression = spec.check_compression(compression)
   cin, cout = kernel_shape[-2:]
   budget = cin * cout / compression  # channel pairs the epitome may hold
@@ -346,27 +349,92 @@ def epitome_shape_for_ratio(
   return kernel_shape[:-2] + (cin_e, cout_e)
 
 
+# A layer whose achieved ratio is below this fraction of the requested one
+# warns (:func:`ratio_shortfall`).
+RATIO_SHORTFALL = 2.0 / 3.0
+
+
+def ratio_shortfall(geometry: EpitomeGeometry, compression: float) -> Optional[str]:
+  """Why ``geometry`` falls short of the requested ``compression``, or ``None``.
+
+  The ratio rule sizes the epitome alone to ``1/compression`` of the kernel
+  (rounding down), but the routing map stores ``A + B`` offsets (more with
+  spatial slack) whatever the epitome's size, and the epitome cannot shrink
+  below one input and one output channel: on a small kernel a large ratio is
+  not reached. Returns ``None`` when the achieved ratio is at least
+  :data:`RATIO_SHORTFALL` of the request.
+
+  Example:
+    >>> g = layer_geometry((3, 13), compression=27.6)
+    >>> print(ratio_shortfall(g, 27.6))  # doctest: +ELLIPSIS
+    compression=27.6 requested, 2.29x achieved (kernel (3, 13), epitome (1, 1)...
+  """
+  achieved = geometry.compression_ratio
+  if achieved >= RATIO_SHORTFALL * float(compression):
+    return None
+  g = geometry
+  s = int(np.prod(g.spatial)) if g.rank else 1
+  # The smallest epitome the rule can give: the window, one channel each way.
+  best = g.kernel_size / (s + g.cin + g.cout)
+  floor = (
+    ", at its floor of one input and one output channel"
+    if g.cin_e == 1 and g.cout_e == 1
+    else ""
+  )
+  return (
+    f"compression={float(compression):g} requested, {achieved:.3g}x achieved "
+    f"(kernel {g.kernel_shape}, epitome {g.epitome_shape}, routing map "
+    f"{g.routing_size} offsets): the routing map's {g.routing_size} offsets "
+    f"are stored next to a {g.epitome_size}-entry epitome (the epitome alone "
+    f"is {g.kernel_size / g.epitome_size:.3g}x{floor}); this kernel reaches at "
+    f"most about {best:.3g}x, so ask for less or leave the layer stock"
+  )
+
+
 def layer_geometry(
   kernel_shape: Sequence[int],
   compression: Optional[float] = None,
   epitome_shape: Optional[Sequence[int]] = None,
   channel_roll: int = 0,
+  desc: Optional[str] = None,
 ) -> EpitomeGeometry:
   """The geometry a layer builds: its explicit epitome shape, else the ratio rule's.
 
-  Checks that the epitome and its routing map store no more than the kernel
-  (:func:`keras_epitome.spec.check_stored_size`).
+  Checks that the kernel has channels on both sides
+  (:func:`keras_epitome.spec.check_channels`), that the epitome shape's
+  entries are integers and that the epitome and its routing map store no more
+  than the kernel (:func:`keras_epitome.spec.check_stored_size`).
+
+  Args:
+    kernel_shape: ``(*S, Cin, Cout)``.
+    compression: the requested ratio (used when ``epitome_shape`` is
+      ``None``).
+    epitome_shape: an explicit ``(*S_E, Cin_E, Cout_E)``.
+    channel_roll: see :class:`EpitomeGeometry`.
+    desc: the layer being built (``"EpitomeDense 'fc'"``). When given, a
+      requested ratio the kernel falls well short of (:func:`ratio_shortfall`)
+      emits a ``UserWarning`` naming it; without it (trial geometries, early
+      checks) nothing is emitted.
+
+  Raises:
+    ValueError: the message names the value and what is valid (layers prefix
+      their own name).
 
   Example:
     >>> layer_geometry((3, 3, 64, 64), compression=4).epitome_shape
     (3, 3, 32, 32)
   """
+  kernel_shape = spec.check_channels(kernel_shape)
   if epitome_shape is None:
     epitome_shape = epitome_shape_for_ratio(kernel_shape, compression)
-  geometry = EpitomeGeometry(
-    kernel_shape, tuple(int(d) for d in epitome_shape), channel_roll=channel_roll
-  )
+  else:
+    epitome_shape = spec.check_epitome_shape(epitome_shape, len(kernel_shape) - 2)
+  geometry = EpitomeGeometry(kernel_shape, epitome_shape, channel_roll=channel_roll)
   spec.check_stored_size(geometry)
+  if desc is not None and compression is not None:
+    shortfall = ratio_shortfall(geometry, compression)
+    if shortfall is not None:
+      warnings.warn(f"{desc}: {shortfall}", UserWarning, stacklevel=2)
   return geometry
 
 

@@ -112,8 +112,16 @@ def harden_routing(model, refit: bool = True, report: Dict[str, float] = None):
     :func:`keras_epitome.epitomize` did from the model it returned.
 
   Raises:
-    ValueError: for a subclassed model.
+    ValueError: for a subclassed model, or a model without epitome layers
+      (nothing to harden: convert it first with ``ke.epitomize``).
   """
+  walk.check_transformable(model, "harden_routing")
+  if not epitome_layers.epitome_layers(model):
+    raise ValueError(
+      f"harden_routing: model {getattr(model, 'name', model)!r} has no epitome "
+      "layer, so there is no routing map to harden; convert it first with "
+      "ke.epitomize"
+    )
   hardened = []
 
   def clone_layer(layer):

@@ -119,6 +119,8 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       channel_roll=channel_roll,
       train_form=train_form,
     )
+    if isinstance(self, keras.layers.Dense):  # the stock Dense accepts units=0
+      spec.check_units(self.units, "units", desc)
     if getattr(self, "data_format", "channels_last") != "channels_last":
       raise ValueError(
         f"{desc}: data_format={self.data_format!r} is not supported; "
@@ -169,7 +171,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     desc = self._desc()
     try:
       geometry = sampling.layer_geometry(
-        kernel_shape, self.compression, self.epitome_shape, self.channel_roll
+        kernel_shape, self.compression, self.epitome_shape, self.channel_roll, desc
       )
       routing = sampling.fixed_routing(geometry, self.spatial_stride)
     except ValueError as e:

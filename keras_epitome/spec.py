@@ -138,15 +138,90 @@ def check_sampler(sampler, learner, desc: str = "") -> Tuple[str, str]:
   return sampler, learner
 
 
+def as_int(value) -> Optional[int]:
+  """``value`` as an int if it is an integer value, else ``None``.
+
+  Ints and NumPy integers, and floats with an integral value (``3.0``, as
+  JSON or NumPy arithmetic may give them); not bools, strings, ``3.7``, NaN.
+  """
+  if isinstance(value, (bool, np.bool_)):
+    return None
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)) and float(value).is_integer():
+    return int(value)
+  return None
+
+
 def _int_tuple(value, what: str, desc: str) -> Tuple[int, ...]:
-  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-    return (int(value),)
+  """An int or a sequence of integer values, as a tuple of ints.
+
+  Non-integer entries (``3.7``, ``"3"``, ``True``, ``None``) are refused
+  naming the entry, never truncated or parsed.
+  """
+  single = as_int(value)
+  if single is not None:
+    return (single,)
   try:
-    return tuple(int(v) for v in value)
-  except (TypeError, ValueError):
+    if isinstance(value, (str, bytes, dict)):
+      raise TypeError
+    entries = list(value)
+  except TypeError:
     raise ValueError(
       f"{_prefix(desc)}{what} must be an int or a tuple of ints, got {value!r}"
     ) from None
+  out = []
+  for i, v in enumerate(entries):
+    entry = as_int(v)
+    if entry is None:
+      raise ValueError(
+        f"{_prefix(desc)}{what} entry {i} is {v!r}; entries must be integers "
+        f"(got {what}={value!r})"
+      )
+    out.append(entry)
+  return tuple(out)
+
+
+def check_channels(kernel_shape: Sequence[int], desc: str = "") -> Tuple[int, ...]:
+  """A kernel shape ``(*S, Cin, Cout)`` an epitome can be cut from.
+
+  Every entry a positive integer: at least one input channel (the layer's
+  input has channels) and one output channel (``units``/``filters >= 1``).
+
+  Returns:
+    The shape as a tuple of ints.
+  """
+  shape = _int_tuple(kernel_shape, "kernel shape", desc)
+  if len(shape) < 2:
+    raise ValueError(
+      f"{_prefix(desc)}kernel shape {shape} must have at least 2 axes (Cin, Cout)"
+    )
+  for size, what in (
+    (shape[-2], "input channels (the input's last axis)"),
+    (shape[-1], "output channels (units or filters)"),
+  ):
+    if size < 1:
+      raise ValueError(
+        f"{_prefix(desc)}kernel shape {shape} has {size} {what}; an epitome "
+        "layer needs at least 1 input and 1 output channel"
+      )
+  if any(d < 1 for d in shape[:-2]):
+    raise ValueError(
+      f"{_prefix(desc)}kernel shape {shape} must have a spatial window of "
+      "positive sizes"
+    )
+  return shape
+
+
+def check_units(value, name: str, desc: str = "") -> int:
+  """``units``/``filters`` of an epitome layer: an integer ``>= 1``."""
+  units = as_int(value)
+  if units is None or units < 1:
+    raise ValueError(
+      f"{_prefix(desc)}{name} must be an integer >= 1 (an epitome needs at "
+      f"least one output channel), got {value!r}"
+    )
+  return units
 
 
 def check_epitome_shape(value, kernel_rank: Optional[int], desc: str = ""):

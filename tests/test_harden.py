@@ -114,3 +114,11 @@ class HardenTest(tf.test.TestCase):
           return x
 
       ke.harden_routing(Sub())
+
+  def test_model_without_epitome_layers_is_refused(self):
+    # Issue 27 F5: it returned a plain copy silently.
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)], name="plain")
+    with self.assertRaisesRegex(
+      ValueError, "harden_routing: model 'plain' has no epitome layer.*ke.epitomize"
+    ):
+      ke.harden_routing(model)
