@@ -1,6 +1,6 @@
 """A NumPy oracle of epitome sampling for the tests: the formula, entry by entry.
 
-DESIGN.md section 1, written as a plain loop over kernel entries with no
+docs/design.md, written as a plain loop over kernel entries with no
 vectorisation and no shared code with :mod:`keras_epitome.sampling`, so that
 the package's samplers (training, frozen, factored, compression) are checked
 against an independent reading of the math.
@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from keras_epitome.sampling import EpitomeGeometry, RoutingMap
+from keras_epitome.geometry import EpitomeGeometry, RoutingMap
 
 
 def sample_kernel(epitome, routing: RoutingMap, geometry: EpitomeGeometry):

@@ -1,0 +1,116 @@
+"""The Keras 3 layers on the JAX backend (run by tests/test_keras3.py in a child process).
+
+Needs no TensorFlow, so it also runs on a JAX-only machine (a GPU host):
+``KERAS_BACKEND=jax python tests/keras3_jax_check.py OUT_DIR``. It checks the
+``keras.ops`` sampler against the NumPy oracle (values) and against finite
+differences (gradients), trains a small model whose loss falls and offsets
+move, and saves the model, its inputs and outputs to ``OUT_DIR`` for the
+TensorFlow side to load.
+"""
+
+import os
+import sys
+
+import jax
+import keras
+import numpy as np
+
+import keras_epitome.keras3 as ke
+from keras_epitome.geometry import EpitomeGeometry, RoutingMap
+from keras_epitome.keras3 import ops_sampling
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import oracle  # noqa: E402  (the tests' NumPy oracle, beside this file)
+
+assert keras.backend.backend() == "jax", keras.backend.backend()
+
+
+def check_sampler(rng, cases=20):
+  worst_value, worst_grad = 0.0, 0.0
+  for _ in range(cases):
+    rank = int(rng.integers(3))
+    spatial = tuple(int(s) for s in rng.integers(1, 4, rank))
+    cin, cout = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+    g = EpitomeGeometry(
+      spatial + (cin, cout),
+      tuple(s + int(rng.integers(3)) for s in spatial)
+      + (int(rng.integers(1, cin + 1)), int(rng.integers(1, cout + 1))),
+      channel_roll=int(rng.integers(3)),
+    )
+    e = rng.normal(size=g.epitome_shape).astype(np.float32)
+    # Fractions away from the kinks, so finite differences are smooth.
+    i_o = rng.integers(-4, 9, g.num_in_chunks) + rng.uniform(0.2, 0.8, g.num_in_chunks)
+    o_o = rng.integers(-4, 9, g.num_out_chunks) + rng.uniform(
+      0.2, 0.8, g.num_out_chunks
+    )
+    s_o = np.zeros((g.num_out_chunks, rank))
+    for d in g.slack_axes:
+      s_o[:, d] = rng.integers(0, g.slack[d], g.num_out_chunks) + rng.uniform(
+        0.2, 0.8, g.num_out_chunks
+      )
+    i_o, o_o, s_o = (a.astype(np.float32) for a in (i_o, o_o, s_o))
+    ref = oracle.sample_kernel(e, RoutingMap(i_o, o_o, s_o), g)
+    s_arg = s_o if g.slack_axes else None
+    k = np.asarray(ops_sampling.sample_kernel(e, i_o, o_o, s_arg, g))
+    worst_value = max(worst_value, float(np.abs(k - ref).max()))
+    r = rng.normal(size=g.kernel_shape).astype(np.float32)
+
+    def loss(i_o, o_o, e, s_arg=s_arg, g=g, r=r):
+      return (ops_sampling.sample_kernel(e, i_o, o_o, s_arg, g) * r).sum()
+
+    gi, go, ge = jax.grad(loss, argnums=(0, 1, 2))(i_o, o_o, e)
+    # The loss is linear in each offset between integers: a central difference
+    # of step 0.1 is exact up to float rounding.
+    for arr, grad, idx in ((i_o, gi, 0), (o_o, go, 1)):
+      for j in range(arr.size):
+        up, dn = arr.copy(), arr.copy()
+        up[j] += 0.05
+        dn[j] -= 0.05
+        args_up = [i_o, o_o, e]
+        args_dn = [i_o, o_o, e]
+        args_up[idx], args_dn[idx] = up, dn
+        fd = (float(loss(*args_up)) - float(loss(*args_dn))) / 0.1
+        scale = max(abs(fd), 1.0)
+        worst_grad = max(worst_grad, abs(float(grad[j]) - fd) / scale)
+    assert np.asarray(ge).shape == g.epitome_shape
+  assert worst_value < 1e-5, worst_value
+  assert worst_grad < 1e-2, worst_grad  # float32 finite differences
+  print(
+    f"sampler vs oracle: max |dK| {worst_value:.2e}, offsets' gradient vs FD {worst_grad:.2e}"
+  )
+
+
+def train_and_save(out_dir, rng):
+  model = keras.Sequential(
+    [
+      keras.Input((8, 8, 3)),
+      keras.layers.Conv2D(16, 3, padding="same"),
+      ke.EpitomeConv2D(32, 3, padding="same", compression=4, activation="relu"),
+      ke.EpitomeConv2D(32, 3, padding="same", compression=4, learner="feature"),
+      keras.layers.GlobalAveragePooling2D(),
+      ke.EpitomeDense(10, compression=2),
+    ]
+  )
+  model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  x = rng.random((64, 8, 8, 3)).astype("float32")
+  y = rng.integers(0, 10, 64)
+  before = model.layers[1].routing_map
+  history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+  losses = history.history["loss"]
+  assert losses[-1] < losses[0], losses
+  moved = np.abs(model.layers[1].routing_map.in_offsets - before.in_offsets).max()
+  assert moved > 0, moved
+  model.save(os.path.join(out_dir, "jax_model.keras"))
+  np.save(os.path.join(out_dir, "x.npy"), x)
+  np.save(os.path.join(out_dir, "y.npy"), np.asarray(model.predict(x, verbose=0)))
+  loaded = keras.models.load_model(os.path.join(out_dir, "jax_model.keras"))
+  assert np.array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+  print(f"JAX fit: loss {losses[0]:.4f} -> {losses[-1]:.4f}, offsets moved {moved:.2e}")
+
+
+if __name__ == "__main__":
+  out = sys.argv[1] if len(sys.argv) > 1 else "."
+  rng = np.random.default_rng(0)
+  check_sampler(rng)
+  train_and_save(out, rng)
+  print("ok")
