@@ -27,7 +27,7 @@ from absl import app, flags
 from benchmarks import (
   inference as bench,  # benchmarks/inference.py (selects Keras 2 first)
 )
-from keras_epitome import export, factored, form_choice
+from keras_epitome import export, factored_model, form_choice
 
 # --precisions, --compressions, --json_out and --seed are inference.py's flags.
 FLAGS = flags.FLAGS
@@ -46,7 +46,7 @@ def _layers(c, rng):
     model = build(conv, width=width)
     # bench._randomize reads FLAGS of inference.py only through its arguments.
     bench._randomize(model, rng, True)  # noqa: SLF001
-    pairs = factored._foldable_pairs(model)  # noqa: SLF001
+    pairs = factored_model._foldable_pairs(model)  # noqa: SLF001
     for layer in export.epitome_layers(model):
       yield f"{name}{width}/{layer.name}", layer, pairs.get(id(layer))
 

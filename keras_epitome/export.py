@@ -45,7 +45,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from keras_epitome import factored, form_choice, litert, transform, walk
+from keras_epitome import factored_model, form_choice, litert, transform, walk
 from keras_epitome.backend import check_keras2
 from keras_epitome.layers import EpitomeMixin, epitome_layers  # noqa: F401  (re-exported)
 from keras_epitome.litert import (  # noqa: F401  (the exporters' runtime side, re-exported)
@@ -92,7 +92,7 @@ def _is_epitome_layer(layer) -> bool:
 def _check_layers(model):
   for layer, _, outer in walk.walk(model):
     if isinstance(layer, EpitomeMixin):
-      factored._check_training_state(outer)  # noqa: SLF001
+      factored_model._check_training_state(outer)  # noqa: SLF001
 
 
 def inference_model(

@@ -50,24 +50,22 @@ Example:
   ...     keras.layers.BatchNormalization(),
   ...     keras.layers.ReLU(),
   ... ])
-  >>> fast = ke.factorize(model)  # the BatchNorm is folded into R_out
+  >>> fast = ke.factorize(model, remix="slices")  # the BatchNorm is folded into R_out
   >>> [type(l).__name__ for l in fast.layers]
   ['FactoredConv2D', 'ReLU']
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
-from keras_epitome import sampling, transform, walk
-from keras_epitome.backend import check_keras2, keras
+from keras_epitome import sampling
+from keras_epitome.backend import keras
 from keras_epitome.layers import EpitomeMixin
-
-_log = logging.getLogger(__name__)
 
 REMIXES = ("slices", "matmul")
 # Forms of :meth:`FactoredMixin.from_epitome_layer`: the remixes, and the same
@@ -94,27 +92,106 @@ def _take(x, ranges: Sequence[Tuple[int, int]], width: int):
   return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
 
 
-class FactoredMixin:
-  """Shared implementation of the factored layers (see module docstring).
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """What a factored layer computes, besides its weights and activation.
 
-  Args:
-    filters: output channels ``Cout`` (``units`` for :class:`FactoredDense`).
+  Built from a frozen routing map by :meth:`FactoredMixin.from_epitome_layer`
+  (the index math: :func:`keras_epitome.sampling.factored_plan`); the
+  layers' ``get_config`` stores its fields flat, as before it existed.
+
+  Attributes:
+    filters: output channels ``Cout`` (``units`` of :class:`FactoredDense`).
     input_channels: ``Cin``.
     epitome_shape: ``(*S, Cin_E, Cout_E)``: the kernel window and the
       epitome's channels.
     num_windows: distinct spatial windows ``W`` (the kernel holds ``W``
       windows concatenated on its output channels).
     window_of_chunk: ``(B,)`` window each output chunk reads.
-    window_rolls: ``None``, or ``(W,)`` input-channel rolls: the windows are
-      one stored epitome read with the input channels rolled (the layer's
-      ``channel_roll``), so the kernel holds the epitome once and window
-      ``w`` convolves the activations rolled by ``-window_rolls[w]``.
     in_shift, in_frac: ``(A,)`` roll and blend weight of each input chunk.
     out_shift, out_frac: ``(B,)`` roll and blend weight of each output chunk.
     use_scale: whether a per-output-channel scale (a folded BatchNorm) is
       applied after ``R_out``.
     use_bias: whether a bias is added after ``R_out``.
+    window_rolls: ``None``, or ``(W,)`` input-channel rolls: the windows are
+      one stored epitome read with the input channels rolled (the layer's
+      ``channel_roll``), so the kernel holds the epitome once and window
+      ``w`` convolves the activations rolled by ``-window_rolls[w]``.
+  """
+
+  filters: int
+  input_channels: int
+  epitome_shape: Tuple[int, ...]
+  num_windows: int
+  window_of_chunk: Tuple[int, ...]
+  in_shift: Tuple[int, ...]
+  in_frac: Tuple[float, ...]
+  out_shift: Tuple[int, ...]
+  out_frac: Tuple[float, ...]
+  use_scale: bool = False
+  use_bias: bool = True
+  window_rolls: Optional[Tuple[int, ...]] = None
+
+  def __post_init__(self):
+    ints = ("window_of_chunk", "in_shift", "out_shift")
+    for name in ("filters", "input_channels", "num_windows"):
+      object.__setattr__(self, name, int(getattr(self, name)))
+    object.__setattr__(self, "epitome_shape", tuple(int(d) for d in self.epitome_shape))
+    for name in ints:
+      object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+    for name in ("in_frac", "out_frac"):
+      object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+    object.__setattr__(self, "use_scale", bool(self.use_scale))
+    object.__setattr__(self, "use_bias", bool(self.use_bias))
+    if self.window_rolls is not None:
+      object.__setattr__(self, "window_rolls", tuple(int(r) for r in self.window_rolls))
+
+  def config(self, filters_key: str = "filters") -> dict:
+    """The fields as the layers' ``get_config`` stores them (lists, flat)."""
+    out = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      out[filters_key if f.name == "filters" else f.name] = (
+        list(value) if isinstance(value, tuple) else value
+      )
+    return out
+
+  @classmethod
+  def pop_config(cls, config: dict, filters_key: str = "filters") -> "LayerPlan":
+    """The plan held flat in ``config`` (a layer config); its keys are removed."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for name in names:
+      key = filters_key if name == "filters" else name
+      if key in config:
+        values[name] = config.pop(key)
+    missing = [n for n in names[:9] if n not in values]
+    if missing:
+      raise TypeError(f"factored layer: missing plan argument(s) {', '.join(missing)}")
+    return cls(**values)
+
+
+def _plan_argument(plan, kwargs, filters_key):
+  """``plan`` (a :class:`LayerPlan`, or its config dict), else the flat keys in ``kwargs``."""
+  if isinstance(plan, LayerPlan):
+    return plan
+  if isinstance(plan, dict):
+    return LayerPlan.pop_config(dict(plan), filters_key)
+  if plan is not None:  # the first positional argument of the flat form
+    kwargs[filters_key] = plan
+  return LayerPlan.pop_config(kwargs, filters_key)
+
+
+class FactoredMixin:
+  """Shared implementation of the factored layers (see module docstring).
+
+  Args:
+    plan: a :class:`LayerPlan` (what the layer computes). The layers also
+      take its fields as keyword arguments (``filters``/``units``,
+      ``input_channels``, ``epitome_shape``, ...), the form their
+      ``get_config`` stores.
     activation: applied last.
+    remix: ``"slices"`` or ``"matmul"`` (see :meth:`from_epitome_layer`).
 
   Weights: ``kernel`` ``(*S, Cin_E, W * Cout_E)``; ``out_weights``
   ``(k, Cout)`` with ``k = 2`` (blend weights of the two rolls, scale
@@ -125,38 +202,14 @@ class FactoredMixin:
   """
 
   _rank = 0
+  _filters_key = "filters"
 
-  def _init_factored(
-    self,
-    filters,
-    input_channels,
-    epitome_shape,
-    num_windows,
-    window_of_chunk,
-    in_shift,
-    in_frac,
-    out_shift,
-    out_frac,
-    use_scale,
-    use_bias,
-    activation,
-    remix="slices",
-    window_rolls=None,
-  ):
-    self.filters = int(filters)
-    self.input_channels = int(input_channels)
-    self.epitome_shape = tuple(int(d) for d in epitome_shape)
-    self.num_windows = int(num_windows)
-    self.window_of_chunk = [int(w) for w in window_of_chunk]
-    self.in_shift = [int(s) for s in in_shift]
-    self.in_frac = [float(f) for f in in_frac]
-    self.out_shift = [int(s) for s in out_shift]
-    self.out_frac = [float(f) for f in out_frac]
-    self.use_scale = bool(use_scale)
-    self.use_bias = bool(use_bias)
+  def _init_factored(self, plan: LayerPlan, activation, remix="slices"):
+    self.plan = plan
+    for f in dataclasses.fields(plan):
+      setattr(self, f.name, getattr(plan, f.name))
     self.activation = keras.activations.get(activation)
     self.remix = str(remix)
-    self.window_rolls = None if window_rolls is None else [int(r) for r in window_rolls]
     desc = f"{type(self).__name__} '{self.name}'"
     if self.remix not in REMIXES:
       raise ValueError(
@@ -187,12 +240,12 @@ class FactoredMixin:
         )
     if self.window_rolls is not None and len(self.window_rolls) != self.num_windows:
       raise ValueError(
-        f"{desc}: window_rolls {self.window_rolls} must have num_windows="
+        f"{desc}: window_rolls {list(self.window_rolls)} must have num_windows="
         f"{self.num_windows} entries"
       )
     if any(not 0 <= w < self.num_windows for w in self.window_of_chunk):
       raise ValueError(
-        f"{desc}: window_of_chunk {self.window_of_chunk} must index "
+        f"{desc}: window_of_chunk {list(self.window_of_chunk)} must index "
         f"num_windows={self.num_windows}"
       )
     self._initial_values: Dict[str, np.ndarray] = {}
@@ -389,20 +442,9 @@ class FactoredMixin:
 
   def get_config(self):
     config = super().get_config()
+    config.update(self.plan.config(self._filters_key))
     config.update(
-      input_channels=self.input_channels,
-      epitome_shape=list(self.epitome_shape),
-      num_windows=self.num_windows,
-      window_of_chunk=list(self.window_of_chunk),
-      in_shift=list(self.in_shift),
-      in_frac=list(self.in_frac),
-      out_shift=list(self.out_shift),
-      out_frac=list(self.out_frac),
-      use_scale=self.use_scale,
-      use_bias=self.use_bias,
-      activation=keras.activations.serialize(self.activation),
-      remix=self.remix,
-      window_rolls=self.window_rolls,
+      activation=keras.activations.serialize(self.activation), remix=self.remix
     )
     return config
 
@@ -479,7 +521,6 @@ class FactoredMixin:
         window_rolls = [int(r) for r in rolls]
         kernel = base
     scale, bias = _folded_affine(layer, batchnorm, g.cout)
-    activation = layer.activation
     out_frac = plan.out_frac
     identity_out = (
       not np.any(out_frac)
@@ -491,7 +532,17 @@ class FactoredMixin:
     if identity_out and scale is not None:
       kernel = kernel * scale  # R_out is the identity: fold the scale into E.
       scale = None
-    config = dict(
+    values = {"kernel": kernel}
+    if np.any(out_frac):
+      h = out_frac[g.out_chunk_of_channel]
+      s = np.ones(g.cout) if scale is None else scale
+      values["out_weights"] = np.stack([(1.0 - h) * s, h * s])
+    elif scale is not None:
+      values["out_weights"] = scale[np.newaxis]
+    if bias is not None:
+      values["bias"] = bias
+    layer_plan = LayerPlan(
+      filters=g.cout,
       input_channels=g.cin,
       epitome_shape=g.spatial + (g.cin_e, g.cout_e),
       num_windows=plan.windows.shape[0],
@@ -502,26 +553,25 @@ class FactoredMixin:
       out_frac=out_frac,
       use_scale=scale is not None,
       use_bias=bias is not None,
-      activation=activation,
-      name=name or layer.name,
-      dtype=layer.dtype,
       window_rolls=window_rolls,
     )
-    config.update(cls._stock_kwargs(layer))
-    new = cls(**config)
-    values = {"kernel": kernel}
-    if np.any(out_frac):
-      h = out_frac[g.out_chunk_of_channel]
-      s = np.ones(g.cout) if scale is None else scale
-      values["out_weights"] = np.stack([(1.0 - h) * s, h * s])
-    elif scale is not None:
-      values["out_weights"] = scale[np.newaxis]
-    if bias is not None:
-      values["bias"] = bias
-    dtype = np.dtype(layer.dtype)
+    return cls._new(layer_plan, layer, name, remix, values)
+
+  @classmethod
+  def _new(cls, plan: LayerPlan, layer, name, remix, values):
+    """The layer of ``plan`` in ``remix`` with ``values`` (the slices form's weights)."""
+    stock = cls._stock_kwargs(layer)
     if remix == "matmul":
-      values = _matmul_values(cls, config, values)
-      new = cls(**config, remix="matmul")
+      values = _matmul_values(cls, plan, stock, values)
+    new = cls(
+      plan,
+      activation=layer.activation,
+      remix=remix,
+      name=name or layer.name,
+      dtype=layer.dtype,
+      **stock,
+    )
+    dtype = np.dtype(layer.dtype)
     new._initial_values = {k: np.asarray(v, dtype) for k, v in values.items()}
     return new
 
@@ -544,8 +594,11 @@ class FactoredMixin:
     scale, bias = _folded_affine(layer, batchnorm, g.cout)
     if scale is not None:
       kernel = kernel * scale
-    activation = layer.activation
-    config = dict(
+    values = {"kernel": kernel}
+    if bias is not None:
+      values["bias"] = bias
+    layer_plan = LayerPlan(
+      filters=g.cout,
       input_channels=g.cin,
       epitome_shape=g.spatial + (g.cin_e, g.cout),
       num_windows=1,
@@ -556,33 +609,21 @@ class FactoredMixin:
       out_frac=[0.0],
       use_scale=False,
       use_bias=bias is not None,
-      activation=activation,
-      name=name or layer.name,
-      dtype=layer.dtype,
     )
-    config.update(cls._stock_kwargs(layer))
-    values = {"kernel": kernel}
-    if bias is not None:
-      values["bias"] = bias
-    if remix == "matmul":
-      values = _matmul_values(cls, config, values)
-    new = cls(**config, remix=remix)
-    dtype = np.dtype(layer.dtype)
-    new._initial_values = {k: np.asarray(v, dtype) for k, v in values.items()}
-    return new
+    return cls._new(layer_plan, layer, name, remix, values)
 
 
-def _matmul_values(cls, config, values):
+def _matmul_values(cls, plan: LayerPlan, stock_kwargs, values):
   """Weights of the ``"matmul"`` remix: the slices form applied to identities.
 
   Runs the slices form's ``R_in`` and ``R_out`` (in float64) on identity
   matrices, so the matrices hold exactly the same linear maps, with the scale
   folded into ``R_out``; no second copy of the index math.
   """
-  slices = cls(**dict(config, dtype="float64", name="tmp"))
+  slices = cls(plan, dtype="float64", name="tmp", **stock_kwargs)
   slices._initial_values = values
   rank = cls._rank
-  slices.build(tf.TensorShape([None] * (rank + 1) + [config["input_channels"]]))
+  slices.build(tf.TensorShape([None] * (rank + 1) + [plan.input_channels]))
   out = {"kernel": values["kernel"]}
   if not slices._in_is_identity:
     out["in_matrix"] = slices._remix_in(tf.eye(slices.input_channels, dtype="float64"))
@@ -658,42 +699,17 @@ def _batchnorm_affine(bn, layer, channels):
 class _FactoredConv(FactoredMixin, keras.layers.Layer):
   def __init__(
     self,
-    filters,
-    input_channels,
-    epitome_shape,
-    num_windows,
-    window_of_chunk,
-    in_shift,
-    in_frac,
-    out_shift,
-    out_frac,
+    plan=None,
     strides=1,
     padding="valid",
     dilation_rate=1,
-    use_scale=False,
-    use_bias=True,
     activation=None,
     remix="slices",
-    window_rolls=None,
     **kwargs,
   ):
+    plan = _plan_argument(plan, kwargs, "filters")
     super().__init__(**kwargs)
-    self._init_factored(
-      filters,
-      input_channels,
-      epitome_shape,
-      num_windows,
-      window_of_chunk,
-      in_shift,
-      in_frac,
-      out_shift,
-      out_frac,
-      use_scale,
-      use_bias,
-      activation,
-      remix,
-      window_rolls=window_rolls,
-    )
+    self._init_factored(plan, activation, remix)
     r = self._rank
     self.strides = _tuple(strides, r)
     self.dilation_rate = _tuple(dilation_rate, r)
@@ -708,7 +724,6 @@ class _FactoredConv(FactoredMixin, keras.layers.Layer):
   @classmethod
   def _stock_kwargs(cls, layer):
     return dict(
-      filters=layer.filters,
       strides=layer.strides,
       padding=layer.padding,
       dilation_rate=layer.dilation_rate,
@@ -745,7 +760,6 @@ class _FactoredConv(FactoredMixin, keras.layers.Layer):
   def get_config(self):
     config = super().get_config()
     config.update(
-      filters=self.filters,
       strides=list(self.strides),
       padding=self.padding,
       dilation_rate=list(self.dilation_rate),
@@ -814,42 +828,12 @@ class FactoredDense(FactoredMixin, keras.layers.Layer):
   """
 
   _rank = 0
+  _filters_key = "units"
 
-  def __init__(
-    self,
-    units,
-    input_channels,
-    epitome_shape,
-    num_windows,
-    window_of_chunk,
-    in_shift,
-    in_frac,
-    out_shift,
-    out_frac,
-    use_scale=False,
-    use_bias=True,
-    activation=None,
-    remix="slices",
-    window_rolls=None,
-    **kwargs,
-  ):
+  def __init__(self, plan=None, activation=None, remix="slices", **kwargs):
+    plan = _plan_argument(plan, kwargs, "units")
     super().__init__(**kwargs)
-    self._init_factored(
-      units,
-      input_channels,
-      epitome_shape,
-      num_windows,
-      window_of_chunk,
-      in_shift,
-      in_frac,
-      out_shift,
-      out_frac,
-      use_scale,
-      use_bias,
-      activation,
-      remix,
-      window_rolls=window_rolls,
-    )
+    self._init_factored(plan, activation, remix)
 
   @property
   def units(self) -> int:
@@ -857,7 +841,8 @@ class FactoredDense(FactoredMixin, keras.layers.Layer):
 
   @classmethod
   def _stock_kwargs(cls, layer):
-    return dict(units=layer.units)
+    del layer
+    return {}
 
   def _conv(self, x):
     if x.shape.rank == 2:
@@ -867,11 +852,6 @@ class FactoredDense(FactoredMixin, keras.layers.Layer):
   def compute_output_shape(self, input_shape):
     return tf.TensorShape(input_shape)[:-1].concatenate([self.filters])
 
-  def get_config(self):
-    config = super().get_config()
-    config.update(units=self.filters)
-    return config
-
 
 FACTORED_LAYERS = (FactoredConv1D, FactoredConv2D, FactoredDense)
 
@@ -880,167 +860,21 @@ def _factored_class(layer):
   return {0: FactoredDense, 1: FactoredConv1D, 2: FactoredConv2D}[layer._kernel_rank()]
 
 
-# ----------------------------------------------------------------------------
-# Model transform.
+def __getattr__(name):
+  # The model walk moved to keras_epitome.factored_model; its names still
+  # resolve here.
+  if name in _MOVED:
+    from keras_epitome import factored_model  # noqa: PLC0415
+
+    return getattr(factored_model, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _materialize_layer(layer):
-  """A stock layer holding ``layer``'s sampled kernel (the materialized form)."""
-  _check_training_state(layer)
-  return transform.materialize_layer(layer)
-
-
-def _check_training_state(layer):
-  desc = f"{type(layer).__name__} '{layer.name}'"
-  if isinstance(layer, keras.layers.Wrapper):
-    inner = getattr(layer, "layer", None)
-    raise ValueError(
-      f"{desc} wraps {type(inner).__name__} '{getattr(inner, 'name', '?')}' "
-      "for training (pruning or quantization-aware training); strip it first "
-      "(tfmot.sparsity.keras.strip_pruning) or convert the QAT model with the "
-      "TFLite converter directly"
-    )
-  if isinstance(layer, EpitomeMixin) and (layer.epitome is None or not layer.built):
-    raise ValueError(f"{desc} is not built; call the model on an input first")
-
-
-def _consumers(model) -> Dict[int, int]:
-  """How many layer calls consume each layer's output, by ``id(layer)``."""
-  counts: Dict[int, int] = {}
-  for layer in model.layers:
-    for node in layer._inbound_nodes:
-      for inbound in (
-        node.inbound_layers
-        if isinstance(node.inbound_layers, list)
-        else [node.inbound_layers]
-      ):
-        counts[id(inbound)] = counts.get(id(inbound), 0) + 1
-  for out in model.outputs:
-    hist = getattr(out, "_keras_history", None)
-    if hist is not None:
-      counts[id(hist.layer)] = counts.get(id(hist.layer), 0) + 1
-  return counts
-
-
-def _foldable_pairs(model) -> Dict[int, object]:
-  """``{id(epitome layer): batchnorm}`` for BatchNorms that can be folded."""
-  pairs = {}
-  layers = model.layers
-  is_seq = isinstance(model, keras.Sequential)
-  consumers = _consumers(model) if not is_seq else {}
-  for i, bn in enumerate(layers):
-    if not isinstance(bn, keras.layers.BatchNormalization):
-      continue
-    if is_seq:
-      prev = layers[i - 1] if i else None
-    else:
-      if len(bn._inbound_nodes) != 1:
-        continue
-      inbound = bn._inbound_nodes[0].inbound_layers
-      prev = inbound if not isinstance(inbound, list) else None
-      if prev is None or consumers.get(id(prev)) != 1 or len(prev._inbound_nodes) != 1:
-        continue
-    if (
-      isinstance(prev, EpitomeMixin)
-      and prev.activation is keras.activations.linear
-      and getattr(prev, "groups", 1) == 1
-    ):
-      try:
-        _batchnorm_affine(bn, prev, prev.filters if prev._kernel_rank() else prev.units)
-      except ValueError:
-        continue
-      pairs[id(prev)] = bn
-  return pairs
-
-
-def _transform(model, epitome_fn, fold_batchnorm: bool, report: Optional[list]):
-  """Clones ``model`` with ``epitome_fn(layer, bn)`` for every epitome layer."""
-  pairs = _foldable_pairs(model) if fold_batchnorm else {}
-  folded = {id(bn) for bn in pairs.values()}
-  copies = []
-
-  def clone(layer):
-    if isinstance(layer, keras.Model):
-      return _transform(layer, epitome_fn, fold_batchnorm, report)
-    if isinstance(layer, keras.layers.Wrapper) and isinstance(
-      getattr(layer, "layer", None), EpitomeMixin
-    ):
-      _check_training_state(layer)
-    if isinstance(layer, EpitomeMixin):
-      new = epitome_fn(layer, pairs.get(id(layer)))
-      if report is not None:
-        report.append((layer.name, type(new).__name__))
-      return new
-    if id(layer) in folded:
-      return keras.layers.Identity(name=layer.name)
-    new = layer.__class__.from_config(layer.get_config())
-    copies.append((layer, new))
-    return new
-
-  if isinstance(model, keras.Sequential):
-    new_layers = [clone(layer) for layer in model.layers]
-    new_layers = [
-      new
-      for old, new in zip(model.layers, new_layers, strict=True)
-      if id(old) not in folded
-    ]
-    new_model = keras.Sequential(
-      [keras.Input(batch_shape=model.input_shape)] + new_layers, name=model.name
-    )
-  else:
-    new_model = keras.models.clone_model(model, clone_function=clone)
-  for old, new in copies:
-    new.set_weights(old.get_weights())
-  return new_model
-
-
-def factorize_layers(
-  model,
-  choose_layer: Callable,
-  *,
-  fold_batchnorm: bool = True,
-  fallback: str = "materialize",
-  report: Optional[list] = None,
-):
-  """Replaces every epitome layer of ``model`` by ``choose_layer(layer, batchnorm)``.
-
-  The model walk of :func:`keras_epitome.factorize`: BatchNorm folding,
-  nested models, the ``groups > 1`` fallback and the checks. What each layer
-  becomes (a remix, or the stock layer) is ``choose_layer``'s decision.
-
-  Args:
-    model: a built Keras model containing epitome layers.
-    choose_layer: ``(epitome layer, following BatchNorm or None) -> layer``.
-    fold_batchnorm: whether to fold following BatchNorms.
-    fallback: ``"materialize"`` or ``"error"`` for a layer without factored
-      form (``groups > 1``).
-    report: optional list; ``(layer name, new class name)`` per replaced layer.
-
-  Returns:
-    A new ``keras.Model`` computing the same inference function.
-  """
-  check_keras2(model, "factorize")
-  walk.check_no_training_wrappers(
-    model,
-    "factorize",
-    ("qat", "pruning"),
-    lambda layer: isinstance(layer, EpitomeMixin),
-  )
-  if fallback not in ("materialize", "error"):
-    raise ValueError(f"fallback must be 'materialize' or 'error', got {fallback!r}")
-
-  def replace(layer, bn):
-    _check_training_state(layer)
-    if getattr(layer, "groups", 1) != 1:
-      if fallback == "error":
-        _check_factorizable(layer)
-      _log.warning(
-        "%s '%s': groups=%d has no factored form; using the materialized form",
-        type(layer).__name__,
-        layer.name,
-        layer.groups,
-      )
-      return _materialize_layer(layer)
-    return choose_layer(layer, bn)
-
-  return _transform(model, replace, fold_batchnorm, report)
+_MOVED = (
+  "factorize_layers",
+  "_foldable_pairs",
+  "_check_training_state",
+  "_materialize_layer",
+  "_transform",
+  "_consumers",
+)

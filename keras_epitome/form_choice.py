@@ -64,7 +64,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_epitome import cost_model as cost_model_lib
-from keras_epitome import factored, litert, transform
+from keras_epitome import factored, factored_model, litert, transform
 from keras_epitome.backend import keras
 
 _log = logging.getLogger(__name__)
@@ -493,7 +493,7 @@ def factorize(
     records.append(record)
     return new
 
-  out = factored.factorize_layers(
+  out = factored_model.factorize_layers(
     model, choose_layer, fold_batchnorm=fold_batchnorm, fallback=fallback, report=report
   )
   if records:

@@ -5,6 +5,7 @@ training-time layer's inference output, ``model(x, training=False)``, at
 float32 tolerance (1e-5 relative to the output's scale).
 """
 
+import dataclasses
 import os
 import tempfile
 
@@ -198,12 +199,12 @@ class FactoredLayerTest(tf.test.TestCase, parameterized.TestCase):
     _rand_routing(layer, np.random.default_rng(2))
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     report = []
-    fast = ke.factorize(model, report=report)
+    fast = ke.factorize(model, report=report, remix="slices")
     names = [type(lay).__name__ for lay in fast.layers]
     self.assertNotIn("BatchNormalization", names)
     self.assertEqual(report, [(layer.name, f"Factored{type(layer).__name__[7:]}")])
     self._assert_same(fast(x), model(x, training=False))
-    unfolded = ke.factorize(model, fold_batchnorm=False)
+    unfolded = ke.factorize(model, fold_batchnorm=False, remix="slices")
     self.assertIn("BatchNormalization", [type(lay).__name__ for lay in unfolded.layers])
     self._assert_same(unfolded(x), model(x, training=False))
 
@@ -231,7 +232,7 @@ class FactoredLayerTest(tf.test.TestCase, parameterized.TestCase):
     for norm in (inner.layers[1], bn):
       norm.set_weights([rng.uniform(0.5, 2, w.shape) for w in norm.get_weights()])
     x = rng.standard_normal((2, 8, 8, 16)).astype(np.float32)
-    fast = ke.factorize(model)
+    fast = ke.factorize(model, remix="slices")
     self._assert_same(fast(x), model(x, training=False))
     fast_inner = fast.layers[1]
     self.assertEqual(
@@ -248,7 +249,7 @@ class FactoredLayerTest(tf.test.TestCase, parameterized.TestCase):
     x = rng.standard_normal((4, 8, 8, 8)).astype(np.float32)
     moving = layer.moving_offsets.numpy()
     layer.moving_offsets.assign(moving + rng.uniform(0.1, 0.9, moving.shape))
-    fast = ke.factorize(model)
+    fast = ke.factorize(model, remix="slices")
     self._assert_same(fast(x), model(x, training=False))
     self.assertNotIn("offset_learner", [w.name for w in fast.weights])
 
@@ -270,14 +271,14 @@ class FactoredLayerTest(tf.test.TestCase, parameterized.TestCase):
         np.full(g.num_in_chunks, 0.5), np.full(g.num_out_chunks, 1.25), None
       )
     )
-    fast = ke.factorize(model).layers[-1]
+    fast = ke.factorize(model, remix="slices").layers[-1]
     self.assertEqual(fast.macs_per_position(), g.macs_per_position()["factored"])
     self.assertLess(fast.macs_per_position(), bound * g.macs_per_position()["stock"])
 
   def test_config_and_saving_round_trip(self):
     model, layer = _model("conv2d", CASES[1][2], CASES[1][3], batchnorm=False)
     _rand_routing(layer, np.random.default_rng(6))
-    fast = ke.factorize(model)
+    fast = ke.factorize(model, remix="slices")
     x = np.random.default_rng(7).standard_normal(CASES[1][3]).astype(np.float32)
     y = fast(x).numpy()
     flayer = fast.layers[-1]
@@ -298,7 +299,7 @@ class FactoredLayerTest(tf.test.TestCase, parameterized.TestCase):
       "conv2d", dict(filters=8, kernel_size=3, groups=2, compression=2), (2, 6, 6, 8)
     )
     x = np.random.default_rng(8).standard_normal((2, 6, 6, 8)).astype(np.float32)
-    fast = ke.factorize(model)
+    fast = ke.factorize(model, remix="slices")
     self.assertIs(type(fast.layers[-1]), keras.layers.Conv2D)
     self._assert_same(fast(x), model(x, training=False))
     with self.assertRaisesRegex(ValueError, "groups=2 has no factored form"):
@@ -328,6 +329,40 @@ class FactoredLayerTest(tf.test.TestCase, parameterized.TestCase):
       )
       fast(np.zeros((1, 5), np.float32))
 
+  def test_previous_release_configs_load(self):
+    # get_config of the previous release (13 flat arguments, before
+    # LayerPlan), for the model below: the same config today, and it loads.
+    model = _old_config_model()
+    fast = ke.factorize(model, remix="slices")
+    x = np.random.default_rng(1).standard_normal((2, 6, 6, 10)).astype(np.float32)
+    for name, old in OLD_CONFIGS.items():
+      layer = fast.get_layer(old["name"])
+      self.assertEqual(type(layer).__name__, name)
+      config = layer.get_config()
+      config.pop("dtype")
+      self.assertEqual(config, old)
+      clone = type(layer).from_config(dict(old))
+      self.assertEqual(clone.plan, layer.plan)
+      self.assertIsInstance(clone.plan, factored.LayerPlan)
+    # A saved model in the old config form loads and computes the same.
+    y = fast(x).numpy()
+    loaded = keras.models.model_from_json(fast.to_json())
+    loaded.set_weights(fast.get_weights())
+    self.assertAllClose(loaded(x), y, atol=1e-6)
+
+  def test_layers_take_one_plan(self):
+    model = _old_config_model()
+    fast = ke.factorize(model, remix="slices")
+    layer = fast.get_layer("c")
+    plan = layer.plan
+    direct = ke.FactoredConv2D(plan, padding="same", name="direct")
+    self.assertEqual(direct.get_config()["in_shift"], list(plan.in_shift))
+    self.assertEqual(factored.LayerPlan.pop_config(plan.config("units"), "units"), plan)
+    with self.assertRaisesRegex(TypeError, "missing plan argument"):
+      ke.FactoredDense(units=4, input_channels=4)
+    with self.assertRaisesRegex(ValueError, "in_shift has 1 entries, expected 3"):
+      ke.FactoredConv2D(dataclasses.replace(plan, in_shift=(0,)))
+
   def test_roll_slices_and_plan(self):
     for size in (1, 4, 7):
       for shift in range(-size, 2 * size):
@@ -344,6 +379,70 @@ class FactoredLayerTest(tf.test.TestCase, parameterized.TestCase):
     plan = sampling.factored_plan(np.zeros((3, 4, 4)), r, g)
     self.assertEqual(plan.in_shift.tolist(), [0, 0, 3])
     self.assertEqual(plan.out_shift.tolist(), [0, 2, 0])
+
+
+OLD_CONFIGS = {
+  "FactoredConv2D": {
+    "name": "c",
+    "trainable": True,
+    "input_channels": 10,
+    "epitome_shape": [3, 3, 4, 8],
+    "num_windows": 2,
+    "window_of_chunk": [0, 1],
+    "in_shift": [2, 1, 0],
+    "in_frac": [0.547846794128418, 0.0791468620300293, 0.16389410197734833],
+    "out_shift": [0, 6],
+    "out_frac": [0.13222108781337738, 0.5061616897583008],
+    "use_scale": False,
+    "use_bias": True,
+    "activation": "linear",
+    "remix": "slices",
+    "window_rolls": [0, 1],
+    "filters": 12,
+    "strides": [1, 1],
+    "padding": "same",
+    "dilation_rate": [1, 1],
+  },  # noqa: E501
+  "FactoredDense": {
+    "name": "d",
+    "trainable": True,
+    "input_channels": 12,
+    "epitome_shape": [4, 4],
+    "num_windows": 2,
+    "window_of_chunk": [0, 1],
+    "in_shift": [0, 0, 1],
+    "in_frac": [0.7402896881103516, 0.2634141445159912, 0.010954000987112522],
+    "out_shift": [3, 0],
+    "out_frac": [0.42961716651916504, 0.13434229791164398],
+    "use_scale": False,
+    "use_bias": True,
+    "activation": "linear",
+    "remix": "slices",
+    "window_rolls": [0, 1],
+    "units": 6,
+  },  # noqa: E501
+}
+
+
+def _old_config_model():
+  """The model whose factored configs are :data:`OLD_CONFIGS`."""
+  rng = np.random.default_rng(0)
+  inputs = keras.Input((6, 6, 10))
+  conv = ke.EpitomeConv2D(12, 3, padding="same", epitome_shape=(3, 3, 4, 8), name="c")
+  dense = ke.EpitomeDense(6, epitome_shape=(4, 4), name="d")
+  h = conv(inputs)
+  out = dense(keras.layers.GlobalAveragePooling2D()(h))
+  model = keras.Model(inputs, out)
+  for layer in (conv, dense):
+    g = layer.epitome_geometry
+    layer.set_routing_map(
+      sampling.RoutingMap(
+        rng.uniform(0, g.cin_e, g.num_in_chunks),
+        rng.uniform(0, g.cout_e, g.num_out_chunks),
+        rng.uniform(0, 1, (g.num_out_chunks, g.rank)) * np.asarray(g.slack, float),
+      )
+    )
+  return model
 
 
 if __name__ == "__main__":
