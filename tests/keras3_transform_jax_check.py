@@ -3,8 +3,11 @@
 Run by ``tests/test_keras3_transform.py`` in a subprocess (the Keras backend
 is fixed per process); by hand:
 
-  KERAS_BACKEND=jax python tests/keras3_transform_jax_check.py
+  KERAS_BACKEND=jax python tests/keras3_transform_jax_check.py [DIR]
 
+With ``DIR``, it first loads ``DIR/model.keras`` (saved on the TensorFlow
+backend by the test) in this fresh process and checks its predictions on
+``DIR/x.npy`` against ``DIR/y.npy`` (within 1e-5).
 TensorFlow, ``tf_keras`` and TF-MOT are made unimportable first (as on a
 JAX-only machine), so an import of either from :mod:`keras_epitome.keras3`
 fails the check. Prints one JSON line of measurements; exits non-zero on a
@@ -42,9 +45,20 @@ def residual_model():
   return keras.Model(inp, out, name="resnet")
 
 
+def check_load(directory):
+  model = keras.models.load_model(os.path.join(directory, "model.keras"))
+  x = np.load(os.path.join(directory, "x.npy"))
+  y = np.load(os.path.join(directory, "y.npy"))
+  diff = float(np.abs(np.asarray(model.predict(x, verbose=0)) - y).max())
+  assert diff < 1e-5, diff
+  assert ke.epitome_layers(model), "no epitome layers after loading"
+  return diff
+
+
 def main():
   assert keras.backend.backend() != "tensorflow", keras.backend.backend()
   assert "tensorflow" not in [m for m in sys.modules if sys.modules[m] is not None]
+  loaded_diff = check_load(sys.argv[1]) if len(sys.argv) > 1 else None
   keras.utils.set_random_seed(0)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
@@ -103,6 +117,7 @@ def main():
     json.dumps(
       dict(
         backend=keras.backend.backend(),
+        tf_file_load_diff=loaded_diff,
         converted=names,
         fit_errors=fit_errors,
         losses=losses,

@@ -146,7 +146,11 @@ def _walk(model, owner=None):
 
 
 def _layer_names(model) -> set:
-  return {layer.name for layer in model._flatten_layers(include_self=False)}
+  return {
+    layer.name
+    for layer in model._flatten_layers(include_self=False)
+    if not isinstance(layer, keras.layers.InputLayer)
+  }
 
 
 def clone_model(model, clone_layer: Callable, what: str):
