@@ -13,6 +13,8 @@ changes as little as possible. A short fine-tune afterwards (e.g.
   fine-tune trains the epitomes and leaves the routing map integer.
 
 Example:
+  >>> import keras
+  >>> import keras_epitome.keras3 as ke
   >>> model = keras.Sequential([keras.Input((8, 16)),
   ...                           ke.EpitomeConv1D(16, 3, compression=4)])
   >>> hard = ke.harden_routing(model)

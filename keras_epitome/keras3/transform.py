@@ -436,6 +436,7 @@ def epitomize(
       built, or ``calibration_data``/``allocate``.
 
   Example:
+    >>> import keras
     >>> model = keras.Sequential([
     ...     keras.Input((16,)),
     ...     keras.layers.Dense(64, activation="relu", name="hidden"),
@@ -612,6 +613,8 @@ def materialize_layer(layer):
     ValueError: if ``layer`` is not a Keras 3 epitome layer or is not built.
 
   Example:
+    >>> import numpy as np
+    >>> import keras_epitome.keras3 as ke
     >>> layer = ke.EpitomeDense(32, compression=4)
     >>> x = np.random.default_rng(0).normal(size=(2, 64)).astype("float32")
     >>> y = layer(x)
