@@ -104,7 +104,12 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     train_form: str = "auto",
     **kwargs,
   ):
-    super().__init__(*args, **kwargs)
+    try:
+      super().__init__(*args, **kwargs)
+    except ValueError as e:  # the stock layer's checks (filters=0, ...)
+      name = kwargs.get("name")
+      desc = type(self).__name__ + (f" '{name}'" if name else "")
+      raise ValueError(f"{desc}: {e}") from None
     desc = self._desc()
     epitome_args = spec.check_epitome_args(
       desc,

@@ -125,6 +125,13 @@ class ZeroChannelsTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.named_parameters(
     ("dense_zero_units", ke.EpitomeDense, dict(units=0), (2, 4), r"units must be"),
     (
+      "conv2d_zero_filters",
+      ke.EpitomeConv2D,
+      dict(filters=0, kernel_size=3),
+      (1, 5, 5, 3),
+      r"Invalid value for argument `filters`",
+    ),
+    (
       "dense_zero_input",
       ke.EpitomeDense,
       dict(units=4),
