@@ -351,3 +351,34 @@ def test_jax_backend_and_fresh_process_load():
   assert result["tf_file_load_diff"] < 1e-5
   assert result["strip_diff"] < 1e-5
   assert result["losses"][-1] < result["losses"][0]
+
+
+def test_unbuilt_built_by_call_and_mixed_precision():
+  x = _x(4, (16,))
+  unbuilt = keras.Sequential([keras.layers.Dense(64), keras.layers.Dense(32)])
+  small = ke.epitomize(unbuilt, 4, min_params=0, verbose=False)
+  assert [c.init for c in small.epitome_report.converted] == ["random", "random"]
+  assert tuple(small(x).shape) == (4, 32)
+  with pytest.raises(ValueError, match="init='fit' needs a built model"):
+    ke.epitomize(unbuilt, 4, init="fit")
+  by_call = keras.Sequential([keras.layers.Dense(64), keras.layers.Dense(32)])
+  by_call(x)
+  small = ke.epitomize(by_call, 4, min_params=0, verbose=False)
+  assert [c.init for c in small.epitome_report.converted] == ["fit", "fit"]
+  np.testing.assert_allclose(
+    _out(ke.strip_epitome(small), x), _out(small, x), atol=1e-5
+  )
+
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    mixed = keras.Sequential(
+      [keras.Input((16,)), keras.layers.Dense(64), keras.layers.Dense(32)]
+    )
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  small = ke.epitomize(mixed, 4, min_params=0, verbose=False)
+  layer = small.layers[0]
+  assert layer.dtype_policy.name == "mixed_float16" and layer.epitome.dtype == "float32"
+  stock = ke.strip_epitome(small)
+  assert stock.layers[0].dtype_policy.name == "mixed_float16"
+  np.testing.assert_allclose(_out(stock, x), _out(small, x), atol=1e-2)
