@@ -6,15 +6,17 @@ built in each candidate form (slices, matmul, materialized, BatchNorm folded),
 converted as a one-layer model and timed with LiteRT (1 thread, interleaved,
 median), in float and int8. The script then fits, per precision,
 ``latency = mac * MACs + elem * elements + op * ops + intercept`` by least
-squares (the intercept absorbs the model's fixed invoke and I/O cost, equal for
-all candidates of a layer), prints the constants for
-``form_choice.LITERT_COST_US`` and how often the fitted model picks the
-measured-fastest candidate (and what a wrong pick costs).
+squares (one intercept per layer absorbs the model's fixed invoke and I/O
+cost, equal for all candidates of a layer; ``keras_epitome.cost_model.fit``),
+prints the constants for ``cost_model.BUNDLED_COST_US`` and how often the
+fitted model picks the measured-fastest candidate (and what a wrong pick
+costs). ``keras_epitome.cost_model.calibrate`` is the short version of this
+that runs on the user's machine (a few probe layers) and caches its result.
 
 Usage:
-  PYTHONPATH=. python benchmarks/calibrate_export.py --compressions=4 \
+  python -m benchmarks.calibrate_export --compressions=4 \
       --json_out=/tmp/calib.jsonl
-  PYTHONPATH=. python benchmarks/calibrate_export.py --from_json=/tmp/calib.jsonl
+  python -m benchmarks.calibrate_export --from_json=/tmp/calib.jsonl
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from absl import app, flags
 from benchmarks import (
   inference as bench,  # benchmarks/inference.py (selects Keras 2 first)
 )
-from keras_epitome import export, factored_model, form_choice
+from keras_epitome import cost_model, export, factored_model, form_choice
 
 # --precisions, --compressions, --json_out and --seed are inference.py's flags.
 FLAGS = flags.FLAGS
@@ -75,26 +77,22 @@ def measure():
 
 
 def fit(rows):
-  for precision in sorted({r["precision"] for r in rows}):
-    sub = [r for r in rows if r["precision"] == precision]
-    a = np.array([[r["macs"], r["elements"], r["ops"], 1.0] for r in sub], float)
-    t = np.array([r["us"] for r in sub], float)
-    # Relative least squares: every layer counts, small or large.
-    w = 1.0 / np.maximum(t, 1.0)
-    coef, *_ = np.linalg.lstsq(a * w[:, None], t * w, rcond=None)
-    coef = np.maximum(coef, 0.0)
-    mac, elem, op, icpt = coef
+  """Fits the constants as :func:`keras_epitome.cost_model.fit` (one intercept per layer)."""
+  rows = [dict(r, probe=f"{r['layer']}/{r['form']}") for r in rows]
+  constants = cost_model.fit(rows)
+  for precision, c in constants.items():
     print(
-      f"{precision}: mac={mac:.3g} us, elem={elem:.3g} us, op={op:.3g} us, "
-      f"intercept={icpt:.3g} us"
+      f"{precision}: mac={c['mac']:.3g} us, elem={c['elem']:.3g} us, op={c['op']:.3g} us"
     )
+    sub = [r for r in rows if r["precision"] == precision]
     # How often the fitted model picks the measured-fastest candidate.
     layers = sorted({r["layer"] for r in sub})
     right, loss, best_us, picked_us = 0, [], 0.0, 0.0
     for name in layers:
       cand = [r for r in sub if r["layer"] == name]
       est = {
-        r["form"]: mac * r["macs"] + elem * r["elements"] + op * r["ops"] for r in cand
+        r["form"]: c["mac"] * r["macs"] + c["elem"] * r["elements"] + c["op"] * r["ops"]
+        for r in cand
       }
       meas = {r["form"]: r["us"] for r in cand}
       pick = min(est, key=est.get)

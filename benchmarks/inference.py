@@ -30,11 +30,11 @@ and size first (``objective="size"``); ``--summary`` closes with a table of
 file-size and latency ratios against stock.
 
 Usage:
-  PYTHONPATH=. python benchmarks/inference.py --iterations=200
+  python -m benchmarks.inference --iterations=200
   python -m benchmarks.inference --models=resnet,audio,mobilenetv2 --widths=32,64 \
       --compressions=4 --threads=1 --remix=auto,auto:size --materialized=false \
       --summary --json_out=benchmarks/results/inference.jsonl
-  PYTHONPATH=. python benchmarks/inference.py --models=resnet --compressions=4
+  python -m benchmarks.inference --models=resnet --compressions=4
 """
 
 from __future__ import annotations
