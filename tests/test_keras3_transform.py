@@ -295,6 +295,17 @@ def test_errors():
     ke.epitomize(model, min_params=-1)
   with pytest.raises(ValueError, match="calibration_data.*Keras 2 API"):
     ke.epitomize(model, calibration_data=_x(4))
+  with pytest.raises(
+    ValueError, match="layer 'd1': EpitomeDense 'd1': unknown sampler 'magic'; valid"
+  ):
+    ke.epitomize(model, policy={"d1": {"sampler": "magic"}}, verbose=False)
+  channels_first = keras.Sequential(
+    [keras.Input((8, 10, 10)), keras.layers.Conv2D(16, 3, data_format="channels_first")]
+  )
+  kept = ke.epitomize(
+    channels_first, 2, min_params=0, verbose=False
+  ).epitome_report.kept
+  assert "channels_first" in kept[0].reason
   # A ratio too large for one kernel leaves it stock when nobody asked for it.
   small = ke.epitomize(model, 1000, min_params=0, verbose=False)
   assert "too large" in {k.name: k.reason for k in small.epitome_report.kept}["d2"]

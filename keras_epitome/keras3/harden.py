@@ -135,7 +135,7 @@ def harden_routing(
       return None
     config = layer.get_config()
     config.update(sampler="fixed", learner="param")
-    new = type(layer).from_config(config)
+    new = transform.from_config(type(layer), config)
     hardened.append((layer, new))
     return new
 

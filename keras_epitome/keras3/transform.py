@@ -180,6 +180,21 @@ def clone_model(model, clone_layer: Callable, what: str):
   return new_model
 
 
+def from_config(cls, config):
+  """``cls.from_config(config)``, with the layer's own ``ValueError`` as it was raised.
+
+  Keras 3's ``from_config`` turns any error of the constructor into a
+  ``TypeError``; the epitome layers' argument errors are ``ValueError`` s that
+  name the layer, the value and what is valid.
+  """
+  try:
+    return cls.from_config(config)
+  except TypeError as e:
+    if isinstance(e.__context__, ValueError):
+      raise e.__context__ from None
+    raise
+
+
 def _numpy(x) -> np.ndarray:
   return np.asarray(ops.convert_to_numpy(x))
 
@@ -543,7 +558,7 @@ def epitomize(
       reason = _unsupported_reason(layer)
       if reason is not None:
         raise ValueError(reason)
-      new = epitome_cls.from_config(_epitome_config(layer, kwargs))
+      new = from_config(epitome_cls, _epitome_config(layer, kwargs))
       # Build errors (a ratio too large for the kernel...) surface here,
       # not deep inside clone_model.
       _check_geometry(layer, new)
@@ -639,7 +654,7 @@ def materialize_layer(layer):
   for key in POLICY_KEYS:
     config.pop(key, None)
   stock_cls = k3_layers.STOCK_OF[type(layer)]
-  stock = stock_cls.from_config(config)
+  stock = from_config(stock_cls, config)
   stock.build(_build_shape(layer))
   stock.kernel.assign(_numpy(layer.kernel).astype(stock.kernel.dtype))
   if layer.use_bias:
