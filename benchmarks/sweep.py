@@ -473,10 +473,12 @@ def _reason(message: str) -> str:
 
 def main(argv):
   del argv
-  from absl import flags
+  from absl import flags, logging
 
   f = flags.FLAGS
   export = f.export
+  logging.set_verbosity(logging.WARNING)  # the converter's INFO lines
+  tf.get_logger().setLevel("ERROR")  # retracing warnings: many small models
   if f.case is not None:
     result = run_case(random_case(f.seed, f.case), export=export)
     print(json.dumps(result, indent=1, default=str))
