@@ -27,7 +27,10 @@ from absl.testing import absltest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RUN = [README, *sorted((ROOT / "docs").glob("*.md"))]
-LINKED = RUN + [ROOT / "benchmarks" / "README.md", ROOT / "benchmarks" / "archive" / "README.md"]
+LINKED = RUN + [
+  ROOT / "benchmarks" / "README.md",
+  ROOT / "benchmarks" / "archive" / "README.md",
+]
 # Linked pages another change writes; a missing one is not an error yet.
 PENDING = {"docs/keras3.md"}
 
@@ -109,7 +112,9 @@ def _stand_in_data():
   for i, width in ((2, 32), (3, 32)):
     h = keras.layers.BatchNormalization(name=f"bn{i - 1}")(h)
     h = keras.layers.ReLU(name=f"relu{i - 1}")(h)
-    h = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}")(h)
+    h = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}")(
+      h
+    )
   h = keras.layers.BatchNormalization(name="bn3")(h)
   h = keras.layers.ReLU(name="relu3")(h)
   h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
