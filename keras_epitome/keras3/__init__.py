@@ -16,6 +16,7 @@ Example:
 
 from keras_epitome.geometry import RoutingMap, epitome_shape_for_ratio
 from keras_epitome.keras3.distillation import Distiller, distill
+from keras_epitome.keras3.export import export_tflite
 from keras_epitome.keras3.harden import harden_layer, harden_routing
 from keras_epitome.keras3.layers import (
   EPITOME_LAYERS,
@@ -44,6 +45,7 @@ __all__ = [
   "epitome_layers",
   "epitome_shape_for_ratio",
   "epitomize",
+  "export_tflite",
   "harden_layer",
   "harden_routing",
   "materialize_layer",
