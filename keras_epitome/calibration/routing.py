@@ -126,19 +126,29 @@ class Problem:
       total = -float(np.sum(proj * proj / denom))
       return total, epitome
     sigma_of = np.asarray([keys.index(s) for s in sigmas])[b]
+    # Right-hand sides of all epitome channels at once; the channels whose
+    # output channels read the same mix of windows share one matrix, so one
+    # factorization serves each group (with the roll, usually all of them).
+    rhs = self.mu * self.e0.copy()
+    mix = np.zeros((g.cout_e, len(keys)), np.int64)
+    for k, key in enumerate(keys):
+      cols = np.flatnonzero(sigma_of == k)
+      if len(cols):
+        tr = self._block(in_off, key)[1]
+        np.add.at(rhs.T, w[cols], tr[:, cols].T)
+        np.add.at(mix, (w[cols], k), 1)
+    groups: Dict[Tuple[int, ...], list] = {}
     for wi in range(g.cout_e):
-      sel = np.flatnonzero(w == wi)
+      groups.setdefault(tuple(mix[wi]), []).append(wi)
+    for counts, members in groups.items():
       hw = self.mu * np.eye(self.q)
-      rhs = self.mu * self.e0[:, wi].copy()
-      for k in np.unique(sigma_of[sel]):
-        hr, tr, _ = self._block(in_off, keys[k])
-        cols = sel[sigma_of[sel] == k]
-        hw += len(cols) * hr
-        rhs += tr[:, cols].sum(1)
-      chol = np.linalg.cholesky(hw)
-      ew = np.linalg.solve(chol.T, np.linalg.solve(chol, rhs))
-      epitome[:, wi] = ew
-      total -= float(rhs @ ew)
+      for k, count in enumerate(counts):
+        if count:
+          hw += count * self._block(in_off, keys[k])[0]
+      np.linalg.cholesky(hw)  # raises LinAlgError where hw is not definite
+      ew = np.linalg.solve(hw, rhs[:, members])
+      epitome[:, members] = ew
+      total -= float(np.sum(rhs[:, members] * ew))
     return total, epitome
 
   def match_offsets(self, kernel, axis: str) -> list:
