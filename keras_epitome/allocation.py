@@ -1,10 +1,9 @@
 """Data-aware allocation: where to spend a model's epitome budget.
 
 ``ke.epitomize(model, 4)`` gives every converted layer the same ratio. Layers
-are not equally sensitive: on the Fashion-MNIST CNN of
-``benchmarks/pretrained.py`` a 4x epitome of the 16->32 convolution changes
-the model's logits by 7% of their variance and saves 3,500 stored numbers,
-while the 64->64 convolution saves 27,600 for about the same error.
+are not equally sensitive: a small early convolution may change the model's
+output as much as a large late one while saving a fraction of its stored
+numbers (examples in ``docs/results.md``).
 :func:`allocate` measures this on calibration data and chooses one ratio per
 layer (or keeps a layer stock) so that the converted layers together store no
 more than the uniform conversion would, with the smallest total output error.
@@ -30,8 +29,7 @@ ranks are often chosen):
 ``epitomize`` policy;
 ``epitomize(model, compression, calibration_data=x, allocate=True)`` runs the
 whole thing. The cost is one least-squares calibration per layer and
-candidate (seconds each on a small CNN): the measurements are printed with
-the chosen ratios.
+candidate: the measurements are printed with the chosen ratios.
 
 Example:
   >>> import numpy as np

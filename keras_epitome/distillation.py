@@ -172,9 +172,9 @@ def cosine_schedule(peak: float, steps: int, warmup_steps: int = 0):
 
 
 # ``distill``'s default peak learning rate, by the length of the run: a run
-# of fewer than SHORT_RUN_STEPS steps gets the lower rate (measured in
-# benchmarks/RESULTS.md: from a close data-aware conversion, the higher rate
-# moves the model and a short run has no steps left to settle).
+# of fewer than SHORT_RUN_STEPS steps gets the lower rate (docs/results.md:
+# from a close data-aware conversion, the higher rate moves the model and a
+# short run has no steps left to settle).
 LEARNING_RATE = 3e-3
 SHORT_RUN_LEARNING_RATE = 1e-3
 SHORT_RUN_STEPS = 300
@@ -257,22 +257,13 @@ def distill(
   ``3e-3`` from 300 optimizer steps on (``epochs`` times the batches per
   epoch), ``1e-3`` below that and for a dataset of unknown length (whose rate
   stays constant); the choice is logged (absl, info). Both are the best
-  measured for their case, after a data-aware conversion
-  (``benchmarks/RESULTS.md``):
-
-  * long runs: one epoch (469 steps) of the Fashion-MNIST CNN of
-    ``benchmarks/pretrained.py``: ``3e-3`` gave 91.1% at 4x against 90.8% at
-    ``1e-3`` (and 90.3% against 88.8% at Hinton et al.'s ``T=4``), 91.9%
-    against 91.7% at 2x;
-  * short runs: a close conversion loses accuracy at ``3e-3``, which moves
-    the model with no steps left to settle: the FSDD audio CNN (85 steps an
-    epoch) at 4x gave 96.4% at ``1e-3`` against 93.8% (converted: 95.3%),
-    and after three epochs (255 steps) 96.7% against 95.6%; digits (11
-    steps), 98.0% against 93.0% (converted: 97.8%). A ``warmup`` did not
-    prevent that drop.
+  measured for their case after a data-aware conversion (``docs/results.md``):
+  on long runs the higher rate recovers more; on short runs it moves a close
+  conversion away with no steps left to settle (a ``warmup`` did not prevent
+  that drop).
 
   A model far from its teacher (e.g. freshly magnitude-pruned) may want the
-  higher rate on short runs too: pruning's FSDD rows above favour ``3e-3``.
+  higher rate on short runs too (``docs/results.md``).
 
   Args:
     student: a Keras model (e.g. from :func:`keras_epitome.epitomize`).
@@ -288,11 +279,8 @@ def distill(
     epitome_learning_rate: peak Adam learning rate of the epitome tensors
       (found in every epitome layer of ``student``, nested ones too), on an
       optimizer of their own with the same schedule; default
-      ``learning_rate``. Only with the default optimizer. Measured on the
-      Fashion-MNIST CNN (one epoch from the allocated conversion, means of
-      three shuffles): twice ``learning_rate`` gave +0.06 point at 2x and
-      +0.13 at 4x (one shuffle of three times: +0.29 at 2x, -0.10 at 4x),
-      so the default stays ``learning_rate`` (``benchmarks/RESULTS.md``).
+      ``learning_rate``. Only with the default optimizer. A higher rate for
+      the epitomes measured no clear gain (``docs/results.md``).
     warmup: fraction of the run's steps, in ``[0, 1)``, over which the
       learning rates rise linearly from 0 to their peak before the cosine
       decay; only with the default optimizer, and a ``tf.data.Dataset``
