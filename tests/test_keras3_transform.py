@@ -393,3 +393,18 @@ def test_unbuilt_built_by_call_and_mixed_precision():
   stock = ke.strip_epitome(small)
   assert stock.layers[0].dtype_policy.name == "mixed_float16"
   np.testing.assert_allclose(_out(stock, x), _out(small, x), atol=1e-2)
+
+
+def test_wrapped_layers_reported_and_copied():
+  model = keras.Sequential(
+    [
+      keras.Input((5, 16)),
+      keras.layers.TimeDistributed(keras.layers.Dense(64), name="td"),
+      keras.layers.Dense(64, name="d"),
+    ]
+  )
+  small = ke.epitomize(model, 4, min_params=0, verbose=False)
+  assert _names(small) == ["d"]
+  assert "layers inside wrappers stay stock" in small.epitome_report.kept[0].reason
+  x = _x(2, (5, 16))
+  np.testing.assert_array_equal(_out(small.layers[0], x), _out(model.layers[0], x))

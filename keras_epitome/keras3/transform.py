@@ -534,7 +534,19 @@ def epitomize(
     epitome_cls = k3_layers.STOCK_TO_EPITOME.get(type(layer))
     name, cls_name = layer.name, type(layer).__name__
     if epitome_cls is None:
-      if not k3_layers.is_epitome_layer(layer) and any(
+      inner = getattr(layer, "layer", None)  # keras.layers.Wrapper
+      if isinstance(layer, keras.layers.Wrapper) and type(inner) in (
+        k3_layers.STOCK_TO_EPITOME
+      ):
+        report.kept.append(
+          KeptLayer(
+            name,
+            cls_name,
+            f"wraps {type(inner).__name__} '{inner.name}'; layers inside "
+            "wrappers stay stock",
+          )
+        )
+      elif not k3_layers.is_epitome_layer(layer) and any(
         getattr(layer, a, None) is not None for a in _KERNEL_ATTRS
       ):
         report.kept.append(
