@@ -169,3 +169,28 @@ class OutputCheckTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class CostTest(tf.test.TestCase):
+  def test_each_layer_runs_once_per_batch(self):
+    # The walk stores activations node by node: the stock layer in front
+    # runs once per batch, not once for every layer fitted after it (the
+    # cost of a prefix model per layer grows with the square of the depth).
+    keras.utils.set_random_seed(0)
+    teacher = keras.Sequential(
+      [keras.Input((6, 6, 8), name="x")]
+      + [
+        keras.layers.Conv2D(16, 3, padding="same", name=f"c{i}", activation="relu")
+        for i in range(6)
+      ]
+    )
+    student = ke.epitomize(teacher, 4, skip=["c0"], min_params=0, verbose=False)
+    x = np.random.default_rng(0).normal(size=(48, 6, 6, 8)).astype("float32")
+    calls = []
+    for model in (student, teacher):
+      layer = model.get_layer("c0")
+      layer.call = mock.Mock(wraps=layer.call)
+      calls.append(layer.call)
+    records = ke.calibrate(student, teacher, x, CalibrationConfig(batch_size=16))
+    self.assertEqual([r.name for r in records][:5], ["c1", "c2", "c3", "c4", "c5"])
+    self.assertEqual([c.call_count for c in calls], [3, 3])  # 48 / 16 batches
