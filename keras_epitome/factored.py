@@ -407,8 +407,15 @@ class FactoredMixin:
     # exported file and fewer copies at run time.
     starts = [(-int(r)) % ce for r in self.window_rolls]
     doubled = tf.concat([x, x], axis=-1) if any(starts) else x
-    outs = [self._conv(x if s == 0 else doubled[..., s : s + ce]) for s in starts]
-    return outs[0] if len(outs) == 1 else tf.concat(outs, axis=-1)
+    parts = [x if s == 0 else doubled[..., s : s + ce] for s in starts]
+    if len(parts) == 1:
+      return self._conv(parts[0])
+    # One convolution for all rolls, the rolled activations stacked on the
+    # batch axis: the epitome is one constant read by one op. (Read by
+    # several convolutions, the int8 converter keeps a float32 copy of it
+    # and leaves one of them in float.)
+    y = self._conv(tf.concat(parts, axis=0))
+    return tf.concat(tf.split(y, len(parts), axis=0), axis=-1)
 
   def _remix_out(self, y):
     if self.remix == "matmul":

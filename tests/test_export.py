@@ -262,6 +262,33 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(ke.run_tflite(tflite, x).shape, (2, 3))
 
 
+class RolledInt8Test(tf.test.TestCase):
+  def test_rolled_conv1d_slices_is_all_int8(self):
+    # The rolled windows' convolutions used to read one shared epitome
+    # constant; the int8 converter then kept a float32 copy of it and left one
+    # convolution in float (a larger, slower "int8" file). Now one
+    # convolution reads it, the rolls stacked on the batch axis.
+    inputs = keras.Input((50, 64))
+    layer = ke.EpitomeConv1D(128, 3, padding="same", compression=4, name="epi")
+    model = keras.Model(inputs, layer(inputs))
+    randomize_routing(layer, seed=0)
+    x = np.random.default_rng(1).uniform(-1, 1, (8, 50, 64)).astype(np.float32)
+    fast = ke.factorize(model, remix="slices").get_layer("epi")
+    self.assertGreater(len(fast.window_rolls), 1)
+    tflite = ke.export_tflite(
+      model, quantize="int8", representative_data=x, remix="slices"
+    )
+    report = ke.tflite_tensor_report(tflite)
+    self.assertEqual([op["name"] for op in report["ops"]].count("CONV_2D"), 1)
+    float_consts = [
+      t for t in report["tensors"] if t["constant"] and t["dtype"] == "float32"
+    ]
+    self.assertEqual(float_consts, [])
+    y = model(x, training=False).numpy()
+    err = np.abs(ke.run_tflite(tflite, x) - y).max() / np.abs(y).max()
+    self.assertLess(err, TOLERANCE["int8"])
+
+
 def _small_model():
   return keras.Sequential(
     [
