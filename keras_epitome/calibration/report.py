@@ -40,7 +40,8 @@ class LayerCalibration:
     seconds: wall time of this layer's fit.
     layer_errors: for ``"<model> (check)"``, the relative error of each
       layer's output (from the first fitted layer on, in network order)
-      against the original model's same layer on the calibration data,
+      against the original model's same layer on the first 64 calibration
+      samples,
       ``|A_s - A_t| / |A_t - mean(A_t)|``: it includes the errors of all
       layers before it, so a jump marks where a conversion went wrong.
     note: why the layer kept its weight fit, if it did, or what a
