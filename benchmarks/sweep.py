@@ -426,7 +426,10 @@ def summarize(results, seed: int, seconds: float, export: bool) -> Dict[str, Any
     if r["status"] == "refused":
       key = r["case"]["bad"] or "valid-looking: " + _reason(r["message"])
       refused_reasons[key] = refused_reasons.get(key, 0) + 1
+  import platform
+
   return dict(
+    environment={"python": platform.python_version(), "tensorflow": tf.__version__},
     command=f"python -m benchmarks.sweep --cases={len(results)} --seed={seed}"
     + ("" if export else " --export=false"),
     seed=seed,
