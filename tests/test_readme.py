@@ -10,9 +10,9 @@ The README and docs/*.md are what users copy first. This test
 * checks the values the README's layer example states in its comments;
 * checks that every relative link (and ``#anchor``) in the README, docs/ and
   the benchmarks' READMEs resolves;
-* checks that every number in the README's prose and tables is in
-  docs/results.md, where each has its command, and that the set-up commands
-  are the ones CI runs.
+* checks that every number in the prose and tables of the README and the
+  guide pages is in docs/results.md, where each has its command, and that the
+  README's set-up commands are the ones CI runs.
 """
 
 import ast
@@ -203,14 +203,16 @@ class DocsTextTest(absltest.TestCase):
         if anchor and resolved.suffix == ".md":
           self.assertIn(anchor, _anchors(resolved), where)
 
-  def test_readme_numbers_are_in_results(self):
+  def test_numbers_are_in_results(self):
+    """README and guide numbers (decimals, thousands) are measurements from results.md."""
     results = (ROOT / "docs" / "results.md").read_text()
-    prose = re.sub(r"`[^`]*`", "", _prose(README.read_text()))
-    prose = re.sub(r"\b\d+\.\d+\.\d+\b", "", prose)
-    numbers = set(re.findall(r"\d{1,3}(?:,\d{3})+|\d+\.\d+", prose)) - VERSIONS
-    self.assertNotEmpty(numbers)
-    missing = sorted(n for n in numbers if n not in results)
-    self.assertEmpty(missing, "README numbers not in docs/results.md")
+    pages = [p for p in RUN if p.name not in ("results.md", "design.md")]
+    for page in pages:
+      prose = re.sub(r"`[^`]*`", "", _prose(page.read_text()))
+      prose = re.sub(r"\b\d+\.\d+\.\d+\b", "", prose)
+      numbers = set(re.findall(r"\d{1,3}(?:,\d{3})+|\d+\.\d+", prose)) - VERSIONS
+      missing = sorted(n for n in numbers if n not in results)
+      self.assertEmpty(missing, f"{page.name}: numbers not in docs/results.md")
 
   def test_readme_setup_commands_and_length(self):
     text = README.read_text()
