@@ -8,8 +8,12 @@ multiply-adds and the size of each ``.tflite`` file (the epitome model in its
 factored form, whose convolutions run on the epitome itself). The ``.tflite``
 files are written to ``--out``.
 
+Keras 3 (``import keras`` with :mod:`keras_epitome.keras3`) by default;
+``--keras=2`` runs the same job on Keras 2 (``tf_keras``).
+
 Usage (about two minutes on two CPU cores):
   python examples/fashion_mnist.py
+  python examples/fashion_mnist.py --keras=2
   python examples/fashion_mnist.py --train_size=0 --epochs=10 --compression=8
   python examples/fashion_mnist.py --dataset=digits   # needs no download
   python examples/fashion_mnist.py --sampler=fixed    # WSNet sampling
@@ -31,8 +35,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import models as M  # noqa: E402
 import datasets  # noqa: E402
+import models as M  # noqa: E402
 import numpy as np  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -60,10 +64,17 @@ flags.DEFINE_bool(
 flags.DEFINE_integer("tflite_eval", 1000, "Test images run through each .tflite file.")
 flags.DEFINE_string("out", "example_output", "Folder for the .tflite files.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_enum(
+  "keras",
+  "3",
+  ["3", "2"],
+  "Keras 3 (import keras; keras_epitome.keras3) or Keras 2 (tf_keras).",
+)
 
 
 def main(argv):
   del argv
+  M.use_keras(int(FLAGS.keras))
   data, dataset, note = datasets.select_image_data(FLAGS.dataset, FLAGS.data_dir)
   print(note)
   if dataset == "digits":
@@ -76,7 +87,10 @@ def main(argv):
     data = (x, y), test
     epochs = FLAGS.epochs
   shape = data[0][0].shape[1:]
-  print(f"{dataset}: {len(data[0][0])} training, {len(data[1][0])} test images")
+  print(
+    f"{dataset}: {len(data[0][0])} training, {len(data[1][0])} test images; "
+    f"Keras {M.keras.__version__} ({'keras_epitome.keras3' if FLAGS.keras == '3' else 'tf_keras'})"
+  )
 
   method = "wsnet" if FLAGS.sampler == "fixed" else f"nes_{FLAGS.learner}"
   label = f"epitome x{FLAGS.compression:g} ({method})"

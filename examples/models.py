@@ -46,6 +46,31 @@ import keras_epitome as ke  # noqa: E402
 keras = ke.keras
 import tensorflow as tf  # noqa: E402
 
+KERAS_VERSION = 2  # which Keras the functions below build with (use_keras)
+
+
+def use_keras(version: int) -> None:
+  """Builds, trains and exports with Keras 3 (``keras``) or Keras 2 (``tf_keras``).
+
+  Keras 3 uses :mod:`keras_epitome.keras3`; Keras 2 the package's Keras 2 API
+  (``ke.keras``), as the benchmarks do.
+  """
+  global keras, ke, KERAS_VERSION
+  if version == 3:
+    import keras as keras3  # noqa: PLC0415
+
+    import keras_epitome.keras3 as ke3  # noqa: PLC0415
+
+    keras, ke = keras3, ke3
+  elif version == 2:
+    import keras_epitome as ke2  # noqa: PLC0415
+
+    keras, ke = ke2.keras, ke2
+  else:
+    raise ValueError(f"Keras version must be 2 or 3, got {version!r}")
+  KERAS_VERSION = version
+
+
 METHODS = ("stock", "nes_param", "nes_feature", "wsnet", "thinner", "pruning")
 EPITOME_METHODS = {
   "nes_param": dict(sampler="learned", learner="param"),
@@ -210,7 +235,7 @@ def stored_params(model: keras.Model) -> int:
       if name.startswith(("mask", "threshold", "pruning_step")):
         continue
       if name.startswith("kernel") and layer is not inner:
-        total += int(np.count_nonzero(w.numpy()))
+        total += int(np.count_nonzero(np.asarray(w)))
       else:
         total += int(np.prod(w.shape))
   return total
@@ -225,7 +250,7 @@ def macs(model: keras.Model) -> int:
       inner, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense)
     ):
       continue
-    out_shape = inner.output_shape
+    out_shape = tuple(inner.output.shape)
     positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
     if isinstance(inner, ke.EPITOME_LAYERS):
       per = inner.epitome_geometry.macs_per_position()["factored"]
@@ -302,8 +327,15 @@ def tflite_bytes(
   stock models through the plain converter. ``sparse``: mostly-zero weights
   in TFLite's sparse tensor format (``Optimize.EXPERIMENTAL_SPARSITY``).
   """
-  if any(isinstance(la, ke.EPITOME_LAYERS) for la in _layers(model)):
-    return ke.export_tflite(model, form=form, sparse=sparse), form
+  if KERAS_VERSION == 3 or any(
+    isinstance(la, ke.EPITOME_LAYERS) for la in _layers(model)
+  ):
+    how = (
+      form
+      if any(isinstance(la, ke.EPITOME_LAYERS) for la in _layers(model))
+      else "stock"
+    )
+    return ke.export_tflite(model, form=form, sparse=sparse), how
   converter = tf.lite.TFLiteConverter.from_keras_model(model)
   if sparse:
     converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
@@ -334,7 +366,9 @@ def export_and_report(model, name: str, path: str, accuracy: float, x, y) -> dic
 
 def run_tflite(data: bytes, x: np.ndarray) -> np.ndarray:
   """Runs a TFLite model on a batch with LiteRT (:func:`keras_epitome.run_tflite`)."""
-  return np.asarray(ke.run_tflite(data, x))
+  from keras_epitome.litert import run_tflite as litert_run  # noqa: PLC0415
+
+  return np.asarray(litert_run(data, x))
 
 
 def format_table(rows: List[Dict], columns: List[str]) -> str:
