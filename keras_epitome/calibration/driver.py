@@ -102,11 +102,11 @@ def calibrate(
     >>> import keras_epitome as ke
     >>> keras = ke.keras
     >>> teacher = keras.Sequential([keras.Input((16,)),
-    ...                             keras.layers.Dense(64, name="d")])
-    >>> student = ke.epitomize(teacher, 4, verbose=False)
+    ...                             keras.layers.Dense(64, name="d")], name="tiny")
+    >>> student = ke.epitomize(teacher, 4, init="random", verbose=False)
     >>> x = np.random.default_rng(0).normal(size=(256, 16)).astype("float32")
     >>> [r.name for r in calibrate(student, teacher, x)]
-    ['d', 'sequential (check)']
+    ['d', 'tiny (check)']
   """
   if config is None:
     config = CalibrationConfig()
