@@ -87,15 +87,20 @@ def convert(name: str) -> dict:
     slowest_layer=f"{slowest.name} {slowest.seconds:.1f} s",
     output_error=check.block_error,
     check=check.note,
-    commit=_commit(),
+    commit=COMMIT,
     cpus=os.cpu_count(),
     affinity=len(os.sched_getaffinity(0)),
     load=os.getloadavg()[0],
   )
 
 
+COMMIT = "?"
+
+
 def main(argv):
   del argv
+  global COMMIT
+  COMMIT = _commit()  # the code that ran, not HEAD when a row is written
   if FLAGS.progress:
     logging.set_verbosity(logging.INFO)
   profile = cProfile.Profile() if FLAGS.profile else None
