@@ -346,7 +346,15 @@ def epitomize(
       or ``calibration_data`` on a model that is not built, ``init="random"``
       with ``calibration_data``, or bad calibration data (empty, wrong
       shape, non-finite values), ``allocate`` without ``calibration_data``
-      or with a ``policy``.
+      or with a ``policy``, a ``calibration`` that is not a
+      ``CalibrationConfig``, ``calibration_options`` with an unknown key or
+      together with ``calibration``.
+
+  Warns:
+    UserWarning: for a built model whose layers get the weight fit because
+      no ``calibration_data`` was given (the fix is in the message).
+    RuntimeWarning: for a data-aware conversion whose output is far from
+      the original model's (``CalibrationConfig.output_check``).
 
   Example:
     >>> model = keras.Sequential([
