@@ -7,9 +7,10 @@ This script checks those counts against the files a user ships, for the
 cached Fashion-MNIST conversions of ``recovery_recipes.py`` (same flags):
 
 * the epitome model exported with ``ke.export_tflite`` in three ways:
-  ``remix="auto"`` (the default: each layer's fastest form, which may be its
-  full kernel), ``objective="size"`` (the smallest form not slower than
-  stock) and ``remix="slices"`` (the smallest file);
+  ``remix="auto"`` (the default, speed first: each layer's fastest form,
+  which may be its full kernel), ``objective="size"`` (each layer's form
+  with the fewest estimated file bytes, whatever its latency) and
+  ``remix="slices"`` (the slices form everywhere);
 * the trained model magnitude-pruned to the same per-layer budget
   (``common.prune_spec``, non-zeros only and with a bitmask), as a dense
   ``.tflite`` (how TF-MOT's pruning guide ships it: the zipped size is what

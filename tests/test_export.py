@@ -165,9 +165,9 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     """At 4x: file <= 1/3.3 of stock, epitome-sized conv, no full-size kernel."""
     # 4 blocks of 128 channels: large enough that the file's fixed overhead
     # (about 16 KB of metadata, the same in both files) does not dominate.
-    # With the default channel roll each layer runs one convolution per
-    # distinct roll (here 2) on rolled activations, all with the one stored
-    # epitome.
+    # With the default channel roll each layer convolves the activations
+    # rolled by each distinct roll (here 2), stacked on the batch axis: one
+    # convolution with the one stored epitome.
     keras.utils.set_random_seed(1)
     stock = _cnn(epitome=False, channels=128, size=8, blocks=4)
     model = _cnn(epitome=True, channels=128, size=8, blocks=4)
@@ -189,7 +189,7 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     epitome_ohwi = (g.cout_e,) + g.spatial_e + (g.cin_e,)
     full_ohwi = (g.cout,) + g.spatial + (g.cin,)
     conv_weights = [op["inputs"][1] for op in report["ops"] if op["name"] == "CONV_2D"]
-    self.assertEqual(conv_weights.count(epitome_ohwi), 4 * 2)
+    self.assertEqual(conv_weights.count(epitome_ohwi), 4)
     shapes = [t["shape"] for t in report["tensors"] if t["constant"]]
     self.assertNotIn(full_ohwi, shapes)
     full = int(np.prod(full_ohwi))
