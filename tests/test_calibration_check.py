@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_epitome as ke
-from keras_epitome.calibration import CalibrationConfig, least_squares
+from keras_epitome.calibration import CalibrationConfig, graph, least_squares
 
 keras = ke.keras
 
@@ -194,3 +194,22 @@ class CostTest(tf.test.TestCase):
     records = ke.calibrate(student, teacher, x, CalibrationConfig(batch_size=16))
     self.assertEqual([r.name for r in records][:5], ["c1", "c2", "c3", "c4", "c5"])
     self.assertEqual([c.call_count for c in calls], [3, 3])  # 48 / 16 batches
+
+
+class ActivationsTest(tf.test.TestCase):
+  def test_node_by_node_values_are_the_models(self):
+    # Branches, a layer used twice in one node, dropout and BatchNorm in
+    # inference mode, and a Keras mask (mask_zero) that a pooling reads.
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((7,), dtype="int32")
+    x = keras.layers.Embedding(20, 8, mask_zero=True)(tokens)
+    a = keras.layers.Dense(8, activation="relu")(x)
+    b = keras.layers.Dropout(0.5)(keras.layers.BatchNormalization()(x))
+    x = keras.layers.Add()([a, b, a])
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    model = keras.Model(tokens, keras.layers.Dense(3)(x))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 20, (10, 7))
+    ids[:, 4:] = 0  # padding the pooling must skip
+    got = graph.Activations(model, ids, 4).value(model.outputs[0])
+    self.assertAllClose(got, model(ids, training=False), atol=1e-6)

@@ -108,7 +108,8 @@ class Activations:
   its layer's weights at the time it runs, so a calibration that fits the
   layers in network order and asks for each layer's inputs when it comes to
   it runs the model once in all, not once per layer. A value is dropped once
-  every node that reads it has run (the model's outputs are kept).
+  every node that reads it has run (the model's outputs are kept). Keras
+  masks (``Embedding(mask_zero=True)``, ``Masking``) travel with the values.
 
   Args:
     model: a functional (or Sequential with an ``Input``) model with one input.
@@ -128,6 +129,7 @@ class Activations:
             self._producer[key] = node
     (inp,) = model.inputs
     self._values: Dict[str, np.ndarray] = {str(id(inp)): x}
+    self._masks: Dict[str, np.ndarray] = {}  # Keras masks, where a layer makes one
 
   @staticmethod
   def supports(model) -> bool:
@@ -155,20 +157,27 @@ class Activations:
     expects_training = getattr(
       getattr(node.layer, "_call_spec", None), "expects_training_arg", False
     )
-    outs = []
+    outs, masks = [], []
     for start in range(0, n, self.batch_size):
-      batch = {
-        k: [self._values[k][start : start + self.batch_size]] * c
-        for k, c in count.items()
-      }
+      stop = start + self.batch_size
+      batch = {}
+      for k, c in count.items():
+        value = tf.convert_to_tensor(self._values[k][start:stop])
+        if k in self._masks:  # e.g. after Embedding(mask_zero=True)
+          value._keras_mask = tf.convert_to_tensor(self._masks[k][start:stop])
+        batch[k] = [value] * c
       args, kwargs = node.map_arguments(batch)
       if expects_training and "training" not in kwargs:
         kwargs["training"] = False
-      out = node.layer(*args, **kwargs)
-      outs.append([np.asarray(o) for o in tf.nest.flatten(out)])
+      flat = tf.nest.flatten(node.layer(*args, **kwargs))
+      outs.append([np.asarray(o) for o in flat])
+      masks.append([getattr(o, "_keras_mask", None) for o in flat])
     for j, key in enumerate(node.flat_output_ids):
       self._values[key] = np.concatenate([o[j] for o in outs])
+      if masks[0][j] is not None:
+        self._masks[key] = np.concatenate([np.asarray(m[j]) for m in masks])
     for key in keys:
       self._left[key] -= 1
       if self._left[key] <= 0 and key not in self._keep:
         self._values.pop(key, None)
+        self._masks.pop(key, None)
