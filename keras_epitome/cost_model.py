@@ -410,7 +410,7 @@ def probe_features(precisions=PRECISIONS, probes=PROBES) -> Dict[str, dict]:
   return out
 
 
-def _time(runners: Dict[str, object], iterations: int, warmup: int = 5):
+def time_interleaved(runners: Dict[str, object], iterations: int, warmup: int = 5):
   """Median latency (us) of each runner, invoked interleaved (rotating order)."""
   names = list(runners)
   for name in names:
@@ -522,7 +522,7 @@ def calibrate(
       runner = litert.LiteRTRunner(tflite, num_threads)
       runner.set_inputs(np.zeros(runner.inputs[0]["shape"], np.float32))
       runners[name] = runner
-    us = _time(runners, iterations)
+    us = time_interleaved(runners, iterations)
     for name, (_, feats) in probes.items():
       rows.append(dict(feats, precision=p, probe=name, us=us[name]))
   constants = fit(rows)

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -262,17 +261,8 @@ def _measure(candidates, input_shape, precision, iterations=60, warmup=5):
     tflite = litert.convert(model, None if precision == "float" else "int8", data)
     runner = litert.LiteRTRunner(tflite, 1)
     runner.set_inputs(data[:1])
-    for _ in range(warmup):
-      runner.invoke()
     runners[name] = runner
-  times = {name: [] for name in runners}
-  names = list(runners)
-  for i in range(iterations):
-    for name in names[i % len(names) :] + names[: i % len(names)]:
-      start = time.perf_counter()
-      runners[name].invoke()
-      times[name].append(time.perf_counter() - start)
-  return {name: 1e6 * float(np.median(t)) for name, t in times.items()}
+  return cost_model_lib.time_interleaved(runners, iterations, warmup)
 
 
 def _pick(basis, sizes, objective, margin):
