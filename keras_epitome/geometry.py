@@ -108,8 +108,8 @@ class EpitomeGeometry:
 
   def __post_init__(self):
     # Integer entries only: 3.7 or "3" is refused, not truncated or parsed.
-    k = spec._int_tuple(self.kernel_shape, "kernel shape", "")  # noqa: SLF001
-    e = spec._int_tuple(self.epitome_shape, "epitome shape", "")  # noqa: SLF001
+    k = spec.int_tuple(self.kernel_shape, "kernel shape")
+    e = spec.int_tuple(self.epitome_shape, "epitome shape")
     object.__setattr__(self, "kernel_shape", k)
     object.__setattr__(self, "epitome_shape", e)
     object.__setattr__(self, "channel_roll", spec.check_channel_roll(self.channel_roll))

@@ -153,7 +153,7 @@ def as_int(value) -> Optional[int]:
   return None
 
 
-def _int_tuple(value, what: str, desc: str) -> Tuple[int, ...]:
+def int_tuple(value, what: str, desc: str = "") -> Tuple[int, ...]:
   """An int or a sequence of integer values, as a tuple of ints.
 
   Non-integer entries (``3.7``, ``"3"``, ``True``, ``None``) are refused
@@ -191,7 +191,7 @@ def check_channels(kernel_shape: Sequence[int], desc: str = "") -> Tuple[int, ..
   Returns:
     The shape as a tuple of ints.
   """
-  shape = _int_tuple(kernel_shape, "kernel shape", desc)
+  shape = int_tuple(kernel_shape, "kernel shape", desc)
   if len(shape) < 2:
     raise ValueError(
       f"{_prefix(desc)}kernel shape {shape} must have at least 2 axes (Cin, Cout)"
@@ -226,7 +226,7 @@ def check_units(value, name: str, desc: str = "") -> int:
 
 def check_epitome_shape(value, kernel_rank: Optional[int], desc: str = ""):
   """An explicit ``(*S_E, Cin_E, Cout_E)``: positive ints, ``kernel_rank + 2`` of them."""
-  shape = _int_tuple(value, "epitome_shape", desc)
+  shape = int_tuple(value, "epitome_shape", desc)
   if kernel_rank is not None and len(shape) != kernel_rank + 2:
     expected = kernel_rank + 2
     raise ValueError(
@@ -242,7 +242,7 @@ def check_spatial_stride(value, kernel_rank: Optional[int], desc: str = ""):
   """``spatial_stride``: ``None``, or ints ``>= 0``, one per spatial axis."""
   if value is None:
     return None
-  stride = _int_tuple(value, "spatial_stride", desc)
+  stride = int_tuple(value, "spatial_stride", desc)
   if kernel_rank is not None:
     if len(stride) == 1:
       stride = stride * max(kernel_rank, 1)

@@ -227,6 +227,18 @@ class QuantizeTest(tf.test.TestCase, parameterized.TestCase):
     for weight in ("epitome", "in_offsets", "out_offsets", "gamma", "beta"):
       self.assertIn(weight, moved)
     self.assertTrue(np.all(np.isfinite(qat.predict(x, verbose=0))))
+    if kind == "conv2d" and relu == "relu_layer":
+      # The converter folds BN into the int8 convolution.
+      converter = tf.lite.TFLiteConverter.from_keras_model(qat)
+      converter.optimizations = [tf.lite.Optimize.DEFAULT]
+      flatbuffer = converter.convert()
+      ops = {op["name"] for op in ke.tflite_tensor_report(flatbuffer)["ops"]}
+      self.assertIn("CONV_2D", ops)
+      self.assertFalse(ops & {"MUL", "ADD", "SUB", "BATCH_NORM"}, ops)
+      expected = qat.predict(x, verbose=0)
+      step = (expected.max() - expected.min()) / 255.0
+      got = ke.run_tflite(flatbuffer, x)
+      self.assertLess(np.abs(got - expected).mean(), 3 * step)
 
   @parameterized.parameters("h5", "savedmodel")
   def test_save_and_load(self, fmt):
