@@ -9,11 +9,12 @@ both compute the same blends in the same order; ``tests/test_keras3.py``
 checks values and gradients against it. The index math (the geometry, the
 routing map's canonical ranges) is :mod:`keras_epitome.geometry`.
 
-Each stage reads two neighbouring views of one axis with ``take`` /
-``take_along_axis`` at integer starts and blends them with the fractional
-parts, ``lo + f * (hi - lo)``; autodiff gives the epitome gradient (a segment
-sum) and the offsets' gradient ``sum(dK * (hi - lo))`` without a custom
-gradient.
+Each stage reads two neighbouring views of one axis (channel axes: rolls
+with run-time shifts; spatial axes: slices with run-time starts) and blends
+them with the fractional parts, ``lo + f * (hi - lo)``. Autodiff gives the
+epitome gradient (rolls and slices back, no scatter: scatters run
+single-threaded on CPU) and the offsets' gradient ``sum(dK * (hi - lo))``
+without a custom gradient.
 """
 
 from __future__ import annotations
@@ -60,18 +61,28 @@ def _expand_channels(x, offsets, size: int, chunk: int, axis: int):
   """Channel ``axis`` of ``x`` from ``chunk`` to ``size`` entries, chunk ``b`` rolled by ``offsets[b]``.
 
   Entry ``b*chunk + v`` reads ``x[(v + o_b) mod chunk]`` blended with
-  ``x[(v + o_b + 1) mod chunk]`` (weight ``frac(o_b)``).
+  ``x[(v + o_b + 1) mod chunk]`` (weight ``frac(o_b)``): two rolls per chunk
+  with run-time shifts, whose gradients are rolls back (no scatter), as in
+  the TensorFlow sampler.
   """
   num = int(offsets.shape[0])
   n, frac = _channel_taps(offsets, chunk)
-  v = ops.arange(chunk, dtype="int32")
-  lo_idx = ops.reshape(ops.mod(n[:, None] + v[None, :], chunk), [-1])[:size]
-  hi_idx = ops.reshape(ops.mod(n[:, None] + v[None, :] + 1, chunk), [-1])[:size]
-  lo = ops.take(x, lo_idx, axis=axis)
-  hi = ops.take(x, hi_idx, axis=axis)
-  w = ops.reshape(ops.repeat(ops.cast(frac, x.dtype), chunk)[:size], [-1])
+  los = [ops.roll(x, -n[b], axis=axis) for b in range(num)]
+  his = [ops.roll(x, -n[b] - 1, axis=axis) for b in range(num)]
+  lo = ops.concatenate(los, axis=axis) if num > 1 else los[0]
+  hi = ops.concatenate(his, axis=axis) if num > 1 else his[0]
+  if num * chunk > size:  # partial last chunk
+    lo = _slice(lo, axis, 0, size)
+    hi = _slice(hi, axis, 0, size)
+  w = ops.repeat(ops.cast(frac, x.dtype), chunk)[:size]
   w = ops.reshape(w, _shape(len(x.shape), axis, min(size, num * chunk)))
   return lo + w * (hi - lo)
+
+
+def _slice(x, axis: int, start: int, stop: int):
+  index = [slice(None)] * len(x.shape)
+  index[axis] = slice(start, stop)
+  return x[tuple(index)]
 
 
 def sample_kernel(
@@ -118,34 +129,41 @@ def sample_kernel(
   out_offsets = ops.cast(ops.convert_to_tensor(out_offsets), dtype)
   x = _expand_channels(epitome, out_offsets, b * g.cout_e, g.cout_e, axis=rank + 1)
 
-  # Stage 2: spatial axes with slack, one window per output chunk.
+  # Stage 2: spatial axes with slack, one window per output chunk: chunk b
+  # reads entries [start_b, start_b + length] of axis d (a slice with a
+  # run-time start; its gradient pads back, no scatter) and blends the two
+  # overlapping views.
   if g.slack_axes:
     sp = ops.cast(ops.convert_to_tensor(spatial_offsets), dtype)
+    coe = g.cout_e
     for d in g.slack_axes:
       start, frac = _spatial_taps(sp[:, d], g.slack[d])
       length = g.spatial[d]
-      start = ops.repeat(start, g.cout_e)  # (B*Cout_E,)
-      frac = ops.repeat(frac, g.cout_e)
-      idx_shape = _shape(ndim, d, length)
-      idx_shape[-1] = b * g.cout_e
-      idx = ops.reshape(ops.arange(length, dtype="int32"), _shape(ndim, d, length))
-      idx = idx + ops.reshape(start, _shape(ndim, ndim - 1, b * g.cout_e))
-      full = list(x.shape)
-      full[d] = length
-      idx = ops.broadcast_to(idx, full)
-      lo = ops.take_along_axis(x, idx, axis=d)
-      hi = ops.take_along_axis(x, idx + 1, axis=d)
-      w = ops.reshape(frac, _shape(ndim, ndim - 1, b * g.cout_e))
+      shape = list(x.shape)
+      shape[d] = length + 1
+      shape[-1] = coe
+      pieces = []
+      for c in range(b):
+        begin = [0] * ndim
+        begin[d] = start[c]
+        begin[-1] = c * coe
+        pieces.append(ops.slice(x, begin, shape))
+      win = ops.concatenate(pieces, axis=-1) if b > 1 else pieces[0]
+      lo = _slice(win, d, 0, length)
+      hi = _slice(win, d, 1, length + 1)
+      w = ops.reshape(ops.repeat(frac, coe), _shape(ndim, ndim - 1, b * coe))
       x = lo + w * (hi - lo)
 
   # The static input-channel roll of each output chunk: entry (e, b*Cout_E + v)
   # reads epitome input channel (e + r_b) mod Cin_E.
   if g.in_rolls.any():
-    e = np.arange(g.cin_e)[:, None]
-    r = np.repeat(g.in_rolls, g.cout_e)[None, :]
-    idx = ((e + r) % g.cin_e).astype(np.int32)
-    idx = np.broadcast_to(idx.reshape([1] * rank + list(idx.shape)), tuple(x.shape))
-    x = ops.take_along_axis(x, ops.convert_to_tensor(idx), axis=rank)
+    coe = g.cout_e
+    pieces = [_slice(x, ndim - 1, c * coe, (c + 1) * coe) for c in range(b)]
+    pieces = [
+      ops.roll(p, -int(r), axis=rank) if r else p
+      for p, r in zip(pieces, g.in_rolls, strict=True)
+    ]
+    x = ops.concatenate(pieces, axis=-1) if b > 1 else pieces[0]
   if b * g.cout_e > g.cout:
     x = x[..., : g.cout]
 
