@@ -79,6 +79,9 @@ BUNDLED_MARGIN = 0.10
 # slices form.
 BYTES_PER_WEIGHT = {"float": 4, "int8": 1}
 BYTES_PER_OP = 260
+# Per output channel of a convolution or fully connected op: its bias (float
+# or int32) and, in int8, its per-channel scale and zero point.
+BYTES_PER_CHANNEL = {"float": 4, "int8": 28}
 
 # Ops that TFLite fuses into their producer or that move no data.
 _FREE_OPS = {
@@ -101,21 +104,22 @@ def graph_features(layer, input_shape) -> Dict[str, int]:
 
   Traces ``layer`` (built) on ``input_shape`` and counts the ops that depend
   on the input (weight-only ops are constant-folded by the TFLite converter):
-  convolutions and matmuls by their multiply-adds, every other op (except
-  reshapes and the bias/ReLU that TFLite fuses) by the elements it writes.
+  convolutions and matmuls by their multiply-adds (and output channels,
+  which the file size depends on), every other op (except reshapes and the
+  bias/ReLU that TFLite fuses) by the elements it writes.
 
   Args:
     layer: a Keras layer.
     input_shape: a static input shape, batch included.
 
   Returns:
-    ``{"macs": ..., "elements": ..., "ops": ...}``.
+    ``{"macs": ..., "elements": ..., "ops": ..., "channels": ...}``.
   """
   fn = tf.function(lambda x: layer(x, training=False))
   graph = fn.get_concrete_function(tf.TensorSpec(input_shape, tf.float32)).graph
   # dynamic[op name]: the type of the last op that did work on the way to it.
   dynamic = {}
-  macs = elements = ops = 0
+  macs = elements = ops = channels = 0
   for op in graph.get_operations():
     if op.type == "Placeholder" and not op.inputs:
       if op.outputs[0].dtype == tf.float32 and list(op.outputs[0].shape) == list(
@@ -141,15 +145,25 @@ def graph_features(layer, input_shape) -> Dict[str, int]:
       if op.type in ("MatMul", "BatchMatMulV2"):
         inner = int(op.inputs[0].shape.as_list()[-1])
       macs += size * inner
+      channels += int(out.as_list()[-1]) if out.is_fully_defined() else 0
     else:
       elements += size
     ops += 1
-  return {"macs": int(macs), "elements": int(elements), "ops": int(ops)}
+  return {
+    "macs": int(macs),
+    "elements": int(elements),
+    "ops": int(ops),
+    "channels": int(channels),
+  }
 
 
 def estimate_bytes(weights: int, features: Dict[str, int], precision: str) -> int:
-  """Estimated ``.tflite`` bytes of a candidate: its weights and its ops."""
-  return int(BYTES_PER_WEIGHT[precision] * weights + BYTES_PER_OP * features["ops"])
+  """Estimated ``.tflite`` bytes of a candidate: its weights, ops and conv channels."""
+  return int(
+    BYTES_PER_WEIGHT[precision] * weights
+    + BYTES_PER_OP * features["ops"]
+    + BYTES_PER_CHANNEL[precision] * features.get("channels", 0)
+  )
 
 
 @dataclasses.dataclass(frozen=True)

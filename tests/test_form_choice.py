@@ -162,11 +162,13 @@ class FormChoiceTest(tf.test.TestCase, parameterized.TestCase):
       cand(tf.zeros(shape))
       feats[form] = form_choice.graph_features(cand, shape)
     self.assertEqual(
-      feats["materialized"], {"macs": 16 * 16 * 9 * 32 * 32, "elements": 0, "ops": 1}
+      feats["materialized"],
+      {"macs": 16 * 16 * 9 * 32 * 32, "elements": 0, "ops": 1, "channels": 32},
     )
     # matmul: the epitome conv plus two 1x1 convs, no elementwise ops.
     self.assertEqual(feats["matmul"]["macs"], 256 * (9 * 16 * 16 + 32 * 16 + 16 * 32))
     self.assertEqual(feats["matmul"]["ops"], 3)
+    self.assertEqual(feats["matmul"]["channels"], 16 + 16 + 32)
     # slices: the epitome conv, and elementwise ops over the activations.
     self.assertEqual(feats["slices"]["macs"], 256 * 9 * 16 * 16)
     self.assertGreater(feats["slices"]["ops"], 5)
