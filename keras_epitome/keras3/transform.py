@@ -14,10 +14,12 @@ nested ones included:
   holding the sampled kernels (equal outputs in inference mode);
 * :func:`summarize`: what the epitome layers store and cost.
 
-The data-aware conversion (``calibration_data=``) and ``allocate`` are Keras 2
-only for now (:func:`keras_epitome.epitomize`).
+The data-aware conversion (``calibration_data=``) and :func:`allocate` run on
+the TensorFlow backend through Keras 2 (:mod:`keras_epitome.keras3.bridge`
+and :func:`keras_epitome.epitomize`, and back).
 
-This module imports neither TensorFlow nor Keras 2.
+This module imports neither TensorFlow nor Keras 2 (the data-aware branch
+imports them when it runs).
 
 Example:
   >>> import keras
@@ -384,6 +386,7 @@ def epitomize(
   offset_scale: float = 1.0,
   channel_roll: int = 1,
   calibration_data=None,
+  calibration=None,
   allocate: bool = False,
   verbose: bool = True,
 ):
@@ -432,9 +435,24 @@ def epitomize(
     offset_scale: the epitome layers' ``offset_scale``.
     channel_roll: the epitome layers' ``channel_roll`` (default 1, as the
       layers').
-    calibration_data: not available in Keras 3 yet: a ``ValueError`` says how
-      to do the data-aware conversion with Keras 2.
-    allocate: not available in Keras 3 yet (as ``calibration_data``).
+    calibration_data: optional inputs of the model (a NumPy array, ``(x, y)``
+      or a ``tf.data.Dataset``; a few hundred samples) for the data-aware
+      conversion of :func:`keras_epitome.epitomize` (every epitome and
+      routing map fitted to reproduce the original layer's outputs,
+      BatchNorms re-estimated, stock layers refitted, gradient passes), on
+      the TensorFlow backend only: the model goes to Keras 2
+      (:func:`keras_epitome.keras3.bridge.to_keras2`, layers both Keras
+      versions share), is converted there, and the result comes back as
+      Keras 3 epitome layers holding the Keras 2 conversion's weights. The
+      returned model's ``epitome_report`` is then the Keras 2 conversion's
+      :class:`keras_epitome.transform.EpitomeReport` (with ``calibration``
+      and ``allocation``), and ``channel_roll`` must be 1 (give other
+      rolls per layer in ``policy`` dicts). A callable ``policy`` is called
+      with the Keras 2 twins of the layers.
+    calibration: the options of the data-aware fit, a
+      :class:`keras_epitome.calibration.CalibrationConfig`.
+    allocate: with ``calibration_data``, choose each layer's ratio from the
+      data (as :func:`keras_epitome.epitomize`; TensorFlow backend).
     verbose: print the report; otherwise it is logged at INFO level.
 
   Returns:
@@ -448,7 +466,11 @@ def epitomize(
       ``min_params``, an unknown ``init``, a policy or skip entry naming no
       layer of the model, a malformed policy value, epitome arguments that do
       not fit a layer the policy names, ``init="fit"`` on a model that is not
-      built, or ``calibration_data``/``allocate``.
+      built; with ``calibration_data``/``allocate``: a backend other than
+      TensorFlow, a layer the Keras 2 bridge does not support (named), or
+      what :func:`keras_epitome.epitomize` refuses.
+    RuntimeError: if the Keras 2 round trip does not reproduce the model
+      (a bridge bug; the message gives the difference).
 
   Example:
     >>> import keras
@@ -463,16 +485,23 @@ def epitomize(
     [('hidden', 3.9), ('out', 8.0)]
   """
   check_keras3_model(model, "epitomize")
-  if calibration_data is not None or allocate:
-    what = "calibration_data" if calibration_data is not None else "allocate=True"
-    raise ValueError(
-      f"epitomize: {what} (the data-aware conversion) is not available for "
-      "Keras 3 models yet. Convert with the Keras 2 API: build the same "
-      "architecture with `import keras_epitome as ke; keras = ke.keras`, move "
-      "the weights with set_weights(model.get_weights()), then "
-      "ke.epitomize(model2, compression, calibration_data=x_train[:2048]); or "
-      "here, epitomize without data and recover with "
-      "keras_epitome.keras3.distill(student, model, x_train)"
+  if calibration_data is not None or allocate or calibration is not None:
+    return _epitomize_through_keras2(
+      model,
+      compression,
+      policy=policy,
+      min_params=min_params,
+      skip=skip,
+      sampler=sampler,
+      learner=learner,
+      init=init,
+      spatial_stride=spatial_stride,
+      offset_scale=offset_scale,
+      channel_roll=channel_roll,
+      calibration_data=calibration_data,
+      calibration=calibration,
+      allocate=allocate,
+      verbose=verbose,
     )
   if init not in INITS:
     raise ValueError(f"epitomize: unknown init {init!r}; valid: {', '.join(INITS)}")
@@ -604,6 +633,212 @@ def epitomize(
   else:
     logging.info("%s", report)
   return new_model
+
+
+# ----------------------------------------------------------------------------
+# The data-aware conversion and allocate: through Keras 2 and back.
+
+
+def _check_tensorflow_backend(what: str) -> None:
+  backend = keras.backend.backend()
+  if backend != "tensorflow":
+    raise ValueError(
+      f"{what} (the data-aware conversion) needs the TensorFlow backend: it "
+      "runs the Keras 2 calibration (keras_epitome.calibration) on a Keras 2 "
+      f"twin of the model; this Keras runs on {backend!r}. Convert on "
+      "TensorFlow, train anywhere: save the trained model "
+      "(model.save('trained.keras')), then with KERAS_BACKEND=tensorflow: "
+      "model = keras.models.load_model('trained.keras'); small = "
+      "keras_epitome.keras3.epitomize(model, 4, calibration_data=x[:2048]); "
+      f"small.save('small.keras'); then on {backend!r}: "
+      "keras.models.load_model('small.keras') and fine-tune it"
+    )
+
+
+def _outputs_numpy(model, x) -> List[np.ndarray]:
+  y = model(x, training=False)
+  return [_numpy(t) for t in keras.tree.flatten(y)]
+
+
+def _max_difference(a_model, b_model, x) -> Tuple[float, float]:
+  """``(max |a - b|, max |a|)`` over the two models' outputs on ``x``."""
+  a, b = _outputs_numpy(a_model, x), _outputs_numpy(b_model, x)
+  diff = max(float(np.abs(u - v).max()) for u, v in zip(a, b, strict=True))
+  scale = max(float(np.abs(u).max()) for u in a)
+  return diff, scale
+
+
+def _check_same(a_model, b_model, x, what: str) -> float:
+  diff, scale = _max_difference(a_model, b_model, x)
+  if not diff <= 1e-4 * max(1.0, scale):
+    raise RuntimeError(
+      f"epitomize: {what} differs from the Keras 3 model by {diff:.3g} (outputs "
+      f"up to {scale:.3g}) on the calibration data; a bug of the Keras 2 "
+      "bridge (keras_epitome.keras3.bridge): please report it with the model"
+    )
+  return diff
+
+
+def _keras2_policy(k2_converted) -> Dict[str, Dict[str, Any]]:
+  """Per converted layer, the epitome arguments the Keras 2 conversion chose."""
+  import keras_epitome as ke2
+  from keras_epitome import walk as walk2
+
+  entries = {}
+  for layer in walk2.iter_layers(k2_converted):
+    if not isinstance(layer, ke2.EPITOME_LAYERS):
+      continue
+    config = layer.get_config()
+    entry = {k: config[k] for k in POLICY_KEYS if k in config}
+    entry["compression"] = None
+    entry["epitome_shape"] = tuple(int(d) for d in layer.epitome_geometry.epitome_shape)
+    entries[layer.name] = entry
+  return entries
+
+
+def _epitomize_through_keras2(
+  model,
+  compression,
+  *,
+  policy,
+  min_params,
+  skip,
+  sampler,
+  learner,
+  init,
+  spatial_stride,
+  offset_scale,
+  channel_roll,
+  calibration_data,
+  calibration,
+  allocate,
+  verbose,
+):
+  """:func:`epitomize` with ``calibration_data``/``allocate``: see its docstring."""
+  what = "allocate=True" if allocate else "calibration_data"
+  _check_tensorflow_backend(f"epitomize: {what}")
+  if calibration_data is None:
+    raise ValueError(
+      f"epitomize: {'allocate=True' if allocate else 'calibration'} needs "
+      "calibration_data (inputs of the model, a few hundred samples)"
+    )
+  if channel_roll != 1:
+    raise ValueError(
+      f"epitomize: channel_roll={channel_roll!r} with calibration_data: the "
+      "data-aware conversion (Keras 2) takes channel_roll per layer; give it in "
+      "policy dicts, e.g. policy={'conv': {'compression': 4, 'channel_roll': 2}}"
+    )
+  import keras_epitome as ke2
+  from keras_epitome import calibration as calibration2
+  from keras_epitome.keras3 import bridge
+
+  config = calibration if calibration is not None else calibration2.CalibrationConfig()
+  if not isinstance(config, calibration2.CalibrationConfig):
+    raise ValueError(
+      "epitomize: calibration must be a keras_epitome.calibration."
+      f"CalibrationConfig, got {type(config).__name__}"
+    )
+  if not model.built:
+    raise ValueError(
+      f"epitomize: calibration_data fits the epitomes to a trained model's "
+      f"layer outputs; model '{model.name}' is not built"
+    )
+  k2 = bridge.to_keras2(model)
+  x = calibration2.calibration_array(calibration_data, k2, config.max_samples)
+  probe = x[: min(len(x), 64)]
+  _check_same(model, k2, probe, "the Keras 2 twin (to_keras2)")
+  if isinstance(skip, str):
+    skip = (skip,)
+  k2_converted = ke2.epitomize(
+    k2,
+    compression,
+    policy=policy,
+    min_params=min_params,
+    skip=skip,
+    sampler=sampler,
+    learner=learner,
+    init=init,
+    spatial_stride=spatial_stride,
+    offset_scale=offset_scale,
+    calibration_data=x,
+    calibration=config,
+    allocate=allocate,
+    verbose=verbose,
+  )
+  entries = _keras2_policy(k2_converted)
+  new_model = epitomize(
+    model,
+    compression,
+    policy=lambda layer: entries.get(layer.name),
+    min_params=0,
+    init="random",
+    verbose=False,
+  )
+  made = {r.name for r in new_model.epitome_report.converted}
+  if made != set(entries):
+    raise RuntimeError(
+      f"epitomize: the Keras 3 model has epitome layers {sorted(made)} but the "
+      f"Keras 2 conversion made {sorted(entries)}; a bug of the Keras 2 bridge"
+    )
+  bridge.from_keras2_weights(new_model, k2_converted)
+  _check_same(new_model, k2_converted, probe, "the Keras 2 conversion")
+  new_model.epitome_report = k2_converted.epitome_report
+  return new_model
+
+
+def allocate(
+  model,
+  compression: float,
+  calibration_data,
+  *,
+  candidates: Optional[Sequence[float]] = None,
+  skip: Sequence[str] = (),
+  min_params: int = DEFAULT_MIN_PARAMS,
+  max_samples: Optional[int] = None,
+  verbose: bool = True,
+  **epitome_args,
+):
+  """Chooses a compression ratio per layer of a Keras 3 model from calibration data.
+
+  :func:`keras_epitome.allocate` on the model's Keras 2 twin
+  (:func:`keras_epitome.keras3.bridge.to_keras2`; TensorFlow backend, the
+  layers both Keras versions share). Layer names are the Keras 3 model's,
+  nested models' layers included (the twin is flat, so they are allocated
+  too).
+
+  Args:
+    model: a trained, built Keras 3 model (one input).
+    compression: the target ratio (the budget is the uniform conversion's).
+    calibration_data: inputs, as for :func:`epitomize`.
+    candidates, skip, min_params, max_samples, verbose, **epitome_args: as for
+      :func:`keras_epitome.allocate` (``max_samples=None``: its default).
+
+  Returns:
+    A :class:`keras_epitome.allocation.Allocation`; its ``policy`` goes to
+    :func:`epitomize` ``(policy=...)``.
+
+  Raises:
+    ValueError: on a backend other than TensorFlow, for a layer the bridge
+      does not support, or what :func:`keras_epitome.allocate` refuses.
+  """
+  check_keras3_model(model, "allocate")
+  _check_tensorflow_backend("allocate")
+  import keras_epitome as ke2
+  from keras_epitome.keras3 import bridge
+
+  k2 = bridge.to_keras2(model)
+  if max_samples is not None:
+    epitome_args["max_samples"] = max_samples
+  return ke2.allocate(
+    k2,
+    compression,
+    calibration_data,
+    candidates=candidates,
+    skip=skip,
+    min_params=min_params,
+    verbose=verbose,
+    **epitome_args,
+  )
 
 
 # ----------------------------------------------------------------------------
