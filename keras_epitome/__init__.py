@@ -43,7 +43,11 @@ if _HAS_KERAS2:
   from keras_epitome import compression, pruning  # noqa: E402
   from keras_epitome.allocation import Allocation  # noqa: E402
   from keras_epitome.backend import custom_objects  # noqa: E402
-  from keras_epitome.calibration import calibrate  # noqa: E402
+  from keras_epitome.calibration import (  # noqa: E402
+    CalibrationConfig,
+    ExperimentalCalibration,
+    calibrate,
+  )
   from keras_epitome.distillation import Distiller, distill  # noqa: E402
   from keras_epitome.export import (  # noqa: E402
     export_tflite,
@@ -103,6 +107,7 @@ __version__ = "0.1.0"
 # are importable from their modules: keras_epitome.sampling, .layers, ...
 __all__ = [
   "Allocation",
+  "CalibrationConfig",
   "EPITOME_LAYERS",
   "Distiller",
   "EpitomeConv1D",
@@ -110,6 +115,7 @@ __all__ = [
   "EpitomeDense",
   "EpitomeQuantizeConfig",
   "EpitomeQuantizeScheme",
+  "ExperimentalCalibration",
   "FactoredConv1D",
   "FactoredConv2D",
   "FactoredDense",

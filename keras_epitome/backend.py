@@ -15,6 +15,7 @@ A Keras 3 model handed to a Keras-2-only function is refused with a message
 naming the Keras 2 path (:func:`check_keras2`).
 """
 
+import functools
 import os
 import sys
 
@@ -119,8 +120,8 @@ def check_keras2(obj, what: str) -> None:
     raise ValueError(
       f"{what}: '{getattr(obj, 'name', obj)}' is a Keras 3 "
       f"{type(obj).__name__} (from the 'keras' package, or tf.keras under "
-      f"Keras 3), and {what} works with Keras 2 models only (it builds on "
-      "TF-MOT, which has no Keras 3 version). Build the model with Keras 2: "
+      f"Keras 3), and {what} works with Keras 2 models only. Build the model "
+      "with Keras 2: "
       "`import keras_epitome as ke; keras = ke.keras` (tf_keras); a Keras 3 "
       "model's weights move with model.get_weights()/set_weights() into the "
       "same architecture built with ke.keras. The Keras 3 API is "
@@ -128,11 +129,38 @@ def check_keras2(obj, what: str) -> None:
     )
 
 
+def keras3_dispatch(name: str):
+  """Decorator: a Keras 3 model given to a Keras 2 transform goes to ``keras_epitome.keras3``.
+
+  ``ke.epitomize(keras3_model, ...)`` then returns what
+  ``keras_epitome.keras3.epitomize(keras3_model, ...)`` returns, with the same
+  arguments, so code written against the Keras 2 API accepts the models of
+  users who write ``import keras``.
+
+  Args:
+    name: the function of :mod:`keras_epitome.keras3` to call.
+  """
+
+  def decorate(fn):
+    @functools.wraps(fn)
+    def dispatch(model, *args, **kwargs):
+      if is_keras3_object(model):
+        import keras_epitome.keras3 as keras3  # noqa: PLC0415  (imports Keras 3)
+
+        return getattr(keras3, name)(model, *args, **kwargs)
+      return fn(model, *args, **kwargs)
+
+    return dispatch
+
+  return decorate
+
+
 __all__ = [
   "PACKAGE",
   "check_keras2",
   "custom_objects",
   "is_keras3_object",
+  "keras3_dispatch",
   "keras",
   "setup_keras",
 ]

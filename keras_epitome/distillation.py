@@ -30,7 +30,7 @@ import tensorflow as tf
 from absl import logging
 
 from keras_epitome import spec, walk
-from keras_epitome.backend import keras
+from keras_epitome.backend import keras, keras3_dispatch
 from keras_epitome.layers import epitome_layers
 
 
@@ -221,6 +221,7 @@ def _with_pruning_step(student, callbacks):
   return callbacks
 
 
+@keras3_dispatch("distill")
 def distill(
   student,
   teacher,

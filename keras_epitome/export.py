@@ -46,7 +46,7 @@ from typing import Optional
 import tensorflow as tf
 
 from keras_epitome import factored_model, form_choice, litert, transform, walk
-from keras_epitome.backend import check_keras2
+from keras_epitome.backend import check_keras2, keras3_dispatch
 from keras_epitome.layers import EpitomeMixin, epitome_layers  # noqa: F401  (re-exported)
 from keras_epitome.litert import (  # noqa: F401  (the exporters' runtime side, re-exported)
   LiteRTRunner,
@@ -165,6 +165,7 @@ def _float32_copy(model):
   return copy
 
 
+@keras3_dispatch("export_tflite")
 def export_tflite(
   model,
   path: Optional[str] = None,

@@ -40,6 +40,7 @@ import numpy as np
 
 from keras_epitome import layers as epitome_layers
 from keras_epitome import sampling, walk
+from keras_epitome.backend import keras3_dispatch
 
 
 def hardened_values(
@@ -92,6 +93,7 @@ def harden_layer(layer, refit: bool = True) -> float:
   return float(np.linalg.norm(after - before) / max(np.linalg.norm(before), 1e-12))
 
 
+@keras3_dispatch("harden_routing")
 def harden_routing(model, refit: bool = True, report: Dict[str, float] = None):
   """A copy of ``model`` with every epitome layer at an integer, fixed routing map.
 

@@ -51,7 +51,7 @@ from typing import Dict, Mapping, Union
 import numpy as np
 
 from keras_epitome import spec, walk
-from keras_epitome.backend import keras
+from keras_epitome.backend import check_keras2, keras
 from keras_epitome.layers import EPITOME_LAYERS
 
 # Bits a sparse kernel pays for where its non-zeros are: per kernel entry
@@ -207,6 +207,7 @@ def prune_epitomes(model, sparsity: Union[float, Mapping[str, float]]) -> keras.
   import tensorflow_model_optimization as tfmot  # pylint: disable=g-import-not-at-top
 
   what = "prune_epitomes"
+  check_keras2(model, what)  # TF-MOT pruning exists for Keras 2 only
   walk.check_no_training_wrappers(model, what, ("qat", "pruning"))
   if isinstance(sparsity, Mapping):
     layers = _target_layers(model, list(sparsity), what)

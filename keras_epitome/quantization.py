@@ -301,6 +301,7 @@ def quantize_model(model, quantized_layer_name_prefix: str = "quant_"):
     >>> qat.layers[-1].name
     'quant_fc'
   """
+  backend.check_keras2(model, "quantize_model")  # TF-MOT QAT exists for Keras 2 only
   with quantize_scope():
     annotated = _tfq.quantize_annotate_model(model)
     return _tfq.quantize_apply(

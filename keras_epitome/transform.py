@@ -45,7 +45,7 @@ from absl import logging
 from keras_epitome import allocation, sampling, spec, walk
 from keras_epitome import calibration as calibration_lib
 from keras_epitome import layers as epitome_layers
-from keras_epitome.backend import check_keras2
+from keras_epitome.backend import check_keras2, keras3_dispatch
 
 # Arguments a policy entry may set for one layer.
 POLICY_KEYS = epitome_layers.EPITOME_ARGS
@@ -242,6 +242,7 @@ def _fit_layer(old, new) -> float:
 # epitomize
 
 
+@keras3_dispatch("epitomize")
 def epitomize(
   model,
   compression: float = 4.0,
@@ -647,6 +648,7 @@ def materialize_layer(layer):
   return stock
 
 
+@keras3_dispatch("strip_epitome")
 def strip_epitome(model):
   """Returns a copy of ``model`` with every epitome layer replaced by a stock one.
 
@@ -775,6 +777,7 @@ def _output_positions(layer, owner) -> int:
   return max(total, 1)
 
 
+@keras3_dispatch("summarize")
 def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelSummary:
   """Per-layer table of kernels, epitomes, stored sizes and multiply-adds.
 

@@ -64,6 +64,12 @@ class DocstringExamplesTest(tf.test.TestCase):
     for name in _package_modules():
       module = importlib.import_module(name)
       globs = {"ke": ke, "keras": ke.keras, "tf": tf, "np": np}
+      if name.startswith("keras_epitome.keras3"):
+        import keras as keras3
+
+        import keras_epitome.keras3 as ke3
+
+        globs = {"ke": ke3, "keras": keras3, "np": np}
       result = doctest.testmod(
         module,
         extraglobs=globs,

@@ -95,8 +95,9 @@ class BackendTest(tf.test.TestCase):
         "1",
       ),
       # tf.keras already resolved to Keras 3 (setting the variable afterwards
-      # changes nothing): the package still works with its own Keras 2, and a
-      # Keras 3 model handed to it gets a message that says what to do.
+      # changes nothing): the package still works with its own Keras 2; its
+      # transforms hand a Keras 3 model to keras_epitome.keras3, and the
+      # Keras-2-only functions refuse one with a message naming the Keras 2 path.
       "keras3_active": (
         "import os\n"
         "import numpy as np\n"
@@ -109,10 +110,17 @@ class BackendTest(tf.test.TestCase):
         "m = keras.Sequential([keras.Input((8,)), ke.EpitomeDense(8, compression=2)])\n"
         "assert m(np.ones((1, 8), 'float32')).shape == (1, 8)\n"
         "k3 = tf.keras.Sequential([tf.keras.Input((8,)), tf.keras.layers.Dense(64)])\n"
-        "for fn in (ke.epitomize, ke.summarize, ke.strip_epitome, ke.export_tflite,"
-        " ke.factorize):\n"
+        "small = ke.epitomize(k3, 2, min_params=0, verbose=False)\n"
+        "assert isinstance(small, tf.keras.Model), type(small)\n"
+        "assert type(small.layers[0]).__module__ == 'keras_epitome.keras3.layers'\n"
+        "assert isinstance(ke.export_tflite(small), bytes)\n"
+        "assert ke.strip_epitome(small).layers[0].__class__ is tf.keras.layers.Dense\n"
+        "ke.summarize(small, print_fn=None)\n"
+        "calls = (lambda: ke.prune_epitomes(small, 0.5), lambda: ke.quantize_model(small),"
+        " lambda: ke.factorize(small))\n"
+        "for call in calls:\n"
         "  try:\n"
-        "    fn(k3)\n"
+        "    call()\n"
         "  except ValueError as e:\n"
         "    print('ValueError:', e)\n"
         "print('ok')",
@@ -127,11 +135,11 @@ class BackendTest(tf.test.TestCase):
       self.assertEqual(out.strip().splitlines()[-1], "ok", name)
     out, _ = results["keras3_active"]
     messages = [line for line in out.splitlines() if line.startswith("ValueError")]
-    self.assertLen(messages, 5, out)
+    self.assertLen(messages, 3, out)
     for message in messages:
       self.assertIn("is a Keras 3 Sequential", message)
       self.assertIn("keras = ke.keras", message)
-      self.assertIn("TF_USE_LEGACY_KERAS=1 before TensorFlow is imported", message)
+      self.assertIn("keras_epitome.keras3", message)
 
 
 if __name__ == "__main__":

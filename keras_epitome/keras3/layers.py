@@ -175,7 +175,7 @@ class EpitomeMixin:
     desc = self._desc()
     try:
       geometry = geo.layer_geometry(
-        kernel_shape, self.compression, self.epitome_shape, self.channel_roll
+        kernel_shape, self.compression, self.epitome_shape, self.channel_roll, desc
       )
       routing = geo.fixed_routing(geometry, self.spatial_stride)
     except ValueError as e:
