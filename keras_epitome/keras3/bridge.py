@@ -362,12 +362,18 @@ def _to_numpy(w) -> np.ndarray:
 
 
 def _leaf_layers(model):
+  """The model's layers, nested models looked through (not layers' sublayers)."""
   seen = set()
-  for layer in model._flatten_layers(include_self=False):
-    if id(layer) in seen or isinstance(layer, keras.Model):
-      continue
-    seen.add(id(layer))
-    yield layer
+  stack = [model]
+  while stack:
+    for layer in stack.pop().layers:
+      if id(layer) in seen:
+        continue
+      seen.add(id(layer))
+      if isinstance(layer, keras.Model):
+        stack.append(layer)
+      else:
+        yield layer
 
 
 def from_keras2_weights(k3_model, k2_model) -> list:
