@@ -200,6 +200,24 @@ class Keras3LayerTest(tf.test.TestCase, parameterized.TestCase):
     self.assertIn("epitome", stored)
     self.assertNotIn("kernel", stored)  # the file stores the epitome, not the kernel
 
+  def test_fit_with_jit_compile(self):
+    model = keras.Sequential(
+      [
+        keras.Input((8, 8, 4)),
+        ke3.EpitomeConv2D(8, 3, padding="same", compression=2),
+        keras.layers.GlobalAveragePooling2D(),
+        ke3.EpitomeDense(3, compression=2),
+      ]
+    )
+    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+    rng = np.random.default_rng(2)
+    x = rng.random((16, 8, 8, 4)).astype("float32")
+    y = rng.random((16, 3)).astype("float32")
+    before = model.layers[0].routing_map.out_offsets
+    losses = model.fit(x, y, epochs=3, batch_size=8, verbose=0).history["loss"]
+    self.assertLess(losses[-1], losses[0])
+    self.assertFalse(np.allclose(model.layers[0].routing_map.out_offsets, before))
+
   def test_load_in_fresh_process(self):
     model = keras.Sequential(
       [keras.Input((16, 4)), ke3.EpitomeConv1D(8, 3, padding="causal", compression=2)]
