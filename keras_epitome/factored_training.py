@@ -5,7 +5,7 @@ The training-time layer samples the full kernel from the epitome every step
 convolution with it: the convolution costs what the stock layer's does, and
 the sampling adds ``O(kernel size)`` work. Within one step the routing map is
 fixed (both learners know their offsets before the convolution runs), so the
-same function factors as at inference (DESIGN.md section 4.2)::
+same function factors as at inference (docs/design.md, the factored form)::
 
   conv(x, K) = R_out(conv(R_in(x), E))
 

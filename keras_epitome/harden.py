@@ -18,11 +18,8 @@ little as possible. A short fine-tune afterwards recovers what rounding cost.
 After a data-aware conversion (``ke.epitomize(..., calibration_data=...)``)
 the routing maps are already integers: hardening then changes nothing, and
 doing it *before* :func:`keras_epitome.distill` keeps them integer through
-the recovery. On the Fashion-MNIST CNN of ``benchmarks/pretrained.py`` that
-recovered to the same accuracy as learned routing after one epoch (91.19% /
-90.11% at 4x / 8x against 91.19% / 90.09%) with ``.tflite`` files of 73,180
-/ 45,464 bytes against 87,528 / 63,272 (``benchmarks/RESULTS.md``, "The
-pair at 2x, and hardened routing").
+the recovery, and the exported file has no blend ops (docs/results.md has
+the accuracy and file sizes against learned routing).
 
 Example:
   >>> model = keras.Sequential([keras.Input((8, 16)),

@@ -75,7 +75,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       The default ``1`` makes every output chunk a distinct set of filters;
       ``0`` is the separable map, where all output chunks repeat the same
       ``Cout_E`` filters (the kernel's rank is at most ``Cout_E``, a thin
-      layer in disguise; it cost 8-10 points on FSDD, benchmarks/RESULTS.md).
+      layer in disguise: docs/results.md has what it costs).
       Configs saved without this key load with ``0``, as they were trained.
     train_form: how ``call`` computes the layer: ``"kernel"`` samples the full
       kernel and runs the stock op; ``"factored"`` runs
@@ -84,8 +84,8 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       cost estimate from the static shapes
       (:func:`keras_epitome.factored_training.plan_for`). ``groups > 1`` always
       uses the kernel. The estimate does not know about XLA, whose CPU
-      convolutions are slow on channel counts like 11: for such epitomes under
-      ``jit_compile`` prefer ``"kernel"`` (benchmarks/RESULTS.md).
+      convolutions are slow on odd channel counts: for such epitomes under
+      ``jit_compile`` prefer ``"kernel"`` (docs/results.md, training cost).
   """
 
   _stock_class = None  # set by each concrete layer

@@ -4,13 +4,9 @@ An epitome layer's stored weight is its epitome
 (``get_prunable_weights``), so TF-MOT's ``prune_low_magnitude`` sparsifies
 the epitome and the sampled kernel inherits its zeros. The two compressions
 compose: epitomize at part of the target ratio, then prune the epitomes to
-the rest of the stored size. Measured on the Fashion-MNIST CNN of
-``benchmarks/pretrained.py`` (``benchmarks/RESULTS.md``, "Epitome and
-pruning together" and "The pair at 2x, and hardened routing"), after one
-epoch of :func:`distill`, at the same stored words: a data-aware conversion
-at 1.25x pruned to 2x is level with TF-MOT pruning alone, at 2x pruned to
-4x level, at 4x pruned to 8x about a point ahead; each is above the epitome
-model alone. Harden the conversion's routing first
+the rest of the stored size (docs/pruning.md has the recipe and
+docs/results.md the comparison with TF-MOT pruning alone at the same stored
+words). Harden the conversion's routing first
 (:func:`keras_epitome.harden_routing`: exact, its offsets are integers) so
 the recovery keeps them integer and the exported file has no blend ops.
 
@@ -115,9 +111,8 @@ def sparsity_for_size(
   epitome layer, its routing map. The returned sparsity is the smallest that
   keeps all of it within the budget (0 where the layer already fits). A
   bitmask is the least a mask of random positions costs; TFLite's sparse
-  tensor format (``export_tflite(sparse=True)``) spends more, 9-14 bits per
-  non-zero as measured (``benchmarks/RESULTS.md``, "Epitome and pruning
-  together").
+  tensor format (``export_tflite(sparse=True)``) spends more per non-zero
+  (docs/results.md, file size).
 
   Args:
     model: a built Keras model.

@@ -7,7 +7,7 @@ supported layer (``Conv1D``, ``Conv2D``, ``Dense``: the keys of
 :data:`keras_epitome.layers.STOCK_TO_EPITOME`) by its epitome twin under a
 per-layer policy, and copies every other weight. From a trained model the
 epitomes start as the closed-form least-squares fit of the trained kernels
-(DESIGN.md section 5), so fine-tuning starts close to the original function.
+(docs/design.md, the weight fit), so fine-tuning starts close to the original function.
 :func:`strip_epitome` is the inverse: stock layers with the materialized
 kernels, equal outputs in inference mode. :func:`summarize` prints what the
 epitome layers store and cost.
@@ -786,7 +786,7 @@ def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelS
   wrappers (pruning, QAT) too (:func:`keras_epitome.walk.walk`). MACs are per
   example: :meth:`EpitomeGeometry.macs_per_position` times the layer's output
   positions (summed over the layer's call sites). The materialized form costs
-  what the stock layer costs; the factored form (DESIGN.md section 4.2) runs
+  what the stock layer costs; the factored form (docs/design.md) runs
   the convolution on the epitome's channels plus two channel remixes.
 
   Args:
