@@ -1,4 +1,4 @@
-"""keras_epitome: Neural Epitome Search (NES) layers for Keras 2 and TF-MOT."""
+"""keras_epitome: Neural Epitome Search (NES) layers for Keras 3 and Keras 2 (TF-MOT)."""
 
 import pathlib
 
@@ -10,6 +10,7 @@ HERE = pathlib.Path(__file__).parent
 # and tf-keras depends on the package named "tensorflow").
 INSTALL_REQUIRES = [
   "tensorflow==2.21.*",
+  "keras>=3.10,<4",  # Keras 3: keras_epitome.keras3 (TF, JAX or PyTorch backend)
   "tf-keras==2.21.*",
   "tensorflow-model-optimization==0.8.1",
   "numpy>=1.26,<3",
@@ -18,7 +19,14 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-  "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "ruff>=0.6"],
+  # jax: the Keras 3 tests on the JAX backend (CPU).
+  "test": [
+    "pytest>=8",
+    "hypothesis>=6",
+    "scikit-learn>=1.3",
+    "ruff>=0.6",
+    "jax[cpu]>=0.4.30",
+  ],
   "examples": ["scikit-learn>=1.3", "matplotlib>=3.7"],
 }
 
@@ -26,8 +34,8 @@ setup(
   name="keras-epitome",
   version="0.1.0",
   description=(
-    "Neural Epitome Search (NES) for Keras: compress Conv1D, Conv2D and "
-    "Dense layers with learned weight sampling; TF-MOT and TFLite ready."
+    "Neural Epitome Search (NES) for Keras 3 and Keras 2: compress Conv1D, "
+    "Conv2D and Dense layers with learned weight sampling; TF-MOT and TFLite ready."
   ),
   long_description=(HERE / "README.md").read_text(encoding="utf-8"),
   long_description_content_type="text/markdown",
