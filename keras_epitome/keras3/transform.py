@@ -765,7 +765,12 @@ def _epitomize_through_keras2(
     allocate=allocate,
     verbose=verbose,
   )
-  entries = _keras2_policy(k2_converted)
+  converted = {r.name for r in k2_converted.epitome_report.converted}
+  entries = {
+    name: entry
+    for name, entry in _keras2_policy(k2_converted).items()
+    if name in converted  # not the model's own epitome layers
+  }
   new_model = epitomize(
     model,
     compression,
