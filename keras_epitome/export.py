@@ -45,7 +45,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from keras_epitome import factored_model, form_choice, litert, transform, walk
+from keras_epitome import factored_model, form_choice, litert, spec, transform, walk
 from keras_epitome.backend import check_keras2, keras3_dispatch
 from keras_epitome.layers import EpitomeMixin, epitome_layers  # noqa: F401  (re-exported)
 from keras_epitome.litert import (  # noqa: F401  (the exporters' runtime side, re-exported)
@@ -57,7 +57,7 @@ from keras_epitome.litert import (  # noqa: F401  (the exporters' runtime side, 
 _log = logging.getLogger(__name__)
 
 FORMS = ("factored", "materialized")
-QUANTIZATIONS = (None, "dynamic", "int8")
+QUANTIZATIONS = spec.QUANTIZATIONS
 
 
 def materialize(model):
@@ -258,16 +258,7 @@ def export_tflite(
     >>> isinstance(tflite, bytes)
     True
   """
-  if quantize not in QUANTIZATIONS:
-    raise ValueError(
-      f"quantize must be one of None, 'dynamic', 'int8', got {quantize!r}"
-    )
-  if quantize == "int8" and representative_data is None:
-    raise ValueError(
-      "quantize='int8' needs representative_data (sample inputs to calibrate "
-      "the activation ranges)"
-    )
-  litert.check_batch_size(batch_size, "export_tflite")
+  spec.check_export_args(quantize, representative_data, batch_size)
   check_keras2(model, "export_tflite")
   walk.check_no_training_wrappers(
     model, "export_tflite", ("qat", "pruning"), _is_epitome_layer

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -347,3 +348,100 @@ def check_finite_offsets(arrays: Sequence, desc: str = "") -> None:
         f"{arr[~np.isfinite(arr)][:4].tolist()}; offsets must be finite (a "
         "NaN offset usually means training diverged)"
       )
+
+
+def epitome_config(layer) -> Dict[str, Any]:
+  """The epitome arguments of a layer, as its ``get_config`` stores them.
+
+  Sequences (``epitome_shape``, ``spatial_stride``) become lists; unset ones
+  ``None``. Both the Keras 2 and the Keras 3 layers add this to the stock
+  layer's config.
+
+  Example:
+    >>> import types
+    >>> layer = types.SimpleNamespace(compression=4.0, epitome_shape=None,
+    ...   sampler="learned", learner="param", spatial_stride=(1, 1),
+    ...   offset_scale=1.0, routing_momentum=0.99, channel_roll=1,
+    ...   train_form="auto")
+    >>> epitome_config(layer)["spatial_stride"]
+    [1, 1]
+  """
+  config = {key: getattr(layer, key) for key in EPITOME_ARGS}
+  for key in ("epitome_shape", "spatial_stride"):
+    config[key] = list(config[key]) if config[key] else None
+  return config
+
+
+def merged_signature(stock_init, epitome_init) -> inspect.Signature:
+  """A stock layer's signature plus the epitome keyword arguments.
+
+  An epitome layer's ``__init__`` forwards ``*args, **kwargs`` to the stock
+  layer, so the layer accepts exactly this; publishing it lets
+  ``inspect.signature`` (IDEs, the argument-parity test) see every stock
+  argument with its default.
+
+  Args:
+    stock_init: the stock layer's ``__init__``.
+    epitome_init: the epitome mixin's ``__init__`` (its keyword-only
+      arguments are added before the stock ``**kwargs``).
+  """
+  stock = inspect.signature(stock_init)
+  extra = inspect.signature(epitome_init)
+  var_kw = inspect.Parameter.VAR_KEYWORD
+  params = [
+    p for p in stock.parameters.values() if p.name != "self" and p.kind != var_kw
+  ]
+  params += [
+    p for p in extra.parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY
+  ]
+  params += [p for p in stock.parameters.values() if p.kind == var_kw]
+  return stock.replace(parameters=params)
+
+
+# What ``export_tflite`` may quantize to (both Keras versions).
+QUANTIZATIONS = (None, "dynamic", "int8")
+
+
+def check_batch_size(batch_size, caller: str = "export_tflite") -> None:
+  """Raises unless ``batch_size`` is ``None`` (dynamic) or an int >= 1 (not a bool).
+
+  A file with batch 0 converts but LiteRT cannot run it.
+  """
+  if batch_size is None:
+    return
+  if (
+    isinstance(batch_size, bool)
+    or not isinstance(batch_size, (int, np.integer))
+    or batch_size < 1
+  ):
+    raise ValueError(
+      f"{caller}: batch_size must be None (dynamic) or an integer >= 1, got "
+      f"{batch_size!r}"
+    )
+
+
+def check_export_args(
+  quantize, representative_data, batch_size, caller: str = "export_tflite"
+) -> Optional[int]:
+  """``export_tflite``'s ``quantize``, ``representative_data`` and ``batch_size``.
+
+  Returns:
+    ``batch_size`` as a Python int, or ``None`` (a dynamic batch).
+
+  Example:
+    >>> check_export_args("int8", None, 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: quantize='int8' needs representative_data (sample inputs to calibrate the activation ranges)
+  """
+  if quantize not in QUANTIZATIONS:
+    raise ValueError(
+      f"quantize must be one of None, 'dynamic', 'int8', got {quantize!r}"
+    )
+  if quantize == "int8" and representative_data is None:
+    raise ValueError(
+      "quantize='int8' needs representative_data (sample inputs to calibrate "
+      "the activation ranges)"
+    )
+  check_batch_size(batch_size, caller)
+  return None if batch_size is None else int(batch_size)

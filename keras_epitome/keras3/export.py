@@ -33,9 +33,10 @@ from typing import Optional
 import keras
 import numpy as np
 
+from keras_epitome import spec
 from keras_epitome.keras3.layers import EpitomeDense, epitome_layers
 
-QUANTIZATIONS = (None, "dynamic", "int8")
+QUANTIZATIONS = spec.QUANTIZATIONS
 
 
 def _input_shape(layer):
@@ -132,23 +133,9 @@ def _keras2_twin(layer, bn):
   return model
 
 
-def _check(model, quantize, representative_data, batch_size):
-  if quantize not in QUANTIZATIONS:
-    raise ValueError(
-      f"quantize must be one of None, 'dynamic', 'int8', got {quantize!r}"
-    )
-  if quantize == "int8" and representative_data is None:
-    raise ValueError(
-      "quantize='int8' needs representative_data (sample inputs to calibrate "
-      "the activation ranges)"
-    )
-  if batch_size is not None and (
-    isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-  ):
-    raise ValueError(
-      f"export_tflite: batch_size must be None (dynamic) or an integer >= 1, "
-      f"got {batch_size!r}"
-    )
+def _check(model, quantize, representative_data, batch_size) -> Optional[int]:
+  """Checks the arguments; returns ``batch_size`` as an int (or ``None``)."""
+  batch_size = spec.check_export_args(quantize, representative_data, batch_size)
   if (
     not isinstance(model, keras.Model)
     or not model.built
@@ -165,6 +152,7 @@ def _check(model, quantize, representative_data, batch_size):
         "export a float32 model: save it (model.save), set "
         "keras.mixed_precision.set_global_policy('float32'), load it and export"
       )
+  return batch_size
 
 
 def export_tflite(
@@ -212,7 +200,7 @@ def export_tflite(
     >>> isinstance(export_tflite(model), bytes)
     True
   """
-  _check(model, quantize, representative_data, batch_size)
+  batch_size = _check(model, quantize, representative_data, batch_size)
   if keras.backend.backend() != "tensorflow":
     return _export_in_tensorflow_process(
       model,
