@@ -245,7 +245,7 @@ def trained():
   )
   model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   model.fit(x[:1200], y[:1200], epochs=2, batch_size=64, verbose=0)
-  return model, x[:128], x[1500:1628]
+  return model, x[:256], x[1500:1628]
 
 
 def _relative(a, b):
@@ -286,7 +286,7 @@ def test_data_aware_conversion_equals_keras2(trained):
   data_error = _relative(np.asarray(small(x_test, training=False)), original)
   fit = ke.epitomize(model, 4, init="fit", verbose=False)
   fit_error = _relative(np.asarray(fit(x_test, training=False)), original)
-  assert data_error < 0.7 * fit_error, (data_error, fit_error)
+  assert data_error < 0.6 * fit_error, (data_error, fit_error)
   # The result is a plain Keras 3 model: it strips and trains as one.
   stock = ke.strip_epitome(small)
   assert _max_diff(stock, small, x_test) < 1e-4
