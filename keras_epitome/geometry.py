@@ -494,6 +494,93 @@ def fixed_routing(
 
 
 # ----------------------------------------------------------------------------
+# A routing map as the layers store it.
+
+
+def spatial_columns(spatial_offsets, geometry: EpitomeGeometry) -> np.ndarray:
+  """``(B, rank)`` spatial offsets -> the ``(B, len(slack_axes))`` stored columns.
+
+  Axes without slack (``S_E == S``) store no offset.
+  """
+  return np.asarray(spatial_offsets)[:, list(geometry.slack_axes)]
+
+
+def pack_routing(
+  in_offsets, out_offsets, spatial_offsets, geometry: EpitomeGeometry
+) -> np.ndarray:
+  """Offsets (spatial as ``(B, rank)``) -> the ``(routing_size,)`` NumPy vector.
+
+  ``A`` input offsets, ``B`` output offsets, then the stored spatial columns
+  row by row: what the feature learner predicts and the moving routing map
+  stores (:meth:`EpitomeGeometry.pack_offsets` is the TensorFlow twin).
+
+  Example:
+    >>> g = EpitomeGeometry((3, 8, 8), (4, 4, 4))
+    >>> pack_routing([1.0, 2.0], [0.0, 3.0], [[0.5], [1.0]], g).tolist()
+    [1.0, 2.0, 0.0, 3.0, 0.5, 1.0]
+  """
+  sp_o = np.asarray(spatial_offsets).reshape(geometry.num_out_chunks, geometry.rank)
+  return np.concatenate(
+    [
+      np.asarray(in_offsets).reshape(-1),
+      np.asarray(out_offsets).reshape(-1),
+      spatial_columns(sp_o, geometry).reshape(-1),
+    ]
+  )
+
+
+def routing_arrays(
+  routing: Sequence, geometry: EpitomeGeometry, desc: str = ""
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Checks a routing map against a geometry; returns its float32 arrays.
+
+  What ``set_routing_map`` of both layer families assigns: the offsets must
+  be finite and shaped ``(A,)``, ``(B,)`` and ``(B, rank)`` (any shape of
+  ``B * rank`` entries is taken for the spatial offsets; where no spatial
+  axis has slack they are ignored and returned as zeros).
+
+  Args:
+    routing: ``(in_offsets, out_offsets, spatial_offsets)``, e.g. a
+      :class:`RoutingMap`.
+    geometry: the layer's geometry.
+    desc: what is configured, prefixed to error messages.
+
+  Returns:
+    ``(in_offsets, out_offsets, spatial_offsets (B, rank))``, float32.
+
+  Raises:
+    ValueError: for a non-finite offset or a shape that does not match.
+
+  Example:
+    >>> g = EpitomeGeometry((3, 8, 8), (4, 4, 4))
+    >>> routing_arrays(([0.0], [0.0, 1.0], [0.0, 1.0]), g, "layer")
+    Traceback (most recent call last):
+    ...
+    ValueError: layer: routing map in_offsets has shape (1,), expected (2,)
+  """
+  g = geometry
+  spec.check_finite_offsets(routing, desc)
+  in_o = np.asarray(routing[0], np.float32)
+  out_o = np.asarray(routing[1], np.float32)
+  sp_o = np.asarray(routing[2], np.float32)
+  if sp_o.size == g.num_out_chunks * g.rank:  # also (B, 0) for Dense
+    sp_o = sp_o.reshape(g.num_out_chunks, g.rank)
+  for name, arr, want in (
+    ("in_offsets", in_o, (g.num_in_chunks,)),
+    ("out_offsets", out_o, (g.num_out_chunks,)),
+    ("spatial_offsets", sp_o, (g.num_out_chunks, g.rank)),
+  ):
+    if arr.shape != want and not (name == "spatial_offsets" and not g.slack_axes):
+      raise ValueError(
+        f"{desc + ': ' if desc else ''}routing map {name} has shape {arr.shape}, "
+        f"expected {want}"
+      )
+  if not g.slack_axes:
+    sp_o = np.zeros((g.num_out_chunks, g.rank), np.float32)
+  return in_o, out_o, sp_o
+
+
+# ----------------------------------------------------------------------------
 # Closed-form fit (docs/design.md).
 
 

@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -36,6 +35,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from keras_epitome import factored_training, sampling, spec, walk
+from keras_epitome import geometry as geometry_lib
 from keras_epitome.backend import keras
 from keras_epitome.learners import FeatureOffsetLearner
 
@@ -235,7 +235,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         "spatial_offsets",
         shape=(geometry.num_out_chunks, len(geometry.slack_axes)),
         initializer=keras.initializers.Constant(
-          routing.spatial_offsets[:, list(geometry.slack_axes)] / scale
+          geometry_lib.spatial_columns(routing.spatial_offsets, geometry) / scale
         ),
         constraint=clip_spatial,
         trainable=trainable,
@@ -251,10 +251,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         "moving_offsets",
         shape=(n,),
         initializer=lambda shape, dtype=None: tf.cast(
-          geometry.pack_offsets(
-            routing.in_offsets, routing.out_offsets, routing.spatial_offsets
-          ),
-          dtype,
+          geometry_lib.pack_routing(*routing, geometry), dtype
         ),
         trainable=False,
         synchronization=tf.VariableSynchronization.ON_READ,
@@ -314,30 +311,14 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
         offset is not finite.
     """
     g = self.epitome_geometry
-    spec.check_finite_offsets(routing, self._desc())
-    in_o = np.asarray(routing.in_offsets, np.float32)
-    out_o = np.asarray(routing.out_offsets, np.float32)
-    sp_o = np.asarray(routing.spatial_offsets, np.float32)
-    if sp_o.size == g.num_out_chunks * g.rank:  # also (B, 0) for Dense
-      sp_o = sp_o.reshape(g.num_out_chunks, g.rank)
-    for name, arr, want in (
-      ("in_offsets", in_o, (g.num_in_chunks,)),
-      ("out_offsets", out_o, (g.num_out_chunks,)),
-      ("spatial_offsets", sp_o, (g.num_out_chunks, g.rank)),
-    ):
-      if arr.shape != want and not (name == "spatial_offsets" and not g.slack_axes):
-        raise ValueError(
-          f"{self._desc()}: routing map {name} has shape {arr.shape}, expected {want}"
-        )
+    in_o, out_o, sp_o = geometry_lib.routing_arrays(routing, g, self._desc())
     s = self.offset_scale
     self.in_offsets.assign(in_o / s)
     self.out_offsets.assign(out_o / s)
     if self.spatial_offsets is not None:
-      self.spatial_offsets.assign(sp_o[:, list(g.slack_axes)] / s)
+      self.spatial_offsets.assign(geometry_lib.spatial_columns(sp_o, g) / s)
     if self.moving_offsets is not None:
-      if not g.slack_axes:
-        sp_o = np.zeros((g.num_out_chunks, g.rank), np.float32)
-      self.moving_offsets.assign(g.pack_offsets(in_o, out_o, sp_o))
+      self.moving_offsets.assign(geometry_lib.pack_routing(in_o, out_o, sp_o, g))
 
   # -- the kernel --------------------------------------------------------------
 
@@ -474,17 +455,7 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
 
   def get_config(self):
     config = super().get_config()
-    config.update(
-      compression=self.compression,
-      epitome_shape=list(self.epitome_shape) if self.epitome_shape else None,
-      sampler=self.sampler,
-      learner=self.learner,
-      spatial_stride=list(self.spatial_stride) if self.spatial_stride else None,
-      offset_scale=self.offset_scale,
-      routing_momentum=self.routing_momentum,
-      channel_roll=self.channel_roll,
-      train_form=self.train_form,
-    )
+    config.update(spec.epitome_config(self))
     return config
 
   @classmethod
@@ -537,31 +508,11 @@ class EpitomeDense(EpitomeMixin, keras.layers.Dense):
 EPITOME_LAYERS = (EpitomeConv1D, EpitomeConv2D, EpitomeDense)
 
 
-def _merged_signature(layer_cls) -> inspect.Signature:
-  """The stock layer's signature plus the epitome keyword arguments.
-
-  ``EpitomeMixin.__init__`` forwards ``*args, **kwargs`` to the stock layer, so
-  the layer accepts exactly this; publishing it lets ``inspect.signature`` (and
-  IDEs, and the parity test) see every stock argument with its default.
-  """
-  stock = inspect.signature(layer_cls._stock_class.__init__)
-  extra = inspect.signature(EpitomeMixin.__init__)
-  params = [
-    p
-    for p in stock.parameters.values()
-    if p.name != "self" and p.kind != inspect.Parameter.VAR_KEYWORD
-  ]
-  params += [
-    p for p in extra.parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY
-  ]
-  params += [
-    p for p in stock.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD
-  ]
-  return stock.replace(parameters=params)
-
-
 for _cls in EPITOME_LAYERS:
-  _cls.__signature__ = _merged_signature(_cls)
+  # The stock signature plus the epitome keyword arguments (see spec).
+  _cls.__signature__ = spec.merged_signature(
+    _cls._stock_class.__init__, EpitomeMixin.__init__
+  )
 del _cls
 STOCK_TO_EPITOME = {
   keras.layers.Conv1D: EpitomeConv1D,

@@ -24,7 +24,6 @@ to do (strip the epitome layers first, or export with
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional, Sequence, Union
 
 import keras
@@ -223,7 +222,7 @@ class EpitomeMixin:
         name="spatial_offsets",
         shape=(geometry.num_out_chunks, len(geometry.slack_axes)),
         initializer=keras.initializers.Constant(
-          routing.spatial_offsets[:, list(geometry.slack_axes)] / scale
+          geo.spatial_columns(routing.spatial_offsets, geometry) / scale
         ),
         constraint=lambda v: ops.clip(v, 0.0, ops.cast(limit, v.dtype)),
         trainable=trainable,
@@ -234,13 +233,7 @@ class EpitomeMixin:
       self.offset_learner = FeatureOffsetLearner(
         n, geometry.rank, name="offset_learner"
       )
-      packed = np.concatenate(
-        [
-          routing.in_offsets,
-          routing.out_offsets,
-          routing.spatial_offsets[:, list(geometry.slack_axes)].reshape(-1),
-        ]
-      ).astype(np.float32)
+      packed = geo.pack_routing(*routing, geometry).astype(np.float32)
       self.moving_offsets = self.add_weight(
         name="moving_offsets",
         shape=(n,),
@@ -326,31 +319,14 @@ class EpitomeMixin:
         offset is not finite.
     """
     g = self.epitome_geometry
-    spec.check_finite_offsets(routing, self._desc())
-    in_o = np.asarray(routing.in_offsets, np.float32)
-    out_o = np.asarray(routing.out_offsets, np.float32)
-    sp_o = np.asarray(routing.spatial_offsets, np.float32)
-    if sp_o.size == g.num_out_chunks * g.rank:  # also (B, 0) for Dense
-      sp_o = sp_o.reshape(g.num_out_chunks, g.rank)
-    for name, arr, want in (
-      ("in_offsets", in_o, (g.num_in_chunks,)),
-      ("out_offsets", out_o, (g.num_out_chunks,)),
-      ("spatial_offsets", sp_o, (g.num_out_chunks, g.rank)),
-    ):
-      if arr.shape != want and not (name == "spatial_offsets" and not g.slack_axes):
-        raise ValueError(
-          f"{self._desc()}: routing map {name} has shape {arr.shape}, expected {want}"
-        )
+    in_o, out_o, sp_o = geo.routing_arrays(routing, g, self._desc())
     s = self.offset_scale
     self.in_offsets.assign(in_o / s)
     self.out_offsets.assign(out_o / s)
-    cols = (
-      sp_o[:, list(g.slack_axes)] if g.slack_axes else np.zeros((g.num_out_chunks, 0))
-    )
     if self.spatial_offsets is not None:
-      self.spatial_offsets.assign(cols / s)
+      self.spatial_offsets.assign(geo.spatial_columns(sp_o, g) / s)
     if self.moving_offsets is not None:
-      packed = np.concatenate([in_o, out_o, cols.reshape(-1)]).astype(np.float32)
+      packed = geo.pack_routing(in_o, out_o, sp_o, g).astype(np.float32)
       self.moving_offsets.assign(packed)
 
   # -- the kernel and the call ---------------------------------------------------
@@ -451,17 +427,7 @@ class EpitomeMixin:
 
   def get_config(self):
     config = super().get_config()
-    config.update(
-      compression=self.compression,
-      epitome_shape=list(self.epitome_shape) if self.epitome_shape else None,
-      sampler=self.sampler,
-      learner=self.learner,
-      spatial_stride=list(self.spatial_stride) if self.spatial_stride else None,
-      offset_scale=self.offset_scale,
-      routing_momentum=self.routing_momentum,
-      channel_roll=self.channel_roll,
-      train_form=self.train_form,
-    )
+    config.update(spec.epitome_config(self))
     return config
 
 
@@ -506,31 +472,11 @@ STOCK_OF = {
 }
 
 
-def _merged_signature(layer_cls) -> inspect.Signature:
-  """The stock layer's signature plus the epitome keyword arguments.
-
-  ``EpitomeMixin.__init__`` forwards ``*args, **kwargs`` to the stock layer;
-  publishing the merged signature lets ``inspect.signature`` (IDEs, the
-  argument-parity test) see every stock argument with its default.
-  """
-  stock = inspect.signature(STOCK_OF[layer_cls].__init__)
-  extra = inspect.signature(EpitomeMixin.__init__)
-  params = [
-    p
-    for p in stock.parameters.values()
-    if p.name != "self" and p.kind != inspect.Parameter.VAR_KEYWORD
-  ]
-  params += [
-    p for p in extra.parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY
-  ]
-  params += [
-    p for p in stock.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD
-  ]
-  return stock.replace(parameters=params)
-
-
 for _cls in EPITOME_LAYERS:
-  _cls.__signature__ = _merged_signature(_cls)
+  # The stock signature plus the epitome keyword arguments (see spec).
+  _cls.__signature__ = spec.merged_signature(
+    STOCK_OF[_cls].__init__, EpitomeMixin.__init__
+  )
 del _cls
 STOCK_TO_EPITOME = {stock: epi for epi, stock in STOCK_OF.items()}
 
