@@ -43,8 +43,9 @@ SUPPORT = (
   "Rescaling, Embedding, and the epitome layers) with built-in activations"
 )
 
-# Keras-3-only config keys, dropped when they hold the value that means what
-# the Keras 2 layer does; any other value cannot be carried over.
+# Keras-3-only config keys (or settings the bridge does not carry), dropped
+# when they hold the value under which the Keras 2 layer computes the same
+# (``None``: any value); any other value is refused.
 _NEUTRAL = {
   "lora_rank": (None,),
   "lora_alpha": (None,),
@@ -52,15 +53,10 @@ _NEUTRAL = {
   "rms_scaling": (False,),
   "renorm": (False,),
   "renorm_clipping": (None,),
-  "renorm_momentum": None,  # meaningless without renorm
-  "optional": (False,),
-  "input_axes": None,
-  "output_axes": None,
+  "renorm_momentum": None,  # unused without renorm
 }
-# Keras 3 layer class names whose Keras 2 class has another name.
-_RENAMED = {}
-# Serialized objects whose config may be dropped (weights are copied after).
-_INITIALIZER_KEYS = ("initializer",)
+# Config keys spelled otherwise in tf_keras, per class name.
+_RENAMED_KEYS = {"LeakyReLU": {"negative_slope": "alpha"}}
 _SERIALIZED_SUFFIXES = ("_regularizer", "_constraint")
 
 
@@ -79,7 +75,7 @@ def _dtype(value):
   return name if isinstance(name, str) else value
 
 
-def _serialized(value, module, layer, key):
+def _serialized(value, module):
   """A Keras 3 serialized initializer/regularizer/constraint for ``tf_keras``.
 
   Returns ``(ok, value)``: ``ok`` is False when ``tf_keras`` has no such
@@ -130,7 +126,9 @@ def _keras2_config(layer, k2) -> Dict[str, Any]:
       continue
     value = config.pop(key)
     if neutral is not None and value not in neutral:
-      raise _unsupported(layer, f"has {key}={value!r}, which Keras 2 lacks")
+      raise _unsupported(
+        layer, f"has {key}={value!r}, which the bridge to Keras 2 does not carry"
+      )
   if "dtype" in config:
     config["dtype"] = _dtype(config["dtype"])
   for key in list(config):
@@ -145,14 +143,14 @@ def _keras2_config(layer, k2) -> Dict[str, Any]:
           "computes differently",
         )
     elif key.endswith("_initializer"):
-      ok, spec = _serialized(value, k2.initializers, layer, key)
+      ok, spec = _serialized(value, k2.initializers)
       if ok:
         config[key] = spec
       else:
         config.pop(key)  # weights are copied afterwards
     elif key.endswith(_SERIALIZED_SUFFIXES):
       module = k2.regularizers if key.endswith("_regularizer") else k2.constraints
-      ok, spec = _serialized(value, module, layer, key)
+      ok, spec = _serialized(value, module)
       if not ok:
         raise _unsupported(layer, f"has the {key} {value!r}, which tf_keras lacks")
       config[key] = spec
@@ -169,7 +167,7 @@ def _keras2_class(layer, k2):
   module = type(layer).__module__ or ""
   if not module.startswith("keras."):
     raise _unsupported(layer, "is not a stock Keras layer")
-  cls = getattr(k2.layers, _RENAMED.get(name, name), None)
+  cls = getattr(k2.layers, name, None)
   if cls is None or isinstance(layer, keras.Model):
     raise _unsupported(layer, "has no Keras 2 (tf_keras) twin")
   return cls
@@ -186,8 +184,9 @@ def keras2_layer(layer, k2=None):
     import tf_keras as k2
   cls = _keras2_class(layer, k2)
   config = _keras2_config(layer, k2)
-  if type(layer).__name__ == "LeakyReLU" and "negative_slope" in config:
-    config["alpha"] = config.pop("negative_slope")
+  for old, new in _RENAMED_KEYS.get(type(layer).__name__, {}).items():
+    if old in config:
+      config[new] = config.pop(old)
   try:
     return cls.from_config(config)
   except (TypeError, ValueError) as e:
