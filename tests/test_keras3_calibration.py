@@ -292,6 +292,28 @@ def test_data_aware_conversion_equals_keras2(trained):
   assert _max_diff(stock, small, x_test) < 1e-4
 
 
+def test_data_aware_conversion_of_nested_shared_model():
+  # Nested models (one shared) and an epitome layer the model already has.
+  model = _resnet_block()
+  x = _x(32, (8, 8, 3))
+  config = CalibrationConfig(output_steps=0, batch_size=32)
+  small = ke.epitomize(
+    model, 4, calibration_data=x, calibration=config, min_params=0, verbose=False
+  )
+  assert isinstance(small.get_layer("block").get_layer("b_c1"), ke.EpitomeConv2D)
+  assert isinstance(small.get_layer("head").get_layer("h_epi"), ke.EpitomeConv2D)
+  assert isinstance(small.get_layer("gate"), ke.EpitomeConv2D)
+  keras2 = ke2.epitomize(
+    bridge.to_keras2(model),
+    4,
+    calibration_data=x,
+    calibration=config,
+    min_params=0,
+    verbose=False,
+  )
+  assert _max_diff(small, keras2, x) < 1e-4
+
+
 def test_allocate(trained):
   model, x_cal, x_test = trained
   # Ratios up to 4 * compression are tried on every layer: one layer and a
