@@ -98,11 +98,18 @@ def _anchors(path):
   }
 
 
-def _stand_in_data():
-  """A small trained CNN and data of its input shape, for the recipes."""
-  import keras_epitome as ke
+def _stand_in_data(keras_version=2):
+  """A small trained CNN and data of its input shape, for the recipes.
 
-  keras = ke.keras
+  The README's recipes are written for Keras 3 (``trained_model`` is a Keras 3
+  model there); the guide pages for Keras 2.
+  """
+  if keras_version == 3:
+    import keras
+  else:
+    import keras_epitome as ke
+
+    keras = ke.keras
   keras.utils.set_random_seed(0)
   rng = np.random.default_rng(0)
   x = rng.random((160, 10, 10, 1)).astype("float32")
@@ -140,9 +147,10 @@ class DocsCodeTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.data = _stand_in_data()
+    cls.data3 = _stand_in_data(keras_version=3)
 
   def _run(self, path):
-    namespace = dict(self.data)
+    namespace = dict(self.data3 if path == README else self.data)
     ran = 0
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,7 +183,7 @@ class DocsCodeTest(absltest.TestCase):
         self.assertEqual(tuple(got), expected, expr)
       else:
         self.assertAlmostEqual(float(got), expected, places=2, msg=expr)
-    self.assertTrue(np.isfinite(layer_ns["layer"].kernel.numpy()).all())
+    self.assertTrue(np.isfinite(np.asarray(layer_ns["layer"].kernel)).all())
     self.assertIn("y", namespace)  # the export recipe ran the file with LiteRT
 
   def test_docs_blocks_run(self):
@@ -219,7 +227,7 @@ class DocsTextTest(absltest.TestCase):
     for command in SETUP_COMMANDS:
       self.assertIn(command, text)
     self.assertIn(SETUP_COMMANDS[1], (ROOT / ".ci" / "run").read_text())
-    self.assertLessEqual(len(text.splitlines()), 200)
+    self.assertLessEqual(len(text.splitlines()), 220)
 
 
 if __name__ == "__main__":

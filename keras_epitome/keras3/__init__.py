@@ -15,6 +15,7 @@ Example:
 """
 
 from keras_epitome.geometry import RoutingMap, epitome_shape_for_ratio
+from keras_epitome.keras3.bridge import to_keras2
 from keras_epitome.keras3.distillation import Distiller, distill
 from keras_epitome.keras3.export import export_tflite
 from keras_epitome.keras3.harden import harden_layer, harden_routing
@@ -33,12 +34,31 @@ from keras_epitome.keras3.transform import (
   summarize,
 )
 
+# Names that live in TensorFlow-backed modules: imported on first use, so this
+# package imports on a machine without TensorFlow.
+_LAZY = {
+  "CalibrationConfig": "keras_epitome.calibration.config",
+  "ExperimentalCalibration": "keras_epitome.calibration.config",
+  "run_tflite": "keras_epitome.litert",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'keras_epitome.keras3' has no attribute {name!r}")
+
+
 __all__ = [
+  "CalibrationConfig",
   "Distiller",
   "EPITOME_LAYERS",
   "EpitomeConv1D",
   "EpitomeConv2D",
   "EpitomeDense",
+  "ExperimentalCalibration",
   "FeatureOffsetLearner",
   "RoutingMap",
   "distill",
@@ -49,6 +69,8 @@ __all__ = [
   "harden_layer",
   "harden_routing",
   "materialize_layer",
+  "run_tflite",
   "strip_epitome",
   "summarize",
+  "to_keras2",
 ]
