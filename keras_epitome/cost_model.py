@@ -11,11 +11,13 @@ relative to a slice on a CPU with VNNI or AMX than on one without), so a
   models, converted and timed with LiteRT: seconds, not minutes) and cached per CPU
   (the CPU model name and flags, the LiteRT version and the thread count) as
   JSON under ``$KERAS_EPITOME_CACHE`` or ``~/.cache/keras_epitome``;
-  :func:`default` uses it whenever it exists;
+  :func:`default` uses it, and runs it the first time an export needs it;
 * ``"bundled"``: :data:`BUNDLED_COST_US`, fitted once on the CPU named in
-  :data:`BUNDLED_CPU`; used when this host has no calibration, with a safety
-  margin (:data:`BUNDLED_MARGIN`): a factored form replaces the stock layer
-  only when estimated faster by that fraction;
+  :data:`BUNDLED_CPU`, with a safety margin (:data:`BUNDLED_MARGIN`: a
+  factored form replaces the stock layer only when estimated faster by that
+  fraction); used with ``$KERAS_EPITOME_CALIBRATE=0`` or if calibrating
+  fails. On a CPU with fast int8 convolutions (VNNI, AMX) the margin is not
+  enough in int8: there it can pick factored forms slower than stock;
 * ``"user"``: a table measured on the target (a phone), given as a dict or a
   JSON file (:func:`from_table`): either the constants themselves, or the
   latencies of the probe models that :func:`write_probes` writes (time them
@@ -327,9 +329,52 @@ def load_host(num_threads: int = 1) -> Optional[CostModel]:
   return model
 
 
+# Calibrations this process made but could not cache (a read-only home).
+_UNSAVED: Dict[str, CostModel] = {}
+
+
+def auto_calibrate_enabled() -> bool:
+  """Whether :func:`default` may calibrate (``$KERAS_EPITOME_CALIBRATE`` != 0)."""
+  return os.environ.get("KERAS_EPITOME_CALIBRATE", "1").lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+  )
+
+
 def default(num_threads: int = 1) -> CostModel:
-  """The host calibration when cached, else the bundled constants with margin."""
-  return load_host(num_threads) or bundled()
+  """The cost model an export uses when none is given.
+
+  This host's cached calibration; where there is none, a calibration now
+  (:func:`calibrate`, once per CPU, LiteRT version and thread count: it is
+  cached); with ``$KERAS_EPITOME_CALIBRATE=0``, or if calibrating fails, the
+  bundled constants with their safety margin (fitted on another CPU: on a
+  CPU with fast int8 convolutions, VNNI or AMX, they can rank a factored
+  form faster than a stock layer that is faster).
+  """
+  host = load_host(num_threads) or _UNSAVED.get(cache_path(num_threads))
+  if host is not None:
+    return host
+  if not auto_calibrate_enabled():
+    return bundled()
+  _log.warning(
+    "cost model: no LiteRT calibration for this CPU (%s); calibrating once "
+    "(seconds; cached in %s; KERAS_EPITOME_CALIBRATE=0 uses the bundled "
+    "constants instead)",
+    host_key(num_threads)["cpu"],
+    cache_dir(),
+  )
+  try:
+    return calibrate(num_threads)
+  except OSError as e:  # the cache could not be written
+    _log.warning("cost model: could not cache the calibration: %s", e)
+    model = calibrate(num_threads, save=False)
+    _UNSAVED[cache_path(num_threads)] = model
+    return model
+  except Exception as e:  # noqa: BLE001 (any failure: fall back, never fail the export)
+    _log.warning("cost model: calibration failed (%s); using the bundled constants", e)
+    return bundled()
 
 
 # ----------------------------------------------------------------------------
@@ -660,7 +705,8 @@ def resolve(cost_model=None, num_threads: int = 1) -> CostModel:
 
   Args:
     cost_model: ``None`` (default: :func:`default`: this host's cached
-      calibration, else the bundled constants with a margin), ``"host"``
+      calibration, calibrating once if there is none, or the bundled
+      constants with a margin under ``$KERAS_EPITOME_CALIBRATE=0``), ``"host"``
       (the cached calibration, calibrating now if there is none),
       ``"bundled"``, a :class:`CostModel`, or a user table (a dict or a JSON
       path, :func:`from_table`).

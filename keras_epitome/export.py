@@ -228,11 +228,13 @@ def export_tflite(
       latency: the small file, possibly slower than stock.
     cost_model: for ``choose="cost"``, the latency model the choice uses
       (:func:`keras_epitome.cost_model.resolve`): ``None`` (default) this
-      host's calibration when cached (:func:`keras_epitome.cost_model.calibrate`,
-      keyed by CPU, LiteRT version and threads), else the bundled constants
-      with a 10% safety margin; ``"host"`` calibrates now (and caches) if
-      needed; ``"bundled"``; or a table measured on the device you ship to
-      (a dict or a JSON path, :func:`keras_epitome.cost_model.from_table`).
+      host's calibration (:func:`keras_epitome.cost_model.calibrate`, keyed
+      by CPU, LiteRT version and threads), run once and cached the first time
+      it is needed (``$KERAS_EPITOME_CALIBRATE=0``: the bundled constants,
+      fitted on another CPU, with a 10% safety margin instead); ``"bundled"``;
+      or a table measured on the device you ship to (a dict or a JSON path,
+      :func:`keras_epitome.cost_model.from_table`): a file for a phone should
+      be chosen by the phone's table, not this machine's.
     sparse: store weights that are mostly zeros (a model pruned with
       :func:`keras_epitome.prune_epitomes` or TF-MOT, then stripped) in
       TFLite's sparse tensor format (``tf.lite.Optimize.EXPERIMENTAL_SPARSITY``:

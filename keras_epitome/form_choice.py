@@ -21,11 +21,11 @@ and picks one, by
 * ``choose="cost"`` (default): a latency model of LiteRT (XNNPACK, 1 thread)
   over the candidate's graph: ``mac * multiply-adds + elem * elements written
   by the other ops + op * ops``, with constants per precision from a
-  :class:`keras_epitome.cost_model.CostModel`: this host's cached
-  calibration (:func:`keras_epitome.cost_model.calibrate`), a table measured
-  on the target device (``cost_model=``), or else the bundled constants with
-  a safety margin (a factored form replaces the stock layer only when
-  estimated faster by that margin); or
+  :class:`keras_epitome.cost_model.CostModel`: by default this host's
+  calibration (:func:`keras_epitome.cost_model.calibrate`, run once and
+  cached), or a table measured on the target device (``cost_model=``), or
+  the bundled constants with a safety margin (a factored form replaces the
+  stock layer only when estimated faster by that margin); or
 * ``choose="measure"``: converting each candidate as a one-layer model and
   timing it with LiteRT (interleaved, median), at the cost of a few seconds of
   export time per layer.
@@ -199,7 +199,7 @@ def estimate_us(
   """The cost model's LiteRT latency (microseconds) of a graph's features.
 
   ``cost_model``: as :func:`keras_epitome.cost_model.resolve` takes it
-  (``None``: this host's calibration, else the bundled constants).
+  (``None``: :func:`keras_epitome.cost_model.default`).
   """
   return cost_model_lib.resolve(cost_model).estimate_us(features, precision)
 
@@ -305,7 +305,7 @@ def choose_layer_form(
       the smallest file).
     cost_model: the latency model, as
       :func:`keras_epitome.cost_model.resolve` takes it (``None``: this
-      host's cached calibration, else the bundled constants with a margin; a
+      host's calibration, run once and cached when there is none; a
       :class:`~keras_epitome.cost_model.CostModel`; a user table as a dict or
       JSON path; ``"host"``; ``"bundled"``).
 
@@ -437,9 +437,9 @@ def factorize(
       cost model that made the choice).
     cost_model: for ``choose="cost"``: the latency model
       (:func:`keras_epitome.cost_model.resolve`: ``None`` for this host's
-      cached calibration, else the bundled constants with a safety margin;
-      ``"host"`` to calibrate now if needed; a user table measured on the
-      target device, as a dict or a JSON path).
+      calibration, run once and cached when there is none; ``"bundled"``
+      for the bundled constants with a safety margin; a user table measured
+      on the target device, as a dict or a JSON path).
 
   Returns:
     A new ``keras.Model`` computing the same inference function.

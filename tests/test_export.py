@@ -19,6 +19,11 @@ from absl.testing import parameterized
 from layer_test_util import randomize_routing
 
 import keras_epitome as ke
+
+# The form choice of these tests need not learn this CPU: without a cached
+# calibration, the bundled constants (tests/test_export_cost_model.py checks
+# the calibration).
+os.environ.setdefault("KERAS_EPITOME_CALIBRATE", "0")
 from keras_epitome import export, litert, sampling
 
 keras = ke.keras

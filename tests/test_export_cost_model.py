@@ -53,7 +53,11 @@ class _EmptyCache(tf.test.TestCase):
   def setUp(self):
     super().setUp()
     self.cache = self.enter_context(tempfile.TemporaryDirectory())
-    self.enter_context(mock.patch.dict(os.environ, {"KERAS_EPITOME_CACHE": self.cache}))
+    self.enter_context(
+      mock.patch.dict(
+        os.environ, {"KERAS_EPITOME_CACHE": self.cache, "KERAS_EPITOME_CALIBRATE": "0"}
+      )
+    )
 
 
 class CacheTest(_EmptyCache):
@@ -87,6 +91,30 @@ class CacheTest(_EmptyCache):
       f.write("{not json")
     with self.assertLogs("keras_epitome.cost_model", "WARNING"):
       self.assertIsNone(cost_model.load_host())
+
+  def test_default_calibrates_once_when_there_is_none(self):
+    fake = cost_model.CostModel(
+      {"float": {"mac": 1e-5}, "int8": {"mac": 1e-6}}, "host", "host calibration on X"
+    )
+    calls = []
+
+    def calibrate(num_threads=1, save=True):
+      calls.append(num_threads)
+      if save:
+        cost_model.save_host(fake, num_threads)
+      return fake
+
+    with mock.patch.object(cost_model, "calibrate", calibrate):
+      with mock.patch.dict(os.environ, {"KERAS_EPITOME_CALIBRATE": "1"}):
+        with self.assertLogs("keras_epitome.cost_model", "WARNING") as logs:
+          self.assertEqual(cost_model.default(), fake)
+        self.assertIn("calibrating once", "\n".join(logs.output))
+        self.assertEqual(cost_model.default(), fake)  # cached: no second run
+      self.assertEqual(calls, [1])
+      self.assertEqual(cost_model.default().source, "host")
+    # Opted out and nothing cached: the bundled constants.
+    os.remove(cost_model.cache_path())
+    self.assertEqual(cost_model.default().source, "bundled")
 
   def test_key_names_cpu_litert_and_threads(self):
     key = cost_model.host_key(3)

@@ -15,6 +15,11 @@ import tensorflow_model_optimization as tfmot
 from absl.testing import parameterized
 
 import keras_epitome as ke
+
+# The form choice of these tests need not learn this CPU: without a cached
+# calibration, the bundled constants (tests/test_export_cost_model.py checks
+# the calibration).
+os.environ.setdefault("KERAS_EPITOME_CALIBRATE", "0")
 from keras_epitome import factored, sampling
 
 keras = ke.keras

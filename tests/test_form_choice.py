@@ -59,7 +59,11 @@ class FormChoiceTest(tf.test.TestCase, parameterized.TestCase):
     super().setUp()
     # No host calibration: the bundled constants (with their margin) choose.
     cache = self.enter_context(tempfile.TemporaryDirectory())
-    self.enter_context(mock.patch.dict(os.environ, {"KERAS_EPITOME_CACHE": cache}))
+    self.enter_context(
+      mock.patch.dict(
+        os.environ, {"KERAS_EPITOME_CACHE": cache, "KERAS_EPITOME_CALIBRATE": "0"}
+      )
+    )
 
   @parameterized.named_parameters(("float", None), ("int8", "int8"))
   def test_near_full_epitome_is_materialized(self, quantize):
