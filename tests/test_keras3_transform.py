@@ -293,8 +293,6 @@ def test_errors():
     ke.epitomize(model, sampler="magic")
   with pytest.raises(ValueError, match="min_params must be an int"):
     ke.epitomize(model, min_params=-1)
-  with pytest.raises(ValueError, match="calibration_data.*Keras 2 API"):
-    ke.epitomize(model, calibration_data=_x(4))
   with pytest.raises(
     ValueError, match="layer 'd1': EpitomeDense 'd1': unknown sampler 'magic'; valid"
   ):

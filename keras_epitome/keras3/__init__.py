@@ -28,6 +28,7 @@ from keras_epitome.keras3.layers import (
 )
 from keras_epitome.keras3.learners import FeatureOffsetLearner
 from keras_epitome.keras3.transform import (
+  allocate,
   epitomize,
   materialize_layer,
   strip_epitome,
@@ -61,6 +62,7 @@ __all__ = [
   "ExperimentalCalibration",
   "FeatureOffsetLearner",
   "RoutingMap",
+  "allocate",
   "distill",
   "epitome_layers",
   "epitome_shape_for_ratio",
