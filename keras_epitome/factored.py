@@ -207,7 +207,11 @@ class FactoredMixin:
   def _init_factored(self, plan: LayerPlan, activation, remix="slices"):
     self.plan = plan
     for f in dataclasses.fields(plan):
-      setattr(self, f.name, getattr(plan, f.name))
+      value = getattr(plan, f.name)
+      # The per-chunk lists stay lists, as the layers had them before.
+      if isinstance(value, tuple) and f.name != "epitome_shape":
+        value = list(value)
+      setattr(self, f.name, value)
     self.activation = keras.activations.get(activation)
     self.remix = str(remix)
     desc = f"{type(self).__name__} '{self.name}'"
