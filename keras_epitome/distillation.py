@@ -25,11 +25,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_epitome import spec, walk
+from keras_epitome import distill_common, walk
 from keras_epitome.backend import keras, keras3_dispatch
 from keras_epitome.layers import epitome_layers
 
@@ -162,37 +161,20 @@ def epitome_variables(model) -> list:
 def cosine_schedule(peak: float, steps: int, warmup_steps: int = 0):
   """Linear from 0 to ``peak`` over ``warmup_steps``, then cosine to 0.
 
-  ``steps`` counts the whole run, warmup included (``distill``'s schedule).
+  ``steps`` counts the whole run, warmup included (``distill``'s schedule;
+  :func:`keras_epitome.distill_common.cosine_schedule`).
   """
-  if not warmup_steps:
-    return keras.optimizers.schedules.CosineDecay(peak, steps)
-  return keras.optimizers.schedules.CosineDecay(
-    0.0, steps - warmup_steps, warmup_target=peak, warmup_steps=warmup_steps
+  return distill_common.cosine_schedule(
+    keras.optimizers.schedules.CosineDecay, peak, steps, warmup_steps
   )
 
 
-# ``distill``'s default peak learning rate, by the length of the run: a run
-# of fewer than SHORT_RUN_STEPS steps gets the lower rate (docs/results.md:
-# from a close data-aware conversion, the higher rate moves the model and a
-# short run has no steps left to settle).
-LEARNING_RATE = 3e-3
-SHORT_RUN_LEARNING_RATE = 1e-3
-SHORT_RUN_STEPS = 300
-
-
-def default_learning_rate(steps: Optional[int]) -> float:
-  """``distill``'s peak learning rate for a run of ``steps`` optimizer steps.
-
-  ``SHORT_RUN_LEARNING_RATE`` (1e-3) below ``SHORT_RUN_STEPS`` (300) steps and
-  for a run of unknown length (its rate stays constant, never decaying),
-  ``LEARNING_RATE`` (3e-3) otherwise.
-
-  >>> default_learning_rate(85), default_learning_rate(469)
-  (0.001, 0.003)
-  """
-  if steps is None or steps < SHORT_RUN_STEPS:
-    return SHORT_RUN_LEARNING_RATE
-  return LEARNING_RATE
+# ``distill``'s default peak learning rate, by the length of the run
+# (keras_epitome.distill_common states the rule for both Keras versions).
+LEARNING_RATE = distill_common.LEARNING_RATE
+SHORT_RUN_LEARNING_RATE = distill_common.SHORT_RUN_LEARNING_RATE
+SHORT_RUN_STEPS = distill_common.SHORT_RUN_STEPS
+default_learning_rate = distill_common.default_learning_rate
 
 
 def _steps_per_epoch(data, batch_size) -> Optional[int]:
@@ -314,41 +296,19 @@ def distill(
     >>> len(h.history["loss"])
     1
   """
-  if not (isinstance(epochs, (int, np.integer)) and epochs >= 1):
-    raise ValueError(f"distill: epochs must be an int >= 1, got {epochs!r}")
-  if not (isinstance(temperature, (int, float)) and temperature > 0):
-    raise ValueError(f"distill: temperature must be > 0, got {temperature!r}")
-  if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-    raise ValueError(f"distill: alpha must be in [0, 1], got {alpha!r}")
-  s_shape = tuple(student.output_shape)[1:]
-  t_shape = tuple(teacher.output_shape)[1:]
-  if s_shape != t_shape:
-    raise ValueError(
-      f"distill: student '{student.name}' outputs shape {s_shape} but teacher "
-      f"'{teacher.name}' outputs {t_shape}; they must match"
-    )
-  if learning_rate is not None:
-    learning_rate = spec.check_positive(learning_rate, "learning_rate", "distill")
-  if epitome_learning_rate is not None:
-    epitome_learning_rate = spec.check_positive(
-      epitome_learning_rate, "epitome_learning_rate", "distill"
-    )
-  if isinstance(warmup, bool) or not (
-    isinstance(warmup, (int, float, np.floating, np.integer)) and 0.0 <= warmup < 1.0
-  ):
-    raise ValueError(
-      f"distill: warmup must be a fraction of the run in [0, 1), got {warmup!r}"
-    )
-  if optimizer is not None and epitome_learning_rate is not None:
-    raise ValueError(
-      "distill: epitome_learning_rate applies to the default Adam optimizer; "
-      "with optimizer= given, leave it None"
-    )
-  if optimizer is not None and warmup:
-    raise ValueError(
-      "distill: warmup applies to the default Adam optimizer; with optimizer= "
-      "given, schedule its learning rate instead"
-    )
+  args = distill_common.check_distill_args(
+    epochs, temperature, alpha, learning_rate, warmup, optimizer, batch_size
+  )
+  learning_rate = args["learning_rate"]
+  epitome_learning_rate = distill_common.check_epitome_learning_rate(
+    epitome_learning_rate, optimizer
+  )
+  distill_common.check_output_shapes(
+    student,
+    teacher,
+    tuple(student.output_shape)[1:],
+    tuple(teacher.output_shape)[1:],
+  )
   epitome_optimizer = None
   if optimizer is None:
     per_epoch = _steps_per_epoch(data, batch_size)
@@ -366,7 +326,7 @@ def distill(
       if steps is None:
         return keras.optimizers.Adam(peak)
       return keras.optimizers.Adam(
-        cosine_schedule(peak, steps, int(round(warmup * steps)))
+        cosine_schedule(peak, steps, distill_common.warmup_steps(warmup, steps))
       )
 
     if learning_rate is None:
@@ -409,8 +369,5 @@ def distill(
   )
   if isinstance(data, tf.data.Dataset):
     return distiller.fit(data, **kwargs)
-  if isinstance(data, (tuple, list)):
-    x, y = data[0], data[1] if len(data) > 1 else None
-  else:
-    x, y = data, None
+  x, y = distill_common.split_xy(data)
   return distiller.fit(x, y, batch_size=batch_size, shuffle=True, **kwargs)

@@ -35,8 +35,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from keras_epitome import hardening, sampling, walk
 from keras_epitome import layers as epitome_layers
-from keras_epitome import sampling, walk
 from keras_epitome.backend import keras3_dispatch
 
 
@@ -62,12 +62,12 @@ def hardened_values(
       f"harden: layer '{getattr(layer, 'name', layer)}' is a "
       f"{type(layer).__name__}, not an epitome layer"
     )
-  g = layer.epitome_geometry
-  r = layer.routing_map
-  hard = sampling.RoutingMap(*(np.round(o) for o in r)).normalized(g)
-  epitome = layer.epitome.numpy()
-  if refit:
-    epitome = sampling.fit_epitome(layer.kernel.numpy(), hard, g, fill=epitome)
+  epitome, hard = hardening.harden(
+    layer.routing_map,
+    layer.epitome_geometry,
+    layer.epitome.numpy(),
+    layer.kernel.numpy() if refit else None,
+  )
   return epitome.astype(layer.epitome.dtype.as_numpy_dtype), hard
 
 
@@ -86,8 +86,7 @@ def harden_layer(layer, refit: bool = True) -> float:
   epitome, hard = hardened_values(layer, refit)
   layer.set_routing_map(hard)
   layer.epitome.assign(epitome)
-  after = layer.kernel.numpy()
-  return float(np.linalg.norm(after - before) / max(np.linalg.norm(before), 1e-12))
+  return hardening.relative_change(layer.kernel.numpy(), before)
 
 
 @keras3_dispatch("harden_routing")
@@ -126,22 +125,16 @@ def harden_routing(model, refit: bool = True, report: Dict[str, float] = None):
   def clone_layer(layer):
     if not isinstance(layer, epitome_layers.EPITOME_LAYERS):
       return None
-    config = layer.get_config()
-    config.update(sampler="fixed", learner="param")
-    new = layer.__class__.from_config(config)
+    new = layer.__class__.from_config(hardening.fixed_config(layer.get_config()))
     hardened.append((layer, new))
     return new
 
   new_model = walk.clone_model(model, clone_layer, "harden_routing")
   for old, new in hardened:
-    epitome, hard = hardened_values(old, refit)
-    new.epitome.assign(epitome)
-    if old.use_bias:
-      new.bias.assign(old.bias)
-    new.set_routing_map(hard)
+    bias = old.bias if old.use_bias else None
+    hardening.assign_hardened(new, *hardened_values(old, refit), bias)
     if report is not None:
-      k0 = old.kernel.numpy()
-      report[old.name] = float(
-        np.linalg.norm(new.kernel.numpy() - k0) / max(np.linalg.norm(k0), 1e-12)
+      report[old.name] = hardening.relative_change(
+        new.kernel.numpy(), old.kernel.numpy()
       )
   return new_model

@@ -28,13 +28,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
-
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from keras_epitome import factored_training, sampling, spec, walk
+from keras_epitome import factored_training, layer_common, sampling, spec, walk
 from keras_epitome import geometry as geometry_lib
 from keras_epitome.backend import keras
 from keras_epitome.learners import FeatureOffsetLearner
@@ -44,7 +42,7 @@ SAMPLERS = spec.SAMPLERS
 EPITOME_ARGS = spec.EPITOME_ARGS
 
 
-class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
+class EpitomeMixin(layer_common.EpitomeLayerBase, tfmot.sparsity.keras.PrunableLayer):
   """Turns a stock kernel layer into an epitome layer (see module docstring).
 
   Args (keyword-only, in addition to the stock layer's):
@@ -90,20 +88,10 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
 
   _stock_class = None  # set by each concrete layer
 
-  def __init__(
-    self,
-    *args,
-    compression: Optional[float] = None,
-    epitome_shape: Optional[Sequence[int]] = None,
-    sampler: str = "learned",
-    learner: str = "param",
-    spatial_stride: Union[None, int, Sequence[int]] = None,
-    offset_scale: float = 1.0,
-    routing_momentum: float = 0.99,
-    channel_roll: int = 1,
-    train_form: str = "auto",
-    **kwargs,
-  ):
+  def __init__(self, *args, **kwargs):
+    # The epitome keyword arguments (spec.EPITOME_DEFAULTS; the class's
+    # published signature lists them), then the stock layer's.
+    epitome_kwargs = spec.pop_epitome_args(kwargs)
     try:
       super().__init__(*args, **kwargs)
     except ValueError as e:  # the stock layer's checks (filters=0, ...)
@@ -111,56 +99,15 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
       desc = type(self).__name__ + (f" '{name}'" if name else "")
       raise ValueError(f"{desc}: {e}") from None
     desc = self._desc()
-    epitome_args = spec.check_epitome_args(
-      desc,
-      self._kernel_rank(),
-      compression=compression,
-      epitome_shape=epitome_shape,
-      sampler=sampler,
-      learner=learner,
-      spatial_stride=spatial_stride,
-      offset_scale=offset_scale,
-      routing_momentum=routing_momentum,
-      channel_roll=channel_roll,
-      train_form=train_form,
-    )
+    spec.init_epitome_layer(self, self._kernel_rank(), epitome_kwargs, desc)
     if isinstance(self, keras.layers.Dense):  # the stock Dense accepts units=0
       spec.check_units(self.units, "units", desc)
-    if getattr(self, "data_format", "channels_last") != "channels_last":
-      raise ValueError(
-        f"{desc}: data_format={self.data_format!r} is not supported; "
-        "epitome layers take channels_last inputs"
-      )
-    for name, value in epitome_args.items():
-      setattr(self, name, value)
-    self.epitome = None
-    self.in_offsets = None
-    self.out_offsets = None
-    self.spatial_offsets = None
-    self.moving_offsets = None
-    self.offset_learner = None
-    self._geometry = None
     self._kernel_override = None
 
   # -- helpers ---------------------------------------------------------------
 
-  def _desc(self) -> str:
-    return f"{type(self).__name__} '{self.name}'"
-
   def _kernel_rank(self) -> int:
     return getattr(self, "rank", 0) if not isinstance(self, keras.layers.Dense) else 0
-
-  @property
-  def epitome_geometry(self) -> sampling.EpitomeGeometry:
-    """The layer's :class:`~keras_epitome.sampling.EpitomeGeometry` (after build)."""
-    if self._geometry is None:
-      raise ValueError(f"{self._desc()} is not built yet; call it on an input first")
-    return self._geometry
-
-  @property
-  def compression_ratio(self) -> float:
-    """Achieved ratio: kernel size over epitome plus routing-map size."""
-    return self.epitome_geometry.compression_ratio
 
   # -- build -------------------------------------------------------------------
 
@@ -299,26 +246,6 @@ class EpitomeMixin(tfmot.sparsity.keras.PrunableLayer):
     """
     offsets = (np.asarray(t, np.float64) for t in self._inference_offsets())
     return sampling.RoutingMap(*offsets).normalized(self.epitome_geometry)
-
-  def set_routing_map(self, routing: sampling.RoutingMap):
-    """Assigns a routing map (and the moving map of the ``feature`` learner).
-
-    Args:
-      routing: offsets in channels and taps, shaped as :attr:`routing_map`.
-
-    Raises:
-      ValueError: if a shape does not match the layer's geometry, or an
-        offset is not finite.
-    """
-    g = self.epitome_geometry
-    in_o, out_o, sp_o = geometry_lib.routing_arrays(routing, g, self._desc())
-    s = self.offset_scale
-    self.in_offsets.assign(in_o / s)
-    self.out_offsets.assign(out_o / s)
-    if self.spatial_offsets is not None:
-      self.spatial_offsets.assign(geometry_lib.spatial_columns(sp_o, g) / s)
-    if self.moving_offsets is not None:
-      self.moving_offsets.assign(geometry_lib.pack_routing(in_o, out_o, sp_o, g))
 
   # -- the kernel --------------------------------------------------------------
 
@@ -510,9 +437,7 @@ EPITOME_LAYERS = (EpitomeConv1D, EpitomeConv2D, EpitomeDense)
 
 for _cls in EPITOME_LAYERS:
   # The stock signature plus the epitome keyword arguments (see spec).
-  _cls.__signature__ = spec.merged_signature(
-    _cls._stock_class.__init__, EpitomeMixin.__init__
-  )
+  _cls.__signature__ = spec.merged_signature(_cls._stock_class.__init__)
 del _cls
 STOCK_TO_EPITOME = {
   keras.layers.Conv1D: EpitomeConv1D,

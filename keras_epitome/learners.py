@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_epitome import learner_common
 from keras_epitome.backend import keras
 from keras_epitome.spec import LEARNERS  # noqa: F401  (re-exported)
 
 
 @keras.saving.register_keras_serializable(package="keras_epitome")
-class FeatureOffsetLearner(keras.layers.Layer):
+class FeatureOffsetLearner(learner_common.FeatureLearnerBase, keras.layers.Layer):
   """Predicts offset corrections from a layer's input (NES transformation learner).
 
   The output is one vector of ``num_offsets`` numbers per call: the network's
@@ -34,26 +35,7 @@ class FeatureOffsetLearner(keras.layers.Layer):
     stride: stride of the first (strided) convolution.
   """
 
-  def __init__(self, num_offsets, rank, hidden=16, stride=2, **kwargs):
-    super().__init__(**kwargs)
-    self.num_offsets = int(num_offsets)
-    self.rank = int(rank)
-    self.hidden = int(hidden)
-    self.stride = int(stride)
-    if self.rank == 0:
-      self.features = keras.layers.Dense(self.hidden, name="features")
-      self.predict_offsets = keras.layers.Dense(
-        self.num_offsets, kernel_initializer="zeros", name="offsets"
-      )
-    else:
-      conv = keras.layers.Conv1D if self.rank == 1 else keras.layers.Conv2D
-      self.features = conv(
-        self.hidden, 3, strides=self.stride, padding="same", name="features"
-      )
-      self.predict_offsets = conv(
-        self.num_offsets, 1, kernel_initializer="zeros", name="offsets"
-      )
-    self.norm = keras.layers.BatchNormalization(synchronized=True, name="norm")
+  _keras_layers = keras.layers
 
   def build(self, input_shape):
     input_shape = tf.TensorShape(input_shape)
@@ -79,13 +61,3 @@ class FeatureOffsetLearner(keras.layers.Layer):
     if ctx is not None and ctx.num_replicas_in_sync > 1:
       x = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, x)
     return x
-
-  def get_config(self):
-    config = super().get_config()
-    config.update(
-      num_offsets=self.num_offsets,
-      rank=self.rank,
-      hidden=self.hidden,
-      stride=self.stride,
-    )
-    return config

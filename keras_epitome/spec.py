@@ -47,6 +47,42 @@ EPITOME_ARGS = (
 )
 
 
+# Each epitome argument's default and annotation: the keyword-only arguments
+# both layer families add to their stock layer (spec.merged_signature).
+EPITOME_DEFAULTS = {
+  "compression": None,
+  "epitome_shape": None,
+  "sampler": "learned",
+  "learner": "param",
+  "spatial_stride": None,
+  "offset_scale": 1.0,
+  "routing_momentum": 0.99,
+  "channel_roll": 1,
+  "train_form": "auto",
+}
+_EPITOME_ANNOTATIONS = {
+  "compression": "Optional[float]",
+  "epitome_shape": "Optional[Sequence[int]]",
+  "sampler": "str",
+  "learner": "str",
+  "spatial_stride": "Union[None, int, Sequence[int]]",
+  "offset_scale": "float",
+  "routing_momentum": "float",
+  "channel_roll": "int",
+  "train_form": "str",
+}
+# The variables and sublayers an epitome layer creates in build (None before).
+LAYER_STATE = (
+  "epitome",
+  "in_offsets",
+  "out_offsets",
+  "spatial_offsets",
+  "moving_offsets",
+  "offset_learner",
+  "_geometry",
+)
+
+
 def is_real(value) -> bool:
   """A real number (NumPy scalars too), not a bool."""
   return not isinstance(value, (bool, np.bool_)) and isinstance(
@@ -372,27 +408,69 @@ def epitome_config(layer) -> Dict[str, Any]:
   return config
 
 
-def merged_signature(stock_init, epitome_init) -> inspect.Signature:
+def pop_epitome_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+  """Removes the epitome arguments from a layer's ``kwargs``; returns them.
+
+  Arguments not given get their default (:data:`EPITOME_DEFAULTS`); what
+  stays in ``kwargs`` is for the stock layer.
+
+  Example:
+    >>> kwargs = {"units": 8, "compression": 4}
+    >>> pop_epitome_args(kwargs)["compression"], kwargs
+    (4, {'units': 8})
+  """
+  return {key: kwargs.pop(key, default) for key, default in EPITOME_DEFAULTS.items()}
+
+
+def init_epitome_layer(layer, kernel_rank: int, epitome_kwargs, desc: str) -> None:
+  """The epitome part of a layer's ``__init__``, after the stock layer's.
+
+  Checks the epitome arguments (:func:`check_epitome_args`) and the layer's
+  ``data_format``, sets each argument as an attribute and the variables
+  built later (:data:`LAYER_STATE`) to ``None``.
+
+  Raises:
+    ValueError: naming ``desc``, for a bad argument or a ``channels_first``
+      layer.
+  """
+  epitome_args = check_epitome_args(desc, kernel_rank, **epitome_kwargs)
+  data_format = getattr(layer, "data_format", "channels_last")
+  if data_format != "channels_last":
+    raise ValueError(
+      f"{desc}: data_format={data_format!r} is not supported; "
+      "epitome layers take channels_last inputs"
+    )
+  for name, value in epitome_args.items():
+    setattr(layer, name, value)
+  for name in LAYER_STATE:
+    setattr(layer, name, None)
+
+
+def merged_signature(stock_init) -> inspect.Signature:
   """A stock layer's signature plus the epitome keyword arguments.
 
   An epitome layer's ``__init__`` forwards ``*args, **kwargs`` to the stock
-  layer, so the layer accepts exactly this; publishing it lets
-  ``inspect.signature`` (IDEs, the argument-parity test) see every stock
-  argument with its default.
+  layer, less the epitome arguments (:func:`pop_epitome_args`), so the layer
+  accepts exactly this; publishing it lets ``inspect.signature`` (IDEs, the
+  argument-parity test) see every stock argument and every epitome argument
+  with its default.
 
   Args:
     stock_init: the stock layer's ``__init__``.
-    epitome_init: the epitome mixin's ``__init__`` (its keyword-only
-      arguments are added before the stock ``**kwargs``).
   """
   stock = inspect.signature(stock_init)
-  extra = inspect.signature(epitome_init)
   var_kw = inspect.Parameter.VAR_KEYWORD
   params = [
     p for p in stock.parameters.values() if p.name != "self" and p.kind != var_kw
   ]
   params += [
-    p for p in extra.parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY
+    inspect.Parameter(
+      name,
+      inspect.Parameter.KEYWORD_ONLY,
+      default=default,
+      annotation=_EPITOME_ANNOTATIONS[name],
+    )
+    for name, default in EPITOME_DEFAULTS.items()
   ]
   params += [p for p in stock.parameters.values() if p.kind == var_kw]
   return stock.replace(parameters=params)

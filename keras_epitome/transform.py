@@ -34,188 +34,41 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from absl import logging
 
-from keras_epitome import allocation, sampling, spec, walk
+from keras_epitome import allocation, hardening, reports, sampling, walk
 from keras_epitome import calibration as calibration_lib
 from keras_epitome import layers as epitome_layers
 from keras_epitome.backend import check_keras2, keras3_dispatch
 
-# Arguments a policy entry may set for one layer.
-POLICY_KEYS = epitome_layers.EPITOME_ARGS
-INITS = ("auto", "fit", "random")
-DEFAULT_MIN_PARAMS = 1024
-
-# Layers that hold a kernel-like weight but have no epitome twin yet; they are
-# reported when left alone (layers without such a weight are not listed).
-_KERNEL_ATTRS = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings")
-
-PolicyValue = Union[None, float, int, Mapping[str, Any]]
-Policy = Union[None, Mapping[str, PolicyValue], Callable[[Any], PolicyValue]]
-
-
-@dataclasses.dataclass
-class ConvertedLayer:
-  """A layer :func:`epitomize` replaced.
-
-  Attributes:
-    name: the layer's name (unchanged by the transform).
-    kernel_shape: shape of the stock kernel.
-    epitome_shape: shape of the epitome (``None`` if the model was not built).
-    compression_ratio: achieved ratio, kernel over epitome plus routing map.
-    init: ``"fit"``, ``"random"`` or ``"data"`` (fitted to the layer's
-      outputs on calibration data, see :mod:`keras_epitome.calibration`).
-    fit_error: relative reconstruction error ``|K - K_fit| / |K|`` of the
-      trained kernel by the fitted epitome (``init="fit"`` only).
-    output_error: relative output error on the calibration data after the
-      data-aware fit (``init="data"`` only).
-    weight_fit_output_error: the same error of the weight fit, for comparison
-      (``init="data"`` only).
-  """
-
-  name: str
-  kernel_shape: Optional[Tuple[int, ...]]
-  epitome_shape: Optional[Tuple[int, ...]]
-  compression_ratio: Optional[float]
-  init: str
-  fit_error: Optional[float] = None
-  output_error: Optional[float] = None
-  weight_fit_output_error: Optional[float] = None
-
-
-@dataclasses.dataclass
-class KeptLayer:
-  """A kernel layer :func:`epitomize` left as it was, and why."""
-
-  name: str
-  class_name: str
-  reason: str
-
-
-@dataclasses.dataclass
-class EpitomeReport:
-  """What :func:`epitomize` did; available as ``model.epitome_report``.
-
-  Attributes:
-    converted: the layers turned into epitome layers.
-    kept: layers with a kernel that stayed stock (skipped, too small, refused
-      by the policy or of an unsupported type such as ``DepthwiseConv2D``).
-    calibration: with ``calibration_data``, one
-      :class:`keras_epitome.calibration.LayerCalibration` per layer the
-      data-aware pass fitted (epitome layers, then refitted stock layers),
-      then, after gradient passes, one for the model's output matching
-      (``"<model> (output)"``) and one for the BatchNorm statistics
-      (``"<model> (batchnorm)"``), and last the check of the converted
-      model's output against the original's (``"<model> (check)"``).
-    allocation: with ``allocate=True``, the
-      :class:`keras_epitome.allocation.Allocation` that chose the ratios.
-  """
-
-  converted: List[ConvertedLayer] = dataclasses.field(default_factory=list)
-  kept: List[KeptLayer] = dataclasses.field(default_factory=list)
-  calibration: List[Any] = dataclasses.field(default_factory=list)
-  allocation: Optional[Any] = None
-
-  def __str__(self) -> str:
-    lines = [f"epitomize: {len(self.converted)} layer(s) converted"]
-    for c in self.converted:
-      ratio = f"{c.compression_ratio:.2f}x" if c.compression_ratio else "?"
-      err = f", fit error {c.fit_error:.3f}" if c.fit_error is not None else ""
-      if c.output_error is not None:
-        err += (
-          f", output error {c.output_error:.3f} (weight fit "
-          f"{c.weight_fit_output_error:.3f})"
-        )
-      lines.append(
-        f"  {c.name}: {c.kernel_shape} -> {c.epitome_shape} ({ratio}, "
-        f"init={c.init}{err})"
-      )
-    lines.append(f"epitomize: {len(self.kept)} kernel layer(s) kept stock")
-    for k in self.kept:
-      lines.append(f"  {k.name} ({k.class_name}): {k.reason}")
-    for c in self.calibration:
-      if c.note and c.output_error is not None:  # a refitted stock layer
-        lines.append(
-          f"  {c.name}: {c.note}, output error {c.output_error:.3f} "
-          f"(before {c.weight_fit_output_error:.3f})"
-        )
-      elif c.note and c.block_error is None:  # e.g. BatchNorm statistics
-        lines.append(f"  {c.name}: {c.note}")
-      if c.block_error is not None and c.block_error_before is None:  # check
-        lines.append(f"  {c.name}: {c.note} ({c.block_error:.3f})")
-      elif c.block_error is not None:  # gradient reconstruction
-        lines.append(
-          f"  {c.name}: reconstructed to {c.reconstructed_to}'s output, error "
-          f"{c.block_error_before:.3f} -> {c.block_error:.3f}"
-        )
-    return "\n".join(lines)
-
+# The records and rules both Keras versions share live in
+# keras_epitome.reports; this module re-exports them under the names it has
+# always had (keras_epitome.transform.EpitomeReport, ...).
+from keras_epitome.reports import (  # noqa: F401  (re-exported)
+  DEFAULT_MIN_PARAMS,
+  INITS,
+  POLICY_KEYS,
+  ConvertedLayer,
+  EpitomeReport,
+  KeptLayer,
+  LayerSummary,
+  ModelSummary,
+  Policy,
+  PolicyValue,
+)
+from keras_epitome.reports import KERNEL_ATTRS as _KERNEL_ATTRS
+from keras_epitome.reports import epitome_config as _epitome_config
+from keras_epitome.reports import fmt_shape as _fmt_shape  # noqa: F401
+from keras_epitome.reports import kernel_shape as _kernel_shape
+from keras_epitome.reports import print_summary as _print_summary
+from keras_epitome.reports import resolve_policy as _resolve_policy
 
 # ----------------------------------------------------------------------------
 # Helpers shared by the transforms.
-
-
-def _kernel_shape(layer) -> Optional[Tuple[int, ...]]:
-  kernel = getattr(layer, "kernel", None)
-  if kernel is None:
-    return None
-  return tuple(int(d) for d in kernel.shape)
-
-
-def _resolve_policy(layer, policy, defaults, min_params):
-  """Returns ``(kwargs or None, reason, explicit)`` for a supported layer."""
-  entry, explicit = dataclasses.MISSING, False
-  if callable(policy) and not isinstance(policy, Mapping):
-    entry, explicit = policy(layer), True
-  elif policy is not None and layer.name in policy:
-    entry, explicit = policy[layer.name], True
-  if explicit and entry is None:
-    return None, "policy returned None", explicit
-  kwargs = dict(defaults)
-  if explicit:
-    if isinstance(entry, bool) or not isinstance(entry, (int, float, Mapping)):
-      raise ValueError(
-        f"epitomize: policy for layer '{layer.name}' must be a compression "
-        f"ratio, a dict of epitome arguments or None; got {entry!r}"
-      )
-    if isinstance(entry, Mapping):
-      unknown = sorted(set(entry) - set(POLICY_KEYS))
-      if unknown:
-        raise ValueError(
-          f"epitomize: policy for layer '{layer.name}' has unknown "
-          f"argument(s) {unknown}; valid: {', '.join(POLICY_KEYS)}"
-        )
-      if "epitome_shape" in entry and entry["epitome_shape"] is not None:
-        kwargs.pop("compression", None)
-      kwargs.update(entry)
-    else:
-      kwargs["compression"] = float(entry)
-  shape = _kernel_shape(layer) if layer.built else None
-  if not explicit and shape is not None and math.prod(shape) < min_params:
-    return (
-      None,
-      f"kernel has {math.prod(shape)} entries < min_params={min_params}",
-      explicit,
-    )
-  return kwargs, "", explicit
-
-
-def _epitome_config(layer, kwargs) -> Dict[str, Any]:
-  config = layer.get_config()
-  for key in POLICY_KEYS:
-    config.pop(key, None)
-  for key, value in kwargs.items():
-    if value is not None:
-      config[key] = value
-  if config.get("epitome_shape") is not None:
-    config.pop("compression", None)
-  return config
 
 
 def _check_geometry(kernel_shape, kwargs):
@@ -228,14 +81,11 @@ def _check_geometry(kernel_shape, kwargs):
 def _fit_layer(old, new) -> float:
   """Sets ``new``'s epitome to the least-squares fit of ``old``'s kernel."""
   kernel = old.kernel.numpy()
-  geometry = new.epitome_geometry
-  routing = new.routing_map
-  rounded = sampling.RoutingMap(*(np.round(np.asarray(r)) for r in routing))
-  epitome = sampling.fit_epitome(kernel, rounded, geometry, fill=new.epitome.numpy())
+  epitome = hardening.fit_rounded(
+    kernel, new.routing_map, new.epitome_geometry, fill=new.epitome.numpy()
+  )
   new.epitome.assign(epitome.astype(new.epitome.dtype.as_numpy_dtype))
-  fitted = new.kernel.numpy()
-  norm = float(np.linalg.norm(kernel))
-  return float(np.linalg.norm(fitted - kernel) / max(norm, 1e-12))
+  return hardening.relative_change(new.kernel.numpy(), kernel)
 
 
 # ----------------------------------------------------------------------------
@@ -369,14 +219,8 @@ def epitomize(
     [('hidden', 3.9), ('out', 8.0)]
   """
   walk.check_transformable(model, "epitomize")
-  if init not in INITS:
-    raise ValueError(f"epitomize: unknown init {init!r}; valid: {', '.join(INITS)}")
-  if init == "fit" and not model.built:
-    raise ValueError(
-      f"epitomize: init='fit' needs a built model with trained weights; "
-      f"model '{model.name}' is not built (call it on data or give it an "
-      "Input), or use init='random'"
-    )
+  reports.check_init(init, model)
+  min_params = reports.check_min_params(min_params)
   config = _calibration_config(calibration, calibration_options)
   if calibration_data is not None:
     if not model.built or init == "random":
@@ -390,34 +234,15 @@ def epitomize(
     )
   if init == "auto":
     init = "fit" if model.built else "random"
-  # The global settings must be valid: only a per-layer misfit (a ratio too
-  # large for one kernel) may leave a layer stock.
-  spec.check_epitome_args(
-    "epitomize",
+  defaults = reports.check_defaults(
     compression=compression,
     sampler=sampler,
     learner=learner,
     spatial_stride=spatial_stride,
     offset_scale=offset_scale,
-    require_one=False,
   )
   names = {layer.name for layer in walk.iter_layers(model)}
-  missing = sorted(set(skip) - names)
-  if isinstance(policy, Mapping):
-    missing += sorted(set(policy) - names)
-  if missing:
-    raise ValueError(
-      f"epitomize: policy/skip name(s) {missing} match no layer of model "
-      f"'{model.name}'; its layers are {sorted(names)}"
-    )
-  defaults = dict(
-    compression=compression,
-    sampler=sampler,
-    learner=learner,
-    spatial_stride=spatial_stride,
-    offset_scale=offset_scale,
-  )
-  skip = set(skip)
+  skip = reports.check_layer_names(model, names, skip, policy)
   report = EpitomeReport()
   if allocate:
     if calibration_data is None or policy is not None:
@@ -629,14 +454,7 @@ def materialize_layer(layer):
       f"materialize_layer takes an epitome layer ({', '.join(c.__name__ for c in epitome_layers.EPITOME_LAYERS)}); "
       f"got {type(layer).__name__} '{getattr(layer, 'name', '?')}'"
     )
-  if not layer.built or layer.epitome is None:
-    raise ValueError(
-      f"{type(layer).__name__} '{layer.name}' is not built yet; call it on an "
-      "input before materializing it"
-    )
-  config = layer.get_config()
-  for key in POLICY_KEYS:
-    config.pop(key, None)
+  config = reports.stock_config(layer)
   stock = layer._stock_class.from_config(config)  # pylint: disable=protected-access
   input_shape = getattr(layer, "_build_input_shape", None)
   if input_shape is None:
@@ -694,63 +512,6 @@ def strip_epitome(model):
 
 # ----------------------------------------------------------------------------
 # summarize
-
-
-@dataclasses.dataclass
-class LayerSummary:
-  """One kernel layer in :func:`summarize`.
-
-  Attributes:
-    name: layer name.
-    class_name: layer class.
-    kernel_shape: shape of the (sampled or stock) kernel.
-    epitome_shape: the epitome's shape (``None`` for a stock layer).
-    sampler: ``"learned/param"``, ``"learned/feature"``, ``"fixed"`` or
-      ``"stock"``.
-    compression_ratio: kernel size over stored size (1 for a stock layer).
-    kernel_params: entries of the full kernel.
-    stored_params: entries stored for the kernel (epitome plus routing map;
-      the kernel for a stock layer). Biases are not included.
-    output_positions: output positions per example, summed over call sites.
-    macs_materialized: multiply-adds per example of the stock/materialized
-      form.
-    macs_factored: multiply-adds per example of the factored form (equal to
-      ``macs_materialized`` for a stock layer).
-  """
-
-  name: str
-  class_name: str
-  kernel_shape: Tuple[int, ...]
-  epitome_shape: Optional[Tuple[int, ...]]
-  sampler: str
-  compression_ratio: float
-  kernel_params: int
-  stored_params: int
-  output_positions: int
-  macs_materialized: int
-  macs_factored: int
-
-
-@dataclasses.dataclass
-class ModelSummary:
-  """What :func:`summarize` returns: per-layer records and the model's totals.
-
-  Attributes:
-    layers: one :class:`LayerSummary` per Conv/Dense or epitome layer.
-    total_params: ``model.count_params()`` (everything stored, offsets and
-      learners included).
-    stock_params: what the model would hold with stock kernels.
-    compression_ratio: ``stock_params / total_params``.
-    macs_materialized: summed over the layers listed, per example.
-    macs_factored: summed over the layers listed, per example.
-  """
-
-  layers: List[LayerSummary]
-  total_params: int
-  stock_params: int
-  compression_ratio: float
-  macs_materialized: int
-  macs_factored: int
 
 
 def _output_positions(layer, owner) -> int:
@@ -819,116 +580,18 @@ def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelS
   stock_params = total
   for layer, owner, outer in walk.walk(model):
     if isinstance(layer, epitome_layers.EPITOME_LAYERS):
-      g = layer.epitome_geometry
-      sampler = layer.sampler
-      if sampler == "learned":
-        sampler += "/" + layer.learner
-      macs = g.macs_per_position()
       positions = _output_positions(outer, owner)
-      stored = g.stored_size
-      record = LayerSummary(
-        layer.name,
-        type(layer).__name__,
-        g.kernel_shape,
-        g.epitome_shape,
-        sampler,
-        g.compression_ratio,
-        g.kernel_size,
-        stored,
-        positions,
-        macs["stock"] * positions,
-        macs["factored"] * positions,
-      )
-      extra = sum(int(np.prod(w.shape)) for w in layer.weights) - int(
-        np.prod(layer.bias.shape) if layer.use_bias else 0
-      )
-      stock_params += g.kernel_size - extra
+      records.append(reports.epitome_layer_summary(layer, positions))
+      stock_params += reports.stock_params_change(layer)
     elif type(layer) in epitome_layers.STOCK_TO_EPITOME and layer.built:
-      shape = _kernel_shape(layer)
-      size = int(np.prod(shape))
       positions = _output_positions(outer, owner)
-      record = LayerSummary(
-        layer.name,
-        type(layer).__name__,
-        shape,
-        None,
-        "stock",
-        1.0,
-        size,
-        size,
-        positions,
-        size * positions,
-        size * positions,
+      records.append(
+        reports.stock_layer_summary(layer, _kernel_shape(layer), positions)
       )
-    else:
-      continue
-    records.append(record)
-  summary = ModelSummary(
-    records,
-    total,
-    stock_params,
-    stock_params / max(total, 1),
-    sum(r.macs_materialized for r in records),
-    sum(r.macs_factored for r in records),
-  )
+  summary = reports.model_summary(records, total, stock_params)
   if print_fn is not None:
     _print_summary(model, summary, print_fn)
   return summary
-
-
-def _fmt_shape(shape) -> str:
-  return "-" if shape is None else "x".join(str(d) for d in shape)
-
-
-def _print_summary(model, summary: ModelSummary, print_fn):
-  header = (
-    "Layer (type)",
-    "Kernel",
-    "Epitome",
-    "Sampler",
-    "Ratio",
-    "Stored",
-    "MACs mat.",
-    "MACs fact.",
-  )
-  rows = [
-    (
-      f"{r.name} ({r.class_name})",
-      _fmt_shape(r.kernel_shape),
-      _fmt_shape(r.epitome_shape),
-      r.sampler,
-      f"{r.compression_ratio:.2f}",
-      f"{r.stored_params:,}",
-      f"{r.macs_materialized:,}",
-      f"{r.macs_factored:,}",
-    )
-    for r in summary.layers
-  ]
-  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-  line_len = sum(widths) + 2 * (len(widths) - 1)
-
-  def fmt(cols):
-    left = [str(c).ljust(w) for c, w in zip(cols[:4], widths[:4], strict=True)]
-    right = [str(c).rjust(w) for c, w in zip(cols[4:], widths[4:], strict=True)]
-    return "  ".join(left + right)
-
-  print_fn(f'Epitome summary: "{model.name}"')
-  print_fn("_" * line_len)
-  print_fn(fmt(header))
-  print_fn("=" * line_len)
-  for row in rows:
-    print_fn(fmt(row))
-  print_fn("=" * line_len)
-  print_fn(
-    f"Total params: {summary.total_params:,} (stock kernels: "
-    f"{summary.stock_params:,}, {summary.compression_ratio:.2f}x smaller)"
-  )
-  mac_ratio = summary.macs_materialized / max(summary.macs_factored, 1)
-  print_fn(
-    f"MACs per example: materialized {summary.macs_materialized:,}, "
-    f"factored {summary.macs_factored:,} ({mac_ratio:.2f}x fewer)"
-  )
-  print_fn("_" * line_len)
 
 
 def _calibration_config(config, options) -> "calibration_lib.CalibrationConfig":

@@ -27,11 +27,10 @@ import math
 from typing import Optional
 
 import keras
-import numpy as np
 from absl import logging
 from keras import ops
 
-from keras_epitome import spec
+from keras_epitome import distill_common
 from keras_epitome.keras3 import layers as k3_layers
 from keras_epitome.keras3 import transform
 
@@ -53,13 +52,12 @@ def _log_probs(outputs, temperature, from_logits):
 class Distiller(keras.Model):
   """Trains ``student`` towards ``teacher``'s outputs; used by :func:`distill`.
 
-  The loss is ``alpha * CE(y, student) + (1 - alpha) * T^2 *
-  KL(softmax(teacher / T) || softmax(student / T))`` (only the distillation
-  term when the data has no labels), plus the student's own regularization
-  losses. Metrics: ``loss`` and ``agreement`` (fraction of samples where the
-  student's top class is the teacher's); with ``labels=True`` also
-  ``accuracy``. The teacher is held outside Keras' variable tracking, so only
-  the student's variables train (on every backend).
+  Loss and metrics are those of the Keras 2
+  :class:`keras_epitome.distillation.Distiller` (the softened KL term, mixed
+  with the label loss by ``alpha``; ``agreement``, and ``accuracy`` with
+  ``labels=True``), computed with ``keras.ops``. The teacher is held outside
+  Keras' variable tracking, so only the student's variables train (on every
+  backend).
 
   Args:
     student: the Keras 3 model to train (updated in place).
@@ -131,30 +129,18 @@ class Distiller(keras.Model):
     return self.get_metrics_result()
 
 
-# ``distill``'s default peak learning rate, by the length of the run (the
-# Keras 2 rule, keras_epitome.distillation, measured in docs/results.md).
-LEARNING_RATE = 3e-3
-SHORT_RUN_LEARNING_RATE = 1e-3
-SHORT_RUN_STEPS = 300
-
-
-def default_learning_rate(steps: Optional[int]) -> float:
-  """``distill``'s peak learning rate for a run of ``steps`` optimizer steps.
-
-  >>> default_learning_rate(85), default_learning_rate(469)
-  (0.001, 0.003)
-  """
-  if steps is None or steps < SHORT_RUN_STEPS:
-    return SHORT_RUN_LEARNING_RATE
-  return LEARNING_RATE
+# ``distill``'s default peak learning rate, by the length of the run: the
+# Keras 2 rule, stated once in keras_epitome.distill_common.
+LEARNING_RATE = distill_common.LEARNING_RATE
+SHORT_RUN_LEARNING_RATE = distill_common.SHORT_RUN_LEARNING_RATE
+SHORT_RUN_STEPS = distill_common.SHORT_RUN_STEPS
+default_learning_rate = distill_common.default_learning_rate
 
 
 def cosine_schedule(peak: float, steps: int, warmup_steps: int = 0):
   """Linear from 0 to ``peak`` over ``warmup_steps``, then cosine to 0."""
-  if not warmup_steps:
-    return keras.optimizers.schedules.CosineDecay(peak, steps)
-  return keras.optimizers.schedules.CosineDecay(
-    0.0, steps - warmup_steps, warmup_target=peak, warmup_steps=warmup_steps
+  return distill_common.cosine_schedule(
+    keras.optimizers.schedules.CosineDecay, peak, steps, warmup_steps
   )
 
 
@@ -266,31 +252,14 @@ def distill(
       raise ValueError(
         f"distill: the {role} must be a Keras 3 keras.Model; got {type(model).__name__}"
       )
-  if isinstance(epochs, bool) or not (
-    isinstance(epochs, (int, np.integer)) and epochs >= 1
-  ):
-    raise ValueError(f"distill: epochs must be an int >= 1, got {epochs!r}")
-  temperature = spec.check_positive(temperature, "temperature", "distill")
-  if not (spec.is_real(alpha) and 0.0 <= float(alpha) <= 1.0):
-    raise ValueError(f"distill: alpha must be in [0, 1], got {alpha!r}")
-  if learning_rate is not None:
-    learning_rate = spec.check_positive(learning_rate, "learning_rate", "distill")
-  warmup = spec.check_fraction(warmup, "warmup", "distill")
-  if isinstance(batch_size, bool) or not (
-    isinstance(batch_size, (int, np.integer)) and batch_size >= 1
-  ):
-    raise ValueError(f"distill: batch_size must be an int >= 1, got {batch_size!r}")
-  s_shape, t_shape = _output_shape(student), _output_shape(teacher)
-  if s_shape is not None and t_shape is not None and s_shape != t_shape:
-    raise ValueError(
-      f"distill: student '{student.name}' outputs shape {s_shape} but teacher "
-      f"'{teacher.name}' outputs {t_shape}; they must match"
-    )
-  if optimizer is not None and warmup:
-    raise ValueError(
-      "distill: warmup applies to the default Adam optimizer; with optimizer= "
-      "given, schedule its learning rate instead"
-    )
+  args = distill_common.check_distill_args(
+    epochs, temperature, alpha, learning_rate, warmup, optimizer, batch_size
+  )
+  temperature, warmup = args["temperature"], args["warmup"]
+  learning_rate = args["learning_rate"]
+  distill_common.check_output_shapes(
+    student, teacher, _output_shape(student), _output_shape(teacher)
+  )
   if optimizer is None:
     per_epoch = _steps_per_epoch(data, batch_size)
     if per_epoch is None and warmup:
@@ -310,7 +279,9 @@ def distill(
       optimizer = keras.optimizers.Adam(learning_rate)
     else:
       optimizer = keras.optimizers.Adam(
-        cosine_schedule(learning_rate, steps, int(round(warmup * steps)))
+        cosine_schedule(
+          learning_rate, steps, distill_common.warmup_steps(warmup, steps)
+        )
       )
   labels = _has_labels(data)
   distiller = Distiller(
@@ -331,10 +302,7 @@ def distill(
   )
   if not _is_array_data(data):
     return distiller.fit(data, **kwargs)
-  if isinstance(data, (tuple, list)):
-    x, y = data[0], data[1] if len(data) > 1 else None
-  else:
-    x, y = data, None
+  x, y = distill_common.split_xy(data)
   return distiller.fit(x, y, batch_size=batch_size, shuffle=True, **kwargs)
 
 

@@ -29,21 +29,17 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from keras_epitome import geometry as geo
+from keras_epitome import hardening
 from keras_epitome.keras3 import layers as k3_layers
 from keras_epitome.keras3 import transform
 
 
 def hardened_values(layer, refit: bool = True) -> Tuple[np.ndarray, geo.RoutingMap]:
-  """The hardened epitome and routing map of a built epitome layer (no change to it).
+  """:func:`keras_epitome.hardening.harden` of a built Keras 3 epitome layer.
 
-  Args:
-    layer: a built Keras 3 epitome layer.
-    refit: refit the epitome by least squares to the layer's current kernel
-      under the rounded map; ``False`` keeps the epitome as it is.
-
-  Returns:
-    ``(epitome, routing)`` as NumPy arrays; the routing map is integer-valued
-    (channel offsets in ``[0, C_E)``, spatial offsets in ``[0, S_E - S]``).
+  The layer is not changed. ``refit=True`` refits the epitome to the layer's
+  current kernel; returns ``(epitome, routing)`` as NumPy arrays, the
+  epitome in the layer's dtype.
 
   Raises:
     ValueError: if ``layer`` is not a built Keras 3 epitome layer.
@@ -63,31 +59,27 @@ def hardened_values(layer, refit: bool = True) -> Tuple[np.ndarray, geo.RoutingM
       f"harden: {type(layer).__name__} '{layer.name}' is not built yet; call "
       "it on an input first"
     )
-  g = layer.epitome_geometry
-  hard = geo.RoutingMap(*(np.round(o) for o in layer.routing_map)).normalized(g)
-  epitome = transform._numpy(layer.epitome)
-  if refit:
-    kernel = transform._numpy(layer.kernel)
-    epitome = geo.fit_epitome(kernel, hard, g, fill=epitome)
+  epitome, hard = hardening.harden(
+    layer.routing_map,
+    layer.epitome_geometry,
+    transform._numpy(layer.epitome),
+    transform._numpy(layer.kernel) if refit else None,
+  )
   return epitome.astype(layer.epitome.dtype), hard
 
 
 def harden_layer(layer, refit: bool = True) -> float:
-  """Rounds a layer's routing map to integers in place (see the module docstring).
+  """Rounds a Keras 3 layer's routing map to integers in place.
 
-  Args:
-    layer: a built Keras 3 epitome layer (any sampler and learner; for the
-      ``feature`` learner the moving routing map is hardened).
-    refit: refit the epitome to the kernel the layer had.
-
-  Returns:
-    The relative change of the sampled kernel, ``|K_new - K_old| / |K_old|``.
+  As :func:`keras_epitome.harden.harden_layer` (any sampler and learner; the
+  ``feature`` learner's moving map is hardened); returns the relative change
+  of the sampled kernel.
   """
   epitome, hard = hardened_values(layer, refit)
   before = transform._numpy(layer.kernel)
   layer.set_routing_map(hard)
   layer.epitome.assign(epitome)
-  return transform._relative(transform._numpy(layer.kernel), before)
+  return hardening.relative_change(transform._numpy(layer.kernel), before)
 
 
 def harden_routing(
@@ -133,20 +125,16 @@ def harden_routing(
   def clone_layer(layer):
     if not k3_layers.is_epitome_layer(layer):
       return None
-    config = layer.get_config()
-    config.update(sampler="fixed", learner="param")
-    new = transform.from_config(type(layer), config)
+    new = transform.from_config(type(layer), hardening.fixed_config(layer.get_config()))
     hardened.append((layer, new))
     return new
 
   new_model = transform.clone_model(model, clone_layer, "harden_routing")
   for old, new in hardened:
-    epitome, hard = hardened_values(old, refit)
-    new.epitome.assign(epitome)
-    if old.use_bias:
-      new.bias.assign(transform._numpy(old.bias))
-    new.set_routing_map(hard)
+    bias = transform._numpy(old.bias) if old.use_bias else None
+    hardening.assign_hardened(new, *hardened_values(old, refit), bias)
     if report is not None:
-      k0 = transform._numpy(old.kernel)
-      report[old.name] = transform._relative(transform._numpy(new.kernel), k0)
+      report[old.name] = hardening.relative_change(
+        transform._numpy(new.kernel), transform._numpy(old.kernel)
+      )
   return new_model

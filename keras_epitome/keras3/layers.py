@@ -24,14 +24,12 @@ to do (strip the epitome layers first, or export with
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
-
 import keras
 import numpy as np
 from keras import ops
 
 from keras_epitome import geometry as geo
-from keras_epitome import spec
+from keras_epitome import layer_common, spec
 from keras_epitome.keras3 import ops_sampling
 from keras_epitome.keras3.learners import FeatureOffsetLearner
 
@@ -42,7 +40,7 @@ def _tensorflow_backend() -> bool:
   return keras.backend.backend() == "tensorflow"
 
 
-class EpitomeMixin:
+class EpitomeMixin(layer_common.EpitomeLayerBase):
   """Turns a stock Keras 3 kernel layer into an epitome layer.
 
   Args (keyword-only, in addition to the stock layer's): ``compression``,
@@ -53,41 +51,14 @@ class EpitomeMixin:
   TensorFlow backend; ``"auto"`` samples the kernel on other backends.
   """
 
-  def __init__(
-    self,
-    *args,
-    compression: Optional[float] = None,
-    epitome_shape: Optional[Sequence[int]] = None,
-    sampler: str = "learned",
-    learner: str = "param",
-    spatial_stride: Union[None, int, Sequence[int]] = None,
-    offset_scale: float = 1.0,
-    routing_momentum: float = 0.99,
-    channel_roll: int = 1,
-    train_form: str = "auto",
-    **kwargs,
-  ):
+  def __init__(self, *args, **kwargs):
+    # The epitome keyword arguments (spec.EPITOME_DEFAULTS; the class's
+    # published signature lists them), then the stock layer's.
+    epitome_kwargs = spec.pop_epitome_args(kwargs)
     super().__init__(*args, **kwargs)
     desc = self._desc()
-    epitome_args = spec.check_epitome_args(
-      desc,
-      self._kernel_rank(),
-      compression=compression,
-      epitome_shape=epitome_shape,
-      sampler=sampler,
-      learner=learner,
-      spatial_stride=spatial_stride,
-      offset_scale=offset_scale,
-      routing_momentum=routing_momentum,
-      channel_roll=channel_roll,
-      train_form=train_form,
-    )
-    if getattr(self, "data_format", "channels_last") != "channels_last":
-      raise ValueError(
-        f"{desc}: data_format={self.data_format!r} is not supported; "
-        "epitome layers take channels_last inputs"
-      )
-    if epitome_args["train_form"] == "factored" and not _tensorflow_backend():
+    spec.init_epitome_layer(self, self._kernel_rank(), epitome_kwargs, desc)
+    if self.train_form == "factored" and not _tensorflow_backend():
       raise ValueError(
         f"{desc}: train_form='factored' needs the TensorFlow backend (this is "
         f"{keras.backend.backend()!r}); use 'auto' or 'kernel', which sample "
@@ -98,36 +69,12 @@ class EpitomeMixin:
         f"{desc}: lora_rank={self.lora_rank} is not supported: LoRA adds to a "
         "stored kernel, and an epitome layer stores an epitome instead"
       )
-    for name, value in epitome_args.items():
-      setattr(self, name, value)
-    self.epitome = None
-    self.in_offsets = None
-    self.out_offsets = None
-    self.spatial_offsets = None
-    self.moving_offsets = None
-    self.offset_learner = None
     self.bias = None
-    self._geometry = None
 
   # -- helpers ---------------------------------------------------------------
 
-  def _desc(self) -> str:
-    return f"{type(self).__name__} '{self.name}'"
-
   def _kernel_rank(self) -> int:
     return 0 if isinstance(self, keras.layers.Dense) else int(self.rank)
-
-  @property
-  def epitome_geometry(self) -> geo.EpitomeGeometry:
-    """The layer's :class:`~keras_epitome.geometry.EpitomeGeometry` (after build)."""
-    if self._geometry is None:
-      raise ValueError(f"{self._desc()} is not built yet; call it on an input first")
-    return self._geometry
-
-  @property
-  def compression_ratio(self) -> float:
-    """Achieved ratio: kernel size over epitome plus routing-map size."""
-    return self.epitome_geometry.compression_ratio
 
   # -- build -------------------------------------------------------------------
 
@@ -308,27 +255,6 @@ class EpitomeMixin:
     )
     return geo.RoutingMap(*offsets).normalized(self.epitome_geometry)
 
-  def set_routing_map(self, routing: geo.RoutingMap):
-    """Assigns a routing map (and the moving map of the ``feature`` learner).
-
-    Args:
-      routing: offsets in channels and taps, shaped as :attr:`routing_map`.
-
-    Raises:
-      ValueError: if a shape does not match the layer's geometry, or an
-        offset is not finite.
-    """
-    g = self.epitome_geometry
-    in_o, out_o, sp_o = geo.routing_arrays(routing, g, self._desc())
-    s = self.offset_scale
-    self.in_offsets.assign(in_o / s)
-    self.out_offsets.assign(out_o / s)
-    if self.spatial_offsets is not None:
-      self.spatial_offsets.assign(geo.spatial_columns(sp_o, g) / s)
-    if self.moving_offsets is not None:
-      packed = geo.pack_routing(in_o, out_o, sp_o, g).astype(np.float32)
-      self.moving_offsets.assign(packed)
-
   # -- the kernel and the call ---------------------------------------------------
 
   @property
@@ -474,9 +400,7 @@ STOCK_OF = {
 
 for _cls in EPITOME_LAYERS:
   # The stock signature plus the epitome keyword arguments (see spec).
-  _cls.__signature__ = spec.merged_signature(
-    STOCK_OF[_cls].__init__, EpitomeMixin.__init__
-  )
+  _cls.__signature__ = spec.merged_signature(STOCK_OF[_cls].__init__)
 del _cls
 STOCK_TO_EPITOME = {stock: epi for epi, stock in STOCK_OF.items()}
 

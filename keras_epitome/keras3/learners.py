@@ -14,44 +14,23 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_epitome import learner_common
+
 
 @keras.saving.register_keras_serializable(package="keras_epitome")
-class FeatureOffsetLearner(keras.layers.Layer):
+class FeatureOffsetLearner(learner_common.FeatureLearnerBase, keras.layers.Layer):
   """Predicts offset corrections from a layer's input (NES transformation learner).
 
-  The last layer starts at zero, so at initialization the learner predicts no
-  correction and the layer starts from its base offsets.
-
-  Args:
-    num_offsets: length of the predicted vector.
-    rank: spatial rank of the input (0 for Dense inputs).
-    hidden: channels of the hidden layer.
-    stride: stride of the first (strided) convolution.
+  The network and its arguments (``num_offsets``, ``rank``, ``hidden``,
+  ``stride``) are those of :mod:`keras_epitome.learner_common`; its last
+  layer starts at zero, so the layer starts from its base offsets.
   """
 
-  def __init__(self, num_offsets, rank, hidden=16, stride=2, **kwargs):
-    super().__init__(**kwargs)
-    self.num_offsets = int(num_offsets)
-    self.rank = int(rank)
-    self.hidden = int(hidden)
-    self.stride = int(stride)
-    if self.rank == 0:
-      self.features = keras.layers.Dense(self.hidden, name="features")
-      self.predict_offsets = keras.layers.Dense(
-        self.num_offsets, kernel_initializer="zeros", name="offsets"
-      )
-    else:
-      conv = keras.layers.Conv1D if self.rank == 1 else keras.layers.Conv2D
-      self.features = conv(
-        self.hidden, 3, strides=self.stride, padding="same", name="features"
-      )
-      self.predict_offsets = conv(
-        self.num_offsets, 1, kernel_initializer="zeros", name="offsets"
-      )
+  _keras_layers = keras.layers
+
+  def _synchronized(self) -> bool:
     # Synchronized statistics exist on the TensorFlow backend only.
-    self.norm = keras.layers.BatchNormalization(
-      synchronized=keras.backend.backend() == "tensorflow", name="norm"
-    )
+    return keras.backend.backend() == "tensorflow"
 
   def build(self, input_shape):
     self.features.build(input_shape)
@@ -75,13 +54,3 @@ class FeatureOffsetLearner(keras.layers.Layer):
 
   def compute_output_shape(self, input_shape):
     return (self.num_offsets,)
-
-  def get_config(self):
-    config = super().get_config()
-    config.update(
-      num_offsets=self.num_offsets,
-      rank=self.rank,
-      hidden=self.hidden,
-      stride=self.stride,
-    )
-    return config
