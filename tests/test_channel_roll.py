@@ -241,8 +241,9 @@ class FactoredRollTest(tf.test.TestCase):
 
   def test_exported_rolls_take_one_slice_each(self):
     # The rolled windows read one copy of the activations concatenated with
-    # themselves: one STRIDED_SLICE per non-zero roll, one concat for them and
-    # one for the windows' outputs (before: two slices and a concat per roll).
+    # themselves: one STRIDED_SLICE per non-zero roll (before: two slices and
+    # a concat per roll); the rolls are stacked on the batch axis and run as
+    # one convolution, whose output is split back per roll.
     inputs = keras.Input((6, 6, 32))
     layer = ke.EpitomeConv2D(64, 3, padding="same", compression=16, name="epi")
     model = keras.Model(inputs, layer(inputs))
@@ -251,10 +252,12 @@ class FactoredRollTest(tf.test.TestCase):
     self.assertGreater(rolled, 1)
     report = ke.tflite_tensor_report(ke.export_tflite(model, remix="slices"))
     ops = [op["name"] for op in report["ops"]]
-    self.assertEqual(ops.count("CONV_2D"), len(f.window_rolls))
+    self.assertEqual(ops.count("CONV_2D"), 1)
+    self.assertEqual(ops.count("SPLIT"), 1)
     # R_in: one slice per input chunk (summed); R_out: the windows' outputs
     # cut to the layer's 64 channels.
     in_chunks = f._channels.num_in_chunks  # noqa: SLF001
     out_cut = int(len(f.window_rolls) * f.epitome_shape[-1] > 64)
     self.assertEqual(ops.count("STRIDED_SLICE"), in_chunks + rolled + out_cut)
-    self.assertEqual(ops.count("CONCATENATION"), 2)
+    # The activations with themselves, the stacked rolls, the windows' outputs.
+    self.assertEqual(ops.count("CONCATENATION"), 3)
