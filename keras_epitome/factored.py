@@ -872,12 +872,12 @@ def _factored_class(layer):
 
 
 def __getattr__(name):
-  # The model walk moved to keras_epitome.factored_model; its names still
-  # resolve here.
+  # The model walk moved to keras_epitome.factored_model (which builds on this
+  # module); its old names still resolve here, at run time.
   if name in _MOVED:
-    from keras_epitome import factored_model  # noqa: PLC0415
+    import importlib  # noqa: PLC0415
 
-    return getattr(factored_model, name)
+    return getattr(importlib.import_module("keras_epitome.factored_model"), name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
