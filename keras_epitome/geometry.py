@@ -529,6 +529,48 @@ def pack_routing(
   )
 
 
+class StoredOffsets(NamedTuple):
+  """One routing-map variable of an epitome layer and its initial value.
+
+  ``limit`` is the upper bound of each stored spatial column (the lower is 0;
+  ``None`` for the channel offsets, which wrap).
+  """
+
+  name: str
+  shape: Tuple[int, ...]
+  initial: np.ndarray
+  limit: Optional[np.ndarray]
+
+
+def stored_offsets(
+  geometry: EpitomeGeometry, routing: RoutingMap, scale: float = 1.0
+) -> Tuple[StoredOffsets, ...]:
+  """The routing-map variables a layer stores, in order, divided by ``scale``.
+
+  ``in_offsets`` ``(A,)``, ``out_offsets`` ``(B,)`` and, where a spatial axis
+  has slack, ``spatial_offsets`` ``(B, len(slack_axes))``.
+
+  Example:
+    >>> g = EpitomeGeometry((3, 8, 8), (4, 4, 4))
+    >>> [(v.name, v.shape) for v in stored_offsets(g, fixed_routing(g))]
+    [('in_offsets', (2,)), ('out_offsets', (2,)), ('spatial_offsets', (2, 1))]
+  """
+  g = geometry
+  out = [
+    StoredOffsets("in_offsets", (g.num_in_chunks,), routing.in_offsets / scale, None),
+    StoredOffsets(
+      "out_offsets", (g.num_out_chunks,), routing.out_offsets / scale, None
+    ),
+  ]
+  if g.slack_axes:
+    # One column per spatial axis with slack; axes with S_E == S store none.
+    limit = np.asarray([g.slack[d] for d in g.slack_axes], np.float32) / scale
+    columns = spatial_columns(routing.spatial_offsets, g) / scale
+    shape = (g.num_out_chunks, len(g.slack_axes))
+    out.append(StoredOffsets("spatial_offsets", shape, columns, limit))
+  return tuple(out)
+
+
 def routing_arrays(
   routing: Sequence, geometry: EpitomeGeometry, desc: str = ""
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

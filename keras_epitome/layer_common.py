@@ -22,6 +22,23 @@ class EpitomeLayerBase:
   none).
   """
 
+  def _start_geometry(self, kernel_shape):
+    """The geometry and fixed routing of the layer's kernel; sets ``_geometry``.
+
+    Raises:
+      ValueError: naming the layer, if the epitome does not fit the kernel.
+    """
+    desc = self._desc()
+    try:
+      geometry = geo.layer_geometry(
+        kernel_shape, self.compression, self.epitome_shape, self.channel_roll, desc
+      )
+      routing = geo.fixed_routing(geometry, self.spatial_stride)
+    except ValueError as e:
+      raise ValueError(f"{desc}: {e}") from None
+    self._geometry = geometry
+    return geometry, routing
+
   def _desc(self) -> str:
     return f"{type(self).__name__} '{self.name}'"
 

@@ -42,6 +42,15 @@ SAMPLERS = spec.SAMPLERS
 EPITOME_ARGS = spec.EPITOME_ARGS
 
 
+def _clip_to(limit):
+  """A constraint clipping each column of a variable to ``[0, limit]``."""
+
+  def clip(v):
+    return tf.clip_by_value(v, 0.0, tf.constant(limit, v.dtype))
+
+  return clip
+
+
 class EpitomeMixin(layer_common.EpitomeLayerBase, tfmot.sparsity.keras.PrunableLayer):
   """Turns a stock kernel layer into an epitome layer (see module docstring).
 
@@ -120,15 +129,7 @@ class EpitomeMixin(layer_common.EpitomeLayerBase, tfmot.sparsity.keras.PrunableL
     return super().add_weight(name, shape, *args, **kwargs)
 
   def _build_epitome(self, kernel_shape, kernel_kwargs):
-    desc = self._desc()
-    try:
-      geometry = sampling.layer_geometry(
-        kernel_shape, self.compression, self.epitome_shape, self.channel_roll, desc
-      )
-      routing = sampling.fixed_routing(geometry, self.spatial_stride)
-    except ValueError as e:
-      raise ValueError(f"{desc}: {e}") from None
-    self._geometry = geometry
+    geometry, routing = self._start_geometry(kernel_shape)
     dtype = kernel_kwargs.get("dtype", self.dtype)
     base_initializer = keras.initializers.get(self.kernel_initializer)
 
@@ -153,42 +154,17 @@ class EpitomeMixin(layer_common.EpitomeLayerBase, tfmot.sparsity.keras.PrunableL
       experimental_autocast=False,
     )
     trainable = self.sampler == "learned"
-    scale = self.offset_scale
-    self.in_offsets = super().add_weight(
-      "in_offsets",
-      shape=(geometry.num_in_chunks,),
-      initializer=keras.initializers.Constant(routing.in_offsets / scale),
-      trainable=trainable,
-      dtype=dtype,
-      experimental_autocast=False,
-    )
-    self.out_offsets = super().add_weight(
-      "out_offsets",
-      shape=(geometry.num_out_chunks,),
-      initializer=keras.initializers.Constant(routing.out_offsets / scale),
-      trainable=trainable,
-      dtype=dtype,
-      experimental_autocast=False,
-    )
-    if geometry.slack_axes:
-      # One column per spatial axis with slack; axes with S_E == S store none.
-      limit = np.asarray([geometry.slack[d] for d in geometry.slack_axes], np.float32)
-      limit = limit / scale
-
-      def clip_spatial(v):
-        return tf.clip_by_value(v, 0.0, tf.constant(limit, v.dtype))
-
-      self.spatial_offsets = super().add_weight(
-        "spatial_offsets",
-        shape=(geometry.num_out_chunks, len(geometry.slack_axes)),
-        initializer=keras.initializers.Constant(
-          geometry_lib.spatial_columns(routing.spatial_offsets, geometry) / scale
-        ),
-        constraint=clip_spatial,
+    for stored in geometry_lib.stored_offsets(geometry, routing, self.offset_scale):
+      variable = super().add_weight(
+        stored.name,
+        shape=stored.shape,
+        initializer=keras.initializers.Constant(stored.initial),
+        constraint=None if stored.limit is None else _clip_to(stored.limit),
         trainable=trainable,
         dtype=dtype,
         experimental_autocast=False,
       )
+      setattr(self, stored.name, variable)
     if self.sampler == "learned" and self.learner == "feature":
       n = geometry.routing_size
       self.offset_learner = FeatureOffsetLearner(

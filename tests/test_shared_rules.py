@@ -39,6 +39,18 @@ def test_pack_routing_keeps_only_slack_columns():
   assert packed.shape == (g.routing_size,)
 
 
+def test_stored_offsets_are_the_layer_variables_scaled():
+  g = geo.EpitomeGeometry((3, 3, 8, 8), (5, 3, 4, 4))  # slack 2 on axis 0 only
+  routing = geo.RoutingMap(np.array([0.0, 2.0]), np.array([1.0, 3.0]), [[0, 0], [2, 0]])
+  stored = geo.stored_offsets(g, routing, scale=2.0)
+  assert [v.name for v in stored] == ["in_offsets", "out_offsets", "spatial_offsets"]
+  assert stored[0].initial.tolist() == [0.0, 1.0] and stored[0].limit is None
+  assert stored[2].shape == (2, 1) and stored[2].initial.tolist() == [[0.0], [1.0]]
+  assert stored[2].limit.tolist() == [1.0]
+  dense = geo.EpitomeGeometry((8, 8), (4, 4))
+  assert len(geo.stored_offsets(dense, geo.fixed_routing(dense))) == 2
+
+
 # -- hardening -------------------------------------------------------------------
 
 

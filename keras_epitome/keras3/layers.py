@@ -40,6 +40,11 @@ def _tensorflow_backend() -> bool:
   return keras.backend.backend() == "tensorflow"
 
 
+def _clip_to(limit):
+  """A constraint clipping each column of a variable to ``[0, limit]``."""
+  return lambda v: ops.clip(v, 0.0, ops.cast(limit, v.dtype))
+
+
 class EpitomeMixin(layer_common.EpitomeLayerBase):
   """Turns a stock Keras 3 kernel layer into an epitome layer.
 
@@ -118,15 +123,7 @@ class EpitomeMixin(layer_common.EpitomeLayerBase):
       self.offset_learner.build(input_shape)
 
   def _build_epitome(self, kernel_shape):
-    desc = self._desc()
-    try:
-      geometry = geo.layer_geometry(
-        kernel_shape, self.compression, self.epitome_shape, self.channel_roll, desc
-      )
-      routing = geo.fixed_routing(geometry, self.spatial_stride)
-    except ValueError as e:
-      raise ValueError(f"{desc}: {e}") from None
-    self._geometry = geometry
+    geometry, routing = self._start_geometry(kernel_shape)
     base_initializer = keras.initializers.get(self.kernel_initializer)
 
     def epitome_initializer(shape, dtype=None):
@@ -146,35 +143,16 @@ class EpitomeMixin(layer_common.EpitomeLayerBase):
       autocast=False,
     )
     trainable = self.sampler == "learned"
-    scale = self.offset_scale
-    self.in_offsets = self.add_weight(
-      name="in_offsets",
-      shape=(geometry.num_in_chunks,),
-      initializer=keras.initializers.Constant(routing.in_offsets / scale),
-      trainable=trainable,
-      autocast=False,
-    )
-    self.out_offsets = self.add_weight(
-      name="out_offsets",
-      shape=(geometry.num_out_chunks,),
-      initializer=keras.initializers.Constant(routing.out_offsets / scale),
-      trainable=trainable,
-      autocast=False,
-    )
-    if geometry.slack_axes:
-      # One column per spatial axis with slack; axes with S_E == S store none.
-      limit = np.asarray([geometry.slack[d] for d in geometry.slack_axes], np.float32)
-      limit = limit / scale
-      self.spatial_offsets = self.add_weight(
-        name="spatial_offsets",
-        shape=(geometry.num_out_chunks, len(geometry.slack_axes)),
-        initializer=keras.initializers.Constant(
-          geo.spatial_columns(routing.spatial_offsets, geometry) / scale
-        ),
-        constraint=lambda v: ops.clip(v, 0.0, ops.cast(limit, v.dtype)),
+    for stored in geo.stored_offsets(geometry, routing, self.offset_scale):
+      variable = self.add_weight(
+        name=stored.name,
+        shape=stored.shape,
+        initializer=keras.initializers.Constant(stored.initial),
+        constraint=None if stored.limit is None else _clip_to(stored.limit),
         trainable=trainable,
         autocast=False,
       )
+      setattr(self, stored.name, variable)
     if self.sampler == "learned" and self.learner == "feature":
       n = geometry.routing_size
       self.offset_learner = FeatureOffsetLearner(
