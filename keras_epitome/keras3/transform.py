@@ -41,9 +41,7 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -51,22 +49,27 @@ from absl import logging
 from keras import ops
 
 from keras_epitome import geometry as geo
-from keras_epitome import spec
+from keras_epitome import hardening, reports
 from keras_epitome.keras3 import layers as k3_layers
 
-# Arguments a policy entry may set for one layer.
-POLICY_KEYS = spec.EPITOME_ARGS
-INITS = ("auto", "fit", "random")
-DEFAULT_MIN_PARAMS = 1024
+# The records and rules both Keras versions share live in
+# keras_epitome.reports (TF-free); this module re-exports them under the names
+# it has always had (keras_epitome.keras3.transform.EpitomeReport, ...).
+from keras_epitome.reports import (  # noqa: F401  (re-exported)
+  DEFAULT_MIN_PARAMS,
+  INITS,
+  POLICY_KEYS,
+  ConvertedLayer,
+  EpitomeReport,
+  KeptLayer,
+  LayerSummary,
+  ModelSummary,
+  Policy,
+  PolicyValue,
+)
 
-# Layers that hold a kernel-like weight but have no epitome twin yet; they are
-# reported when left alone.
-_KERNEL_ATTRS = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings")
 # Stock config keys an epitome layer cannot take (Keras 3 LoRA).
 _DROPPED_KEYS = ("lora_rank", "lora_alpha")
-
-PolicyValue = Union[None, float, int, Mapping[str, Any]]
-Policy = Union[None, Mapping[str, PolicyValue], Callable[[Any], PolicyValue]]
 
 
 # ----------------------------------------------------------------------------
@@ -201,144 +204,13 @@ def _numpy(x) -> np.ndarray:
   return np.asarray(ops.convert_to_numpy(x))
 
 
-def _kernel_shape(layer) -> Optional[Tuple[int, ...]]:
-  if not layer.built:
-    return None
-  kernel = getattr(layer, "kernel", None)
-  if kernel is None:
-    return None
-  return tuple(int(d) for d in kernel.shape)
-
-
-def _relative(a, b) -> float:
-  return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12))
-
-
-# ----------------------------------------------------------------------------
-# The report.
-
-
-@dataclasses.dataclass
-class ConvertedLayer:
-  """A layer :func:`epitomize` replaced (as :class:`keras_epitome.transform.ConvertedLayer`).
-
-  Attributes:
-    name: the layer's name (unchanged by the transform).
-    kernel_shape: shape of the stock kernel (``None`` if it was not built).
-    epitome_shape: shape of the epitome (``None`` if the model was not built).
-    compression_ratio: achieved ratio, kernel over epitome plus routing map.
-    init: ``"fit"`` or ``"random"``.
-    fit_error: relative reconstruction error ``|K - K_fit| / |K|`` of the
-      trained kernel by the fitted epitome (``init="fit"`` only).
-  """
-
-  name: str
-  kernel_shape: Optional[Tuple[int, ...]]
-  epitome_shape: Optional[Tuple[int, ...]]
-  compression_ratio: Optional[float]
-  init: str
-  fit_error: Optional[float] = None
-
-
-@dataclasses.dataclass
-class KeptLayer:
-  """A kernel layer :func:`epitomize` left as it was, and why."""
-
-  name: str
-  class_name: str
-  reason: str
-
-
-@dataclasses.dataclass
-class EpitomeReport:
-  """What :func:`epitomize` did; available as ``model.epitome_report``.
-
-  Attributes:
-    converted: the layers turned into epitome layers.
-    kept: layers with a kernel that stayed stock (skipped, too small, refused
-      by the policy or of an unsupported type such as ``DepthwiseConv2D``).
-  """
-
-  converted: List[ConvertedLayer] = dataclasses.field(default_factory=list)
-  kept: List[KeptLayer] = dataclasses.field(default_factory=list)
-
-  def __str__(self) -> str:
-    lines = [f"epitomize: {len(self.converted)} layer(s) converted"]
-    for c in self.converted:
-      ratio = f"{c.compression_ratio:.2f}x" if c.compression_ratio else "?"
-      err = f", fit error {c.fit_error:.3f}" if c.fit_error is not None else ""
-      lines.append(
-        f"  {c.name}: {c.kernel_shape} -> {c.epitome_shape} ({ratio}, "
-        f"init={c.init}{err})"
-      )
-    lines.append(f"epitomize: {len(self.kept)} kernel layer(s) kept stock")
-    for k in self.kept:
-      lines.append(f"  {k.name} ({k.class_name}): {k.reason}")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------
 # epitomize
 
 
-def _resolve_policy(layer, policy, defaults, min_params):
-  """Returns ``(kwargs or None, reason, explicit)`` for a supported layer.
-
-  The same rule as the Keras 2 transform's helper of the same name.
-  """
-  entry, explicit = None, False
-  if callable(policy) and not isinstance(policy, Mapping):
-    entry, explicit = policy(layer), True
-  elif policy is not None and layer.name in policy:
-    entry, explicit = policy[layer.name], True
-  if explicit and entry is None:
-    return None, "policy returned None", explicit
-  kwargs = dict(defaults)
-  if explicit:
-    if isinstance(entry, bool) or not isinstance(
-      entry, (int, float, np.integer, np.floating, Mapping)
-    ):
-      raise ValueError(
-        f"epitomize: policy for layer '{layer.name}' must be a compression "
-        f"ratio, a dict of epitome arguments or None; got {entry!r}"
-      )
-    if isinstance(entry, Mapping):
-      unknown = sorted(set(entry) - set(POLICY_KEYS))
-      if unknown:
-        raise ValueError(
-          f"epitomize: policy for layer '{layer.name}' has unknown "
-          f"argument(s) {unknown}; valid: {', '.join(POLICY_KEYS)}"
-        )
-      if entry.get("epitome_shape") is not None:
-        kwargs.pop("compression", None)
-      kwargs.update(entry)
-    else:
-      kwargs["compression"] = float(entry)
-  shape = _kernel_shape(layer)
-  if not explicit and shape is not None and math.prod(shape) < min_params:
-    return (
-      None,
-      f"kernel has {math.prod(shape)} entries < min_params={min_params}",
-      explicit,
-    )
-  return kwargs, "", explicit
-
-
-def _epitome_config(layer, kwargs) -> Dict[str, Any]:
-  config = layer.get_config()
-  for key in POLICY_KEYS + _DROPPED_KEYS:
-    config.pop(key, None)
-  for key, value in kwargs.items():
-    if value is not None:
-      config[key] = value
-  if config.get("epitome_shape") is not None:
-    config.pop("compression", None)
-  return config
-
-
 def _check_geometry(layer, new) -> None:
   """Raises the ValueError the epitome layer's build would raise, if any."""
-  shape = _kernel_shape(layer)
+  shape = reports.kernel_shape(layer)
   if shape is None:
     return
   g = geo.layer_geometry(shape, new.compression, new.epitome_shape, new.channel_roll)
@@ -348,11 +220,11 @@ def _check_geometry(layer, new) -> None:
 def _fit_layer(old, new) -> float:
   """Sets ``new``'s epitome to the least-squares fit of ``old``'s kernel."""
   kernel = _numpy(old.kernel)
-  g = new.epitome_geometry
-  rounded = geo.RoutingMap(*(np.round(np.asarray(r)) for r in new.routing_map))
-  epitome = geo.fit_epitome(kernel, rounded, g, fill=_numpy(new.epitome))
+  epitome = hardening.fit_rounded(
+    kernel, new.routing_map, new.epitome_geometry, fill=_numpy(new.epitome)
+  )
   new.epitome.assign(epitome.astype(new.epitome.dtype))
-  return _relative(_numpy(new.kernel), kernel)
+  return hardening.relative_change(_numpy(new.kernel), kernel)
 
 
 def _unsupported_reason(layer) -> Optional[str]:
@@ -364,12 +236,6 @@ def _unsupported_reason(layer) -> Optional[str]:
       "float model, then quantize"
     )
   return None
-
-
-def _check_min_params(value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-    raise ValueError(f"epitomize: min_params must be an int >= 0, got {value!r}")
-  return int(value)
 
 
 def epitomize(
@@ -503,46 +369,13 @@ def epitomize(
       allocate=allocate,
       verbose=verbose,
     )
-  if init not in INITS:
-    raise ValueError(f"epitomize: unknown init {init!r}; valid: {', '.join(INITS)}")
-  if init == "fit" and not model.built:
-    raise ValueError(
-      f"epitomize: init='fit' needs a built model with trained weights; "
-      f"model '{model.name}' is not built (call it on data or give it an "
-      "Input), or use init='random'"
-    )
+  reports.check_init(init, model)
   if init == "auto":
     init = "fit" if model.built else "random"
-  min_params = _check_min_params(min_params)
+  min_params = reports.check_min_params(min_params)
   # The global settings must be valid: only a per-layer misfit (a ratio too
   # large for one kernel) may leave a layer stock.
-  spec.check_epitome_args(
-    "epitomize",
-    compression=compression,
-    sampler=sampler,
-    learner=learner,
-    spatial_stride=spatial_stride,
-    offset_scale=offset_scale,
-    channel_roll=channel_roll,
-    require_one=False,
-  )
-  if isinstance(skip, str):
-    skip = (skip,)
-  names = _layer_names(model)
-  missing = sorted(set(skip) - names)
-  if isinstance(policy, Mapping):
-    missing += sorted(set(policy) - names)
-  elif policy is not None and not callable(policy):
-    raise ValueError(
-      "epitomize: policy must be a dict {layer name: ratio, dict or None} or "
-      f"a callable layer -> value; got {type(policy).__name__}"
-    )
-  if missing:
-    raise ValueError(
-      f"epitomize: policy/skip name(s) {missing} match no layer of model "
-      f"'{model.name}'; its layers are {sorted(names)}"
-    )
-  defaults = dict(
+  defaults = reports.check_defaults(
     compression=compression,
     sampler=sampler,
     learner=learner,
@@ -550,7 +383,7 @@ def epitomize(
     offset_scale=offset_scale,
     channel_roll=channel_roll,
   )
-  skip = set(skip)
+  skip = reports.check_layer_names(model, _layer_names(model), skip, policy)
   report = EpitomeReport()
   converted = []  # (old, new)
 
@@ -576,7 +409,7 @@ def epitomize(
           )
         )
       elif not k3_layers.is_epitome_layer(layer) and any(
-        getattr(layer, a, None) is not None for a in _KERNEL_ATTRS
+        getattr(layer, a, None) is not None for a in reports.KERNEL_ATTRS
       ):
         report.kept.append(
           KeptLayer(
@@ -591,7 +424,9 @@ def epitomize(
     if name in skip:
       report.kept.append(KeptLayer(name, cls_name, "in skip"))
       return None
-    kwargs, reason, explicit = _resolve_policy(layer, policy, defaults, min_params)
+    kwargs, reason, explicit = reports.resolve_policy(
+      layer, policy, defaults, min_params
+    )
     if kwargs is None:
       report.kept.append(KeptLayer(name, cls_name, reason))
       return None
@@ -599,7 +434,8 @@ def epitomize(
       reason = _unsupported_reason(layer)
       if reason is not None:
         raise ValueError(reason)
-      new = from_config(epitome_cls, _epitome_config(layer, kwargs))
+      config = reports.epitome_config(layer, kwargs, dropped=_DROPPED_KEYS)
+      new = from_config(epitome_cls, config)
       # Build errors (a ratio too large for the kernel...) surface here,
       # not deep inside clone_model.
       _check_geometry(layer, new)
@@ -614,7 +450,7 @@ def epitomize(
 
   new_model = clone_model(model, clone_layer, "epitomize")
   for old, new in converted:
-    record = ConvertedLayer(new.name, _kernel_shape(old), None, None, init)
+    record = ConvertedLayer(new.name, reports.kernel_shape(old), None, None, init)
     if new.built:
       record.epitome_shape = new.epitome_geometry.epitome_shape
       record.compression_ratio = new.epitome_geometry.compression_ratio
@@ -905,14 +741,7 @@ def materialize_layer(layer):
       f"{type(layer).__name__} '{getattr(layer, 'name', '?')}'"
       + (hint if is_keras2_object(layer) else "")
     )
-  if not layer.built or layer.epitome is None:
-    raise ValueError(
-      f"{type(layer).__name__} '{layer.name}' is not built yet; call it on an "
-      "input before materializing it"
-    )
-  config = layer.get_config()
-  for key in POLICY_KEYS:
-    config.pop(key, None)
+  config = reports.stock_config(layer)
   stock_cls = k3_layers.STOCK_OF[type(layer)]
   stock = from_config(stock_cls, config)
   stock.build(_build_shape(layer))
@@ -951,64 +780,6 @@ def strip_epitome(model):
 
 # ----------------------------------------------------------------------------
 # summarize
-
-
-@dataclasses.dataclass
-class LayerSummary:
-  """One kernel layer in :func:`summarize` (as :class:`keras_epitome.transform.LayerSummary`).
-
-  Attributes:
-    name: layer name.
-    class_name: layer class.
-    kernel_shape: shape of the (sampled or stock) kernel.
-    epitome_shape: the epitome's shape (``None`` for a stock layer).
-    sampler: ``"learned/param"``, ``"learned/feature"``, ``"fixed"`` or
-      ``"stock"``.
-    compression_ratio: kernel size over stored size (1 for a stock layer).
-    kernel_params: entries of the full kernel.
-    stored_params: entries stored for the kernel (epitome plus routing map;
-      the kernel for a stock layer). Biases are not included.
-    output_positions: output positions per example, summed over the layer's
-      call sites.
-    macs_materialized: multiply-adds per example of the stock/materialized
-      form.
-    macs_factored: multiply-adds per example of the factored form (equal to
-      ``macs_materialized`` for a stock layer).
-  """
-
-  name: str
-  class_name: str
-  kernel_shape: Tuple[int, ...]
-  epitome_shape: Optional[Tuple[int, ...]]
-  sampler: str
-  compression_ratio: float
-  kernel_params: int
-  stored_params: int
-  output_positions: int
-  macs_materialized: int
-  macs_factored: int
-
-
-@dataclasses.dataclass
-class ModelSummary:
-  """What :func:`summarize` returns: per-layer records and the model's totals.
-
-  Attributes:
-    layers: one :class:`LayerSummary` per Conv/Dense or epitome layer.
-    total_params: ``model.count_params()`` (everything stored, offsets and
-      learners included).
-    stock_params: what the model would hold with stock kernels.
-    compression_ratio: ``stock_params / total_params``.
-    macs_materialized: summed over the layers listed, per example.
-    macs_factored: summed over the layers listed, per example.
-  """
-
-  layers: List[LayerSummary]
-  total_params: int
-  stock_params: int
-  compression_ratio: float
-  macs_materialized: int
-  macs_factored: int
 
 
 def _output_positions(layer) -> int:
@@ -1060,112 +831,15 @@ def summarize(model, print_fn: Optional[Callable[[str], Any]] = print) -> ModelS
   stock_params = total
   for layer, _ in _walk(model):
     if k3_layers.is_epitome_layer(layer) and layer.built:
-      g = layer.epitome_geometry
-      sampler = layer.sampler
-      if sampler == "learned":
-        sampler += "/" + layer.learner
-      macs = g.macs_per_position()
       positions = _output_positions(layer)
-      record = LayerSummary(
-        layer.name,
-        type(layer).__name__,
-        g.kernel_shape,
-        g.epitome_shape,
-        sampler,
-        g.compression_ratio,
-        g.kernel_size,
-        g.stored_size,
-        positions,
-        macs["stock"] * positions,
-        macs["factored"] * positions,
-      )
-      extra = sum(int(np.prod(w.shape)) for w in layer.weights)
-      if layer.use_bias:
-        extra -= int(np.prod(layer.bias.shape))
-      stock_params += g.kernel_size - extra
+      records.append(reports.epitome_layer_summary(layer, positions))
+      stock_params += reports.stock_params_change(layer)
     elif type(layer) in k3_layers.STOCK_TO_EPITOME and layer.built:
-      shape = _kernel_shape(layer)
-      size = int(np.prod(shape))
       positions = _output_positions(layer)
-      record = LayerSummary(
-        layer.name,
-        type(layer).__name__,
-        shape,
-        None,
-        "stock",
-        1.0,
-        size,
-        size,
-        positions,
-        size * positions,
-        size * positions,
+      records.append(
+        reports.stock_layer_summary(layer, reports.kernel_shape(layer), positions)
       )
-    else:
-      continue
-    records.append(record)
-  summary = ModelSummary(
-    records,
-    total,
-    stock_params,
-    stock_params / max(total, 1),
-    sum(r.macs_materialized for r in records),
-    sum(r.macs_factored for r in records),
-  )
+  summary = reports.model_summary(records, total, stock_params)
   if print_fn is not None:
-    _print_summary(model, summary, print_fn)
+    reports.print_summary(model, summary, print_fn)
   return summary
-
-
-def _fmt_shape(shape) -> str:
-  return "-" if shape is None else "x".join(str(d) for d in shape)
-
-
-def _print_summary(model, summary: ModelSummary, print_fn):
-  header = (
-    "Layer (type)",
-    "Kernel",
-    "Epitome",
-    "Sampler",
-    "Ratio",
-    "Stored",
-    "MACs mat.",
-    "MACs fact.",
-  )
-  rows = [
-    (
-      f"{r.name} ({r.class_name})",
-      _fmt_shape(r.kernel_shape),
-      _fmt_shape(r.epitome_shape),
-      r.sampler,
-      f"{r.compression_ratio:.2f}",
-      f"{r.stored_params:,}",
-      f"{r.macs_materialized:,}",
-      f"{r.macs_factored:,}",
-    )
-    for r in summary.layers
-  ]
-  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-  line_len = sum(widths) + 2 * (len(widths) - 1)
-
-  def fmt(cols):
-    left = [str(c).ljust(w) for c, w in zip(cols[:4], widths[:4], strict=True)]
-    right = [str(c).rjust(w) for c, w in zip(cols[4:], widths[4:], strict=True)]
-    return "  ".join(left + right)
-
-  print_fn(f'Epitome summary: "{model.name}"')
-  print_fn("_" * line_len)
-  print_fn(fmt(header))
-  print_fn("=" * line_len)
-  for row in rows:
-    print_fn(fmt(row))
-  print_fn("=" * line_len)
-  print_fn(
-    f"Total params: {summary.total_params:,} (stock kernels: "
-    f"{summary.stock_params:,}, {summary.compression_ratio:.2f}x smaller)"
-  )
-  mac_ratio = summary.macs_materialized / max(summary.macs_factored, 1)
-  print_fn(
-    f"MACs per example: materialized {summary.macs_materialized:,}, "
-    f"factored {summary.macs_factored:,} ({mac_ratio:.2f}x fewer)"
-  )
-  print_fn("_" * line_len)
