@@ -59,7 +59,9 @@ flags.DEFINE_float(
 )
 flags.DEFINE_float("offset_scale", 1.0, "offset_scale of the NES layers.")
 flags.DEFINE_bool(
-  "spread_init", False, "Start NES and WSNet from spread channel offsets (examples/models.py)."
+  "spread_init",
+  False,
+  "Start NES and WSNet from spread channel offsets (examples/models.py).",
 )
 flags.DEFINE_integer(
   "train_size", 20000, "Fashion-MNIST training subset (0 = all 60k)."
@@ -296,7 +298,9 @@ def print_tables(records):
 def main(argv):
   del argv
   out = FLAGS.out or os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "results", f"results_{FLAGS.dataset}.jsonl"
+    os.path.dirname(os.path.abspath(__file__)),
+    "results",
+    f"results_{FLAGS.dataset}.jsonl",
   )
   done = set()
   records = []

@@ -35,8 +35,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import models as M  # noqa: E402
 import datasets  # noqa: E402
+import models as M  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
