@@ -26,6 +26,7 @@ EXTRAS = {
     "scikit-learn>=1.3",
     "ruff>=0.6",
     "jax[cpu]>=0.4.30",
+    "pytest-xdist>=3",  # pytest.ini runs the suite on two workers
   ],
   "examples": ["scikit-learn>=1.3", "matplotlib>=3.7"],
 }
