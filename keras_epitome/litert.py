@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from keras_epitome.spec import check_batch_size  # noqa: F401  (re-exported)
+
 
 def _calibration_inputs(item, num_inputs: int) -> list:
   """The model inputs of one element of a calibration ``tf.data.Dataset``.
@@ -91,27 +93,6 @@ def _representative(data, batch_size: Optional[int], input_shapes) -> Callable:
       yield [a[index] for a in arrays]
 
   return gen
-
-
-def check_batch_size(batch_size, caller: str = "export_tflite"):
-  """Raises unless ``batch_size`` is ``None`` (dynamic) or an int >= 1.
-
-  A file with batch 0 converts but LiteRT cannot run it.
-
-  Raises:
-    ValueError: naming the value.
-  """
-  if batch_size is None:
-    return
-  if (
-    isinstance(batch_size, bool)
-    or not isinstance(batch_size, (int, np.integer))
-    or batch_size < 1
-  ):
-    raise ValueError(
-      f"{caller}: batch_size must be None (dynamic) or an integer >= 1, got "
-      f"{batch_size!r}"
-    )
 
 
 def convert(
