@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 from keras_epitome import spec
+from keras_epitome.keras3 import bridge
 from keras_epitome.keras3.layers import EpitomeDense, epitome_layers
 
 QUANTIZATIONS = spec.QUANTIZATIONS
@@ -119,17 +120,9 @@ def _keras2_twin(layer, bn):
       )
     )
   model = k2.Sequential(stack, name="twin")  # a short name scope: fewer bytes of names
-  by_name = {
-    w.path.split("/")[-1]: np.asarray(keras.ops.convert_to_numpy(w))
-    for w in layer.weights
-    if "offset_learner" not in w.path
-  }
-  for w in twin.weights:
-    if "offset_learner" in w.name:
-      continue  # not used at inference: the moving routing map is
-    w.assign(by_name[w.name.split("/")[-1].split(":")[0]])
+  bridge.copy_weights(layer, twin)
   if bn is not None:
-    model.layers[-1].set_weights([np.asarray(w) for w in bn.get_weights()])
+    bridge.copy_weights(bn, model.layers[-1])
   return model
 
 
