@@ -20,13 +20,13 @@ from __future__ import annotations
 import cProfile
 import json
 import os
-import subprocess
 import time
 
 import numpy as np
 from absl import app, flags, logging
 
 import keras_epitome as ke
+from benchmarks import harness
 
 keras = ke.keras
 
@@ -49,15 +49,6 @@ APPLICATIONS = {
   "efficientnetb0": (keras.applications.EfficientNetB0, {}, (0.0, 255.0)),
   "resnet50v2": (keras.applications.ResNet50V2, {}, (-1.0, 1.0)),
 }
-
-
-def _commit() -> str:
-  try:
-    return subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-  except OSError:
-    return "?"
 
 
 def convert(name: str) -> dict:
@@ -100,7 +91,7 @@ COMMIT = "?"
 def main(argv):
   del argv
   global COMMIT
-  COMMIT = _commit()  # the code that ran, not HEAD when a row is written
+  COMMIT = harness.git_commit()  # the code that ran, not HEAD when a row is written
   if FLAGS.progress:
     logging.set_verbosity(logging.INFO)
   profile = cProfile.Profile() if FLAGS.profile else None

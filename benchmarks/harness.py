@@ -17,6 +17,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
 import time
 import zipfile
 from typing import Callable, Dict
@@ -167,6 +169,20 @@ def epitome_words(model: keras.Model) -> Dict[str, int]:
     for layer in model.layers
     if isinstance(layer, ke.EPITOME_LAYERS)
   }
+
+
+def git_commit() -> str:
+  """The repository's short HEAD commit (the code a benchmark ran), or ``"unknown"``."""
+  try:
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=os.path.dirname(os.path.abspath(__file__)),
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
 
 
 def emit_row(row: Dict, path: str = "") -> None:

@@ -45,7 +45,6 @@ import functools
 import json
 import os
 import platform
-import subprocess
 import time
 
 import numpy as np
@@ -438,16 +437,7 @@ def _layer_model(name, label, build):
 def _commit():
   if FLAGS.commit:
     return FLAGS.commit
-  try:
-    return subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"],
-      capture_output=True,
-      text=True,
-      check=True,
-      cwd=os.path.dirname(os.path.abspath(__file__)),
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+  return C.git_commit()
 
 
 def _append_rows(rows):

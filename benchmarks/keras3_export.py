@@ -19,10 +19,8 @@ Prints a table and appends rows to ``benchmarks/results/keras3_export.jsonl``.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import subprocess
 import sys
 
 import numpy as np
@@ -88,9 +86,8 @@ def main(argv):
     l2.set_weights([np.asarray(w) for w in l3.get_weights()])
   x = rng.random((1, FLAGS.size, FLAGS.size, 3)).astype("float32")
   data = rng.random((32, FLAGS.size, FLAGS.size, 3)).astype("float32")
-  commit = subprocess.run(
-    ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-  ).stdout.strip()
+  commit = harness.git_commit()
+  os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
   rows = []
   for quantize in (None, "int8"):
     kw = dict(batch_size=1, cost_model="bundled", quantize=quantize)
@@ -119,7 +116,7 @@ def main(argv):
       machine=platform.processor() or platform.machine(),
     )
     rows.append(row)
-    print(json.dumps(row), flush=True)
+    harness.emit_row(row, FLAGS.out)
   print()
   print(
     "| precision | Keras 2 bytes | Keras 3 bytes (ratio) | Keras 2 ms | Keras 3 ms (ratio) |"
@@ -131,10 +128,6 @@ def main(argv):
       f"({r['bytes_ratio']:.3f}x) | {r['keras2_ms']:.3f} | {r['keras3_ms']:.3f} "
       f"({r['latency_ratio']:.3f}x) |"
     )
-  os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-  with open(FLAGS.out, "a") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

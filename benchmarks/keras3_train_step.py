@@ -110,10 +110,10 @@ def main() -> None:
 
   import keras_epitome as ke2
   import keras_epitome.keras3 as ke3
+  from benchmarks import harness
 
-  commit = subprocess.run(
-    ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-  ).stdout.strip()
+  commit = harness.git_commit()
+  os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
   rows = []
   for case in FLAGS.cases:
     k2 = Timer(ke2.keras, ke2, case, FLAGS.batch, FLAGS.steps)
@@ -157,7 +157,7 @@ def main() -> None:
     row["tf_ratio"] = round(row["keras3_tf_ms"] / k2_ms, 3)
     row["jax_ratio"] = round(row["keras3_jax_ms"] / k2_bracket_ms, 3)
     rows.append(row)
-    print(json.dumps(row), flush=True)
+    harness.emit_row(row, FLAGS.out)
   print()
   print(
     "| case | Keras 2 ms/step | Keras 3 TF ms/step (ratio) | Keras 3 JAX ms/step (ratio) |"
@@ -168,10 +168,6 @@ def main() -> None:
       f"| {r['case']} | {r['keras2_ms']:.2f} | {r['keras3_tf_ms']:.2f} ({r['tf_ratio']:.2f}x) "
       f"| {r['keras3_jax_ms']:.2f} ({r['jax_ratio']:.2f}x) |"
     )
-  os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-  with open(FLAGS.out, "a") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":
