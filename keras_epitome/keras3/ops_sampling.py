@@ -4,8 +4,9 @@ The same function as :func:`keras_epitome.sampling.sample_kernel` (the
 TensorFlow sampler, which the Keras 3 layers use on the TensorFlow backend),
 written with ``keras.ops`` so that it runs, and differentiates, on JAX and
 PyTorch too. It follows the TensorFlow sampler stage by stage (output
-channels, spatial windows, the static input-channel roll, input channels), so
-both compute the same blends in the same order; ``tests/test_keras3.py``
+channels, spatial windows, input channels; the static input-channel roll, a
+permutation, is applied first here and after the spatial stage there), so
+both compute the same blends of the same entries; ``tests/test_keras3.py``
 checks values and gradients against it. The index math (the geometry, the
 routing map's canonical ranges) is :mod:`keras_epitome.geometry`.
 
@@ -14,11 +15,19 @@ with run-time shifts; spatial axes: slices with run-time starts) and blends
 them with the fractional parts, ``lo + f * (hi - lo)``. Autodiff gives the
 epitome gradient (rolls and slices back, no scatter: scatters run
 single-threaded on CPU) and the offsets' gradient ``sum(dK * (hi - lo))``
-without a custom gradient.
+without a custom gradient, except for one backend detail: on JAX a roll
+with a run-time shift differentiates through a concatenation and a dynamic
+slice, and XLA's CPU backend compiles two such stages in a row into a slow
+update loop (a 1024x1024 Dense kernel's gradient took 20 ms, 10x the two
+stages apart), so there the roll carries its exact gradient, the roll back
+(:func:`_roll`).
 """
 
 from __future__ import annotations
 
+import functools
+
+import keras
 import numpy as np
 from keras import ops
 
@@ -51,6 +60,32 @@ def _spatial_taps(offsets, slack: int):
   return ops.cast(base, "int32"), offsets - base + nan
 
 
+@functools.cache
+def _jax_roll():
+  """``roll(x, shift, axis)`` whose gradient is the roll back (JAX only)."""
+  import jax
+  import jax.numpy as jnp
+
+  def forward(x, shift, axis):
+    return jnp.roll(x, shift, axis=axis), shift
+
+  def backward(axis, shift, upstream):
+    return jnp.roll(upstream, -shift, axis=axis), None
+
+  roll = jax.custom_vjp(
+    lambda x, shift, axis: jnp.roll(x, shift, axis=axis), nondiff_argnums=(2,)
+  )
+  roll.defvjp(forward, backward)
+  return roll
+
+
+def _roll(x, shift, axis: int):
+  """``ops.roll`` with a run-time integer ``shift`` (see the module note on JAX)."""
+  if keras.backend.backend() == "jax":
+    return _jax_roll()(x, shift, axis)
+  return ops.roll(x, shift, axis=axis)
+
+
 def _shape(rank: int, axis: int, size: int):
   shape = [1] * rank
   shape[axis] = size
@@ -63,19 +98,20 @@ def _expand_channels(x, offsets, size: int, chunk: int, axis: int):
   Entry ``b*chunk + v`` reads ``x[(v + o_b) mod chunk]`` blended with
   ``x[(v + o_b + 1) mod chunk]`` (weight ``frac(o_b)``): two rolls per chunk
   with run-time shifts, whose gradients are rolls back (no scatter), as in
-  the TensorFlow sampler.
+  the TensorFlow sampler. ``x`` may be a list, one source per chunk.
   """
   num = int(offsets.shape[0])
+  sources = x if isinstance(x, (list, tuple)) else [x] * num
   n, frac = _channel_taps(offsets, chunk)
-  los = [ops.roll(x, -n[b], axis=axis) for b in range(num)]
-  his = [ops.roll(x, -n[b] - 1, axis=axis) for b in range(num)]
+  los = [_roll(sources[b], -n[b], axis) for b in range(num)]
+  his = [_roll(sources[b], -n[b] - 1, axis) for b in range(num)]
   lo = ops.concatenate(los, axis=axis) if num > 1 else los[0]
   hi = ops.concatenate(his, axis=axis) if num > 1 else his[0]
   if num * chunk > size:  # partial last chunk
     lo = _slice(lo, axis, 0, size)
     hi = _slice(hi, axis, 0, size)
-  w = ops.repeat(ops.cast(frac, x.dtype), chunk)[:size]
-  w = ops.reshape(w, _shape(len(x.shape), axis, min(size, num * chunk)))
+  w = ops.repeat(ops.cast(frac, lo.dtype), chunk)[:size]
+  w = ops.reshape(w, _shape(len(lo.shape), axis, min(size, num * chunk)))
   return lo + w * (hi - lo)
 
 
@@ -126,8 +162,21 @@ def sample_kernel(
 
   # Stage 1: output channels, (*S_E, Cin_E, Cout_E) -> (*S_E, Cin_E, B*Cout_E)
   # (every chunk complete, so the spatial stage can give each its window).
+  # With a channel roll, output chunk b reads the epitome's input channels
+  # rolled by r_b: entry (e, b*Cout_E + v) reads input channel
+  # (e + r_b) mod Cin_E. The roll is static and acts on another axis than
+  # the later stages, so it is applied to chunk b's source here (the
+  # TensorFlow sampler applies it after the spatial stage; the same
+  # permutation, the same numbers). Rolling the epitome-sized source, rather
+  # than slicing and rolling the expanded tensor, also keeps XLA's CPU
+  # backend off a slow fused gradient (3 ms of a 1024x1024 kernel's 6 ms).
   out_offsets = ops.cast(ops.convert_to_tensor(out_offsets), dtype)
-  x = _expand_channels(epitome, out_offsets, b * g.cout_e, g.cout_e, axis=rank + 1)
+  sources = epitome
+  if g.in_rolls.any():
+    sources = [
+      ops.roll(epitome, -int(r), axis=rank) if r else epitome for r in g.in_rolls
+    ]
+  x = _expand_channels(sources, out_offsets, b * g.cout_e, g.cout_e, axis=rank + 1)
 
   # Stage 2: spatial axes with slack, one window per output chunk: chunk b
   # reads entries [start_b, start_b + length] of axis d (a slice with a
@@ -154,16 +203,6 @@ def sample_kernel(
       w = ops.reshape(ops.repeat(frac, coe), _shape(ndim, ndim - 1, b * coe))
       x = lo + w * (hi - lo)
 
-  # The static input-channel roll of each output chunk: entry (e, b*Cout_E + v)
-  # reads epitome input channel (e + r_b) mod Cin_E.
-  if g.in_rolls.any():
-    coe = g.cout_e
-    pieces = [_slice(x, ndim - 1, c * coe, (c + 1) * coe) for c in range(b)]
-    pieces = [
-      ops.roll(p, -int(r), axis=rank) if r else p
-      for p, r in zip(pieces, g.in_rolls, strict=True)
-    ]
-    x = ops.concatenate(pieces, axis=-1) if b > 1 else pieces[0]
   if b * g.cout_e > g.cout:
     x = x[..., : g.cout]
 
