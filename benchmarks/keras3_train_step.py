@@ -1,16 +1,19 @@
-r"""Training step time of the same epitome layer on Keras 2, Keras 3 (TensorFlow) and Keras 3 (JAX).
+r"""Training step time of the same epitome layer on Keras 2 and on Keras 3 (TensorFlow, JAX, PyTorch).
 
 Question: does moving to Keras 3 cost training speed? Target (issue 25): a
-train step on Keras 3, TensorFlow or JAX backend, costs no more than 1.1x the
-Keras 2 step of the same layer.
+train step on Keras 3, on any backend, costs no more than 1.1x the Keras 2
+step of the same layer.
 
 Each case is a one-layer model (the epitome layer and a mean-squared loss), at
-4x, trained with SGD by ``model.fit`` on batches already in memory; the time
-per step is the median over ``--repeats`` timed epochs of ``--steps`` steps
-each, after one untimed epoch (tracing, compilation). Keras 2 and Keras 3 on
-TensorFlow run in this process, interleaved repeat by repeat; Keras 3 on JAX
-runs in a child process (the Keras backend is fixed per process) between two
-Keras 2 brackets, and its ratio is taken against the mean of the brackets.
+4x, trained with SGD by ``model.fit`` on batches already in memory; a timed
+epoch is ``--steps`` steps, after one untimed epoch (tracing, compilation).
+The Keras backend is fixed per process, so Keras 2 and Keras 3 on TensorFlow
+run in this process and Keras 3 on JAX (and on PyTorch, where torch is
+installed) in child processes that wait for an "epoch" line and answer with
+its time. Every repeat times one epoch of each, back to back, and each
+backend's ratio is the median over repeats of its epoch time over the Keras 2
+epoch of the same repeat: pairs a few hundred milliseconds apart, so the
+machine's slow drifts cancel.
 
 Usage (from the repository root):
   python -m benchmarks.keras3_train_step
@@ -80,15 +83,60 @@ class Timer:
     return (time.perf_counter() - start) / self.steps
 
 
-def child(args) -> None:
-  """The JAX side: prints one JSON line of per-repeat step times."""
+def serve(args) -> None:
+  """A child process on this process's Keras 3 backend: one epoch per "epoch" line read."""
   import keras
 
   import keras_epitome.keras3 as ke3
 
   timer = Timer(keras, ke3, args["case"], args["batch"], args["steps"])
-  times = [timer.epoch() for _ in range(args["repeats"])]
-  print(json.dumps({"backend": keras.backend.backend(), "times": times}))
+  print(json.dumps({"ready": keras.backend.backend()}), flush=True)
+  for line in sys.stdin:
+    if line.strip() != "epoch":
+      break
+    print(json.dumps({"time": timer.epoch()}), flush=True)
+
+
+class Child:
+  """A :func:`serve` process on ``backend``, timing one epoch per :meth:`epoch` call."""
+
+  def __init__(self, backend: str, args: dict):
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT)
+    self.backend = backend
+    self.proc = subprocess.Popen(
+      [sys.executable, "-m", "benchmarks.keras3_train_step", "--serve", json.dumps(args)],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      env=env,
+      cwd=ROOT,
+    )
+    ready = self._read()
+    if ready.get("ready") != backend:
+      raise RuntimeError(f"the {backend} child started on {ready}")
+
+  def _read(self) -> dict:
+    while True:
+      line = self.proc.stdout.readline()
+      if not line:
+        raise RuntimeError(f"the {self.backend} child exited ({self.proc.wait()})")
+      if line.startswith("{"):
+        return json.loads(line)
+
+  def epoch(self) -> float:
+    self.proc.stdin.write("epoch\n")
+    self.proc.stdin.flush()
+    return self._read()["time"]
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def _has(module: str) -> bool:
+  import importlib.util
+
+  return importlib.util.find_spec(module) is not None
 
 
 def main() -> None:
@@ -97,7 +145,10 @@ def main() -> None:
   flags.DEFINE_list("cases", list(CASES), "Cases to run.")
   flags.DEFINE_integer("batch", 32, "Batch size.")
   flags.DEFINE_integer("steps", 20, "Steps per timed epoch.")
-  flags.DEFINE_integer("repeats", 7, "Timed epochs per model.")
+  flags.DEFINE_integer("repeats", 15, "Timed epochs per model.")
+  flags.DEFINE_list(
+    "backends", ["jax", "torch"], "Keras 3 backends besides TensorFlow (where installed)."
+  )
   flags.DEFINE_string(
     "out",
     os.path.join(ROOT, "benchmarks", "results", "keras3_train_step.jsonl"),
@@ -114,64 +165,52 @@ def main() -> None:
 
   commit = harness.git_commit()
   os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+  backends = [b for b in ("jax", "torch") if b in FLAGS.backends and _has(b)]
   rows = []
   for case in FLAGS.cases:
-    k2 = Timer(ke2.keras, ke2, case, FLAGS.batch, FLAGS.steps)
-    k3 = Timer(keras, ke3, case, FLAGS.batch, FLAGS.steps)
-    t2, t3 = [], []
-    for _ in range(FLAGS.repeats):  # interleaved
-      t2.append(k2.epoch())
-      t3.append(k3.epoch())
-    args = dict(case=case, batch=FLAGS.batch, steps=FLAGS.steps, repeats=FLAGS.repeats)
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT)
-    done = subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "benchmarks.keras3_train_step",
-        "--child",
-        json.dumps(args),
-      ],
-      capture_output=True,
-      text=True,
-      env=env,
-      cwd=ROOT,
-    )
-    if done.returncode:
-      raise RuntimeError(done.stderr[-3000:])
-    tj = json.loads(done.stdout.strip().splitlines()[-1])["times"]
-    t2_after = [k2.epoch() for _ in range(FLAGS.repeats)]  # the second bracket
-    k2_ms = 1e3 * float(np.median(t2))
-    k2_bracket_ms = 1e3 * float(np.median(t2 + t2_after))
+    args = dict(case=case, batch=FLAGS.batch, steps=FLAGS.steps)
+    timers = {
+      "keras2": Timer(ke2.keras, ke2, case, FLAGS.batch, FLAGS.steps),
+      "tensorflow": Timer(keras, ke3, case, FLAGS.batch, FLAGS.steps),
+    }
+    children = [Child(b, args) for b in backends]
+    timers.update({c.backend: c for c in children})
+    times = {name: [] for name in timers}
+    for _ in range(FLAGS.repeats):  # one epoch of each, back to back
+      for name, timer in timers.items():
+        times[name].append(timer.epoch())
+    for c in children:
+      c.close()
+    k2 = np.asarray(times["keras2"])
     row = dict(
       case=case,
       batch=FLAGS.batch,
-      keras2_ms=round(k2_ms, 3),
-      keras3_tf_ms=round(1e3 * float(np.median(t3)), 3),
-      keras3_jax_ms=round(1e3 * float(np.median(tj)), 3),
-      keras2_bracket_ms=round(k2_bracket_ms, 3),
+      steps=FLAGS.steps,
+      repeats=FLAGS.repeats,
+      keras2_ms=round(1e3 * float(np.median(k2)), 3),
       commit=commit,
       machine=platform.processor() or platform.machine(),
       cores=os.cpu_count(),
     )
-    row["tf_ratio"] = round(row["keras3_tf_ms"] / k2_ms, 3)
-    row["jax_ratio"] = round(row["keras3_jax_ms"] / k2_bracket_ms, 3)
+    for name in timers:
+      if name == "keras2":
+        continue
+      t = np.asarray(times[name])
+      row[f"keras3_{name}_ms"] = round(1e3 * float(np.median(t)), 3)
+      row[f"{name}_ratio"] = round(float(np.median(t / k2)), 3)
     rows.append(row)
     harness.emit_row(row, FLAGS.out)
+  names = ["tensorflow"] + backends
   print()
-  print(
-    "| case | Keras 2 ms/step | Keras 3 TF ms/step (ratio) | Keras 3 JAX ms/step (ratio) |"
-  )
-  print("|---|---|---|---|")
+  print("| case | Keras 2 ms/step | " + " | ".join(f"Keras 3 {n} ms/step (ratio)" for n in names) + " |")
+  print("|---|---|" + "---|" * len(names))
   for r in rows:
-    print(
-      f"| {r['case']} | {r['keras2_ms']:.2f} | {r['keras3_tf_ms']:.2f} ({r['tf_ratio']:.2f}x) "
-      f"| {r['keras3_jax_ms']:.2f} ({r['jax_ratio']:.2f}x) |"
-    )
+    cells = [f"{r[f'keras3_{n}_ms']:.2f} ({r[f'{n}_ratio']:.2f}x)" for n in names]
+    print(f"| {r['case']} | {r['keras2_ms']:.2f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
-  if len(sys.argv) == 3 and sys.argv[1] == "--child":
-    child(json.loads(sys.argv[2]))
+  if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+    serve(json.loads(sys.argv[2]))
   else:
     main()

@@ -2,11 +2,12 @@
 
 The Keras 2 layers are the reference: a Keras 3 layer given the same weights
 must compute the same outputs and gradients, over a seeded random set of
-configurations (the seed is in every failure message). The JAX backend runs in
-a child process (the Keras backend is fixed per process):
-``tests/keras3_jax_check.py``.
+configurations (the seed is in every failure message). The JAX and PyTorch
+backends run in a child process each (the Keras backend is fixed per process):
+``tests/keras3_backend_check.py``.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -285,28 +286,36 @@ class Keras3LayerTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(layer.in_offsets.dtype, "float32")
 
 
-class Keras3JaxTest(tf.test.TestCase):
-  def test_jax_backend(self):
-    """Layers on JAX equal the TF sampler; a JAX-trained .keras loads here within 1e-5."""
-    try:
-      import jax  # noqa: F401
-    except ImportError:
-      self.skipTest("jax is not installed")
+class Keras3OtherBackendsTest(tf.test.TestCase):
+  """The layers on JAX and PyTorch (each where installed), in a child process."""
+
+  def _check(self, backend):
+    if importlib.util.find_spec(backend) is None:
+      self.skipTest(f"{backend} is not installed")
     tmp = tempfile.mkdtemp()
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT)
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT)
     out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "keras3_jax_check.py"), tmp],
+      [sys.executable, os.path.join(ROOT, "tests", "keras3_backend_check.py"), tmp],
       capture_output=True,
       text=True,
       env=env,
       timeout=600,
     )
     self.assertEqual(out.returncode, 0, out.stdout[-2000:] + out.stderr[-3000:])
+    self.assertIn(f"{backend} fit", out.stdout)
     self.assertIn("ok", out.stdout)
-    model = keras.models.load_model(os.path.join(tmp, "jax_model.keras"))
+    model = keras.models.load_model(os.path.join(tmp, "model.keras"))
     x = np.load(os.path.join(tmp, "x.npy"))
-    y_jax = np.load(os.path.join(tmp, "y.npy"))
-    self.assertAllClose(model.predict(x, verbose=0), y_jax, atol=1e-5, rtol=1e-5)
+    y_other = np.load(os.path.join(tmp, "y.npy"))
+    self.assertAllClose(model.predict(x, verbose=0), y_other, atol=1e-5, rtol=1e-5)
+
+  def test_jax_backend(self):
+    """On JAX the sampler equals the oracle; a JAX-trained .keras loads here within 1e-5."""
+    self._check("jax")
+
+  def test_torch_backend(self):
+    """On PyTorch the sampler equals the oracle; a torch-trained .keras loads here within 1e-5."""
+    self._check("torch")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Tests for keras_epitome.keras3.export: Keras 3 models to TFLite, as Keras 2 models export."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -98,6 +99,15 @@ class Keras3ExportTest(tf.test.TestCase):
 
   def test_jax_trained_model_exports(self):
     """On JAX, export_tflite exports through a TensorFlow child process."""
+    self._check_other_backend_exports("jax")
+
+  def test_torch_trained_model_exports(self):
+    """On PyTorch, export_tflite exports through a TensorFlow child process."""
+    self._check_other_backend_exports("torch")
+
+  def _check_other_backend_exports(self, backend):
+    if importlib.util.find_spec(backend) is None:
+      self.skipTest(f"{backend} is not installed")
     tmp = tempfile.mkdtemp()
     code = (
       "import numpy as np, keras, keras_epitome.keras3 as ke\n"
@@ -109,8 +119,9 @@ class Keras3ExportTest(tf.test.TestCase):
       f"ke.export_tflite(m, {os.path.join(tmp, 'm.tflite')!r}, batch_size=2)\n"
       f"np.save({os.path.join(tmp, 'x.npy')!r}, x)\n"
       f"np.save({os.path.join(tmp, 'y.npy')!r}, np.asarray(m.predict(x, verbose=0)))\n"
+      f"assert keras.backend.backend() == {backend!r}\n"
     )
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT)
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT)
     done = subprocess.run(
       [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
     )

@@ -1,8 +1,8 @@
 """Tests for the Keras 3 transforms (keras_epitome.keras3): epitomize and back.
 
-Runs on the Keras 3 TensorFlow backend (the default); the JAX backend runs in
+Runs on the Keras 3 TensorFlow backend (the default); JAX and PyTorch run in
 a child process with TensorFlow unimportable
-(``tests/keras3_transform_jax_check.py``), which also loads a ``.keras``
+(``tests/keras3_transform_backend_check.py``), which also loads a ``.keras``
 file saved here.
 """
 
@@ -336,19 +336,20 @@ def test_keras2_model_refused():
     ke.distill(model, model, _x(4, (4,)))
 
 
-def test_jax_backend_and_fresh_process_load():
-  """On JAX without TensorFlow: epitomize, fit, strip, save, harden, distill; and
-  a .keras file saved here loads in that fresh process within 1e-5."""
-  pytest.importorskip("jax")
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_backend_and_fresh_process_load(backend):
+  """On JAX or PyTorch without TensorFlow: epitomize, fit, strip, save, harden,
+  distill; and a .keras file saved here loads in that fresh process within 1e-5."""
+  pytest.importorskip(backend)
   small = ke.epitomize(_residual(), 4, min_params=0, verbose=False)
   x = _x(8)
   with tempfile.TemporaryDirectory() as tmp:
     small.save(os.path.join(tmp, "model.keras"))
     np.save(os.path.join(tmp, "x.npy"), x)
     np.save(os.path.join(tmp, "y.npy"), _out(small, x))
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=PACKAGE_ROOT)
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=PACKAGE_ROOT)
     out = subprocess.run(
-      [sys.executable, os.path.join(TESTS, "keras3_transform_jax_check.py"), tmp],
+      [sys.executable, os.path.join(TESTS, "keras3_transform_backend_check.py"), tmp],
       capture_output=True,
       text=True,
       env=env,
@@ -356,7 +357,7 @@ def test_jax_backend_and_fresh_process_load():
     )
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  assert result["backend"] == "jax"
+  assert result["backend"] == backend
   assert result["tf_file_load_diff"] < 1e-5
   assert result["strip_diff"] < 1e-5
   assert result["losses"][-1] < result["losses"][0]

@@ -3,13 +3,14 @@
 Run by ``tests/test_keras3_transform.py`` in a subprocess (the Keras backend
 is fixed per process); by hand:
 
-  KERAS_BACKEND=jax python tests/keras3_transform_jax_check.py [DIR]
+  KERAS_BACKEND=jax python tests/keras3_transform_backend_check.py [DIR]
+  KERAS_BACKEND=torch python tests/keras3_transform_backend_check.py [DIR]
 
 With ``DIR``, it first loads ``DIR/model.keras`` (saved on the TensorFlow
 backend by the test) in this fresh process and checks its predictions on
 ``DIR/x.npy`` against ``DIR/y.npy`` (within 1e-5).
 TensorFlow, ``tf_keras`` and TF-MOT are made unimportable first (as on a
-JAX-only machine), so an import of either from :mod:`keras_epitome.keras3`
+machine with JAX or PyTorch alone), so an import of either from :mod:`keras_epitome.keras3`
 fails the check. Prints one JSON line of measurements; exits non-zero on a
 failed check.
 """
@@ -46,7 +47,7 @@ def residual_model():
 
 
 def _out(model, x):
-  return np.asarray(model(x, training=False))
+  return keras.ops.convert_to_numpy(model(x, training=False))
 
 
 def check_load(directory):

@@ -1,19 +1,20 @@
-"""The Keras 3 layers on the JAX backend (run by tests/test_keras3.py in a child process).
+"""The Keras 3 layers on the JAX or PyTorch backend (run by tests/test_keras3.py in a child process).
 
-Needs no TensorFlow, so it also runs on a JAX-only machine (a GPU host):
-``KERAS_BACKEND=jax python tests/keras3_jax_check.py OUT_DIR``. It checks the
-``keras.ops`` sampler against the NumPy oracle (values) and against finite
-differences (gradients), trains a small model whose loss falls and offsets
-move, and saves the model, its inputs and outputs to ``OUT_DIR`` for the
-TensorFlow side to load.
+Needs no TensorFlow, so it also runs on a machine with JAX or PyTorch alone
+(a GPU host): ``KERAS_BACKEND=jax python tests/keras3_backend_check.py
+OUT_DIR`` (or ``KERAS_BACKEND=torch``). It checks the ``keras.ops`` sampler
+against the NumPy oracle (values) and against finite differences (gradients,
+by the backend's own autodiff), trains a small model whose loss falls and
+offsets move, and saves the model, its inputs and outputs to ``OUT_DIR`` for
+the TensorFlow side to load.
 """
 
 import os
 import sys
 
-import jax
 import keras
 import numpy as np
+from keras import ops
 
 import keras_epitome.keras3 as ke
 from keras_epitome.geometry import EpitomeGeometry, RoutingMap
@@ -22,7 +23,21 @@ from keras_epitome.keras3 import ops_sampling
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import oracle  # noqa: E402  (the tests' NumPy oracle, beside this file)
 
-assert keras.backend.backend() == "jax", keras.backend.backend()
+BACKEND = keras.backend.backend()
+assert BACKEND in ("jax", "torch"), BACKEND
+
+
+def gradients(loss, args):
+  """The gradient of the scalar ``loss(*args)`` for each of ``args``, by the backend."""
+  if BACKEND == "jax":
+    import jax
+
+    return jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+  import torch
+
+  tensors = [torch.tensor(a, requires_grad=True) for a in args]
+  loss(*tensors).backward()
+  return [t.grad.numpy() for t in tensors]
 
 
 def check_sampler(rng, cases=20):
@@ -51,14 +66,14 @@ def check_sampler(rng, cases=20):
     i_o, o_o, s_o = (a.astype(np.float32) for a in (i_o, o_o, s_o))
     ref = oracle.sample_kernel(e, RoutingMap(i_o, o_o, s_o), g)
     s_arg = s_o if g.slack_axes else None
-    k = np.asarray(ops_sampling.sample_kernel(e, i_o, o_o, s_arg, g))
+    k = ops.convert_to_numpy(ops_sampling.sample_kernel(e, i_o, o_o, s_arg, g))
     worst_value = max(worst_value, float(np.abs(k - ref).max()))
     r = rng.normal(size=g.kernel_shape).astype(np.float32)
 
     def loss(i_o, o_o, e, s_arg=s_arg, g=g, r=r):
-      return (ops_sampling.sample_kernel(e, i_o, o_o, s_arg, g) * r).sum()
+      return ops.sum(ops.multiply(ops_sampling.sample_kernel(e, i_o, o_o, s_arg, g), r))
 
-    gi, go, ge = jax.grad(loss, argnums=(0, 1, 2))(i_o, o_o, e)
+    gi, go, ge = gradients(loss, (i_o, o_o, e))
     # The loss is linear in each offset between integers: a central difference
     # of step 0.1 is exact up to float rounding.
     for arr, grad, idx in ((i_o, gi, 0), (o_o, go, 1)):
@@ -100,12 +115,12 @@ def train_and_save(out_dir, rng):
   assert losses[-1] < losses[0], losses
   moved = np.abs(model.layers[1].routing_map.in_offsets - before.in_offsets).max()
   assert moved > 0, moved
-  model.save(os.path.join(out_dir, "jax_model.keras"))
+  model.save(os.path.join(out_dir, "model.keras"))
   np.save(os.path.join(out_dir, "x.npy"), x)
   np.save(os.path.join(out_dir, "y.npy"), np.asarray(model.predict(x, verbose=0)))
-  loaded = keras.models.load_model(os.path.join(out_dir, "jax_model.keras"))
+  loaded = keras.models.load_model(os.path.join(out_dir, "model.keras"))
   assert np.array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
-  print(f"JAX fit: loss {losses[0]:.4f} -> {losses[-1]:.4f}, offsets moved {moved:.2e}")
+  print(f"{BACKEND} fit: loss {losses[0]:.4f} -> {losses[-1]:.4f}, offsets moved {moved:.2e}")
 
 
 if __name__ == "__main__":
