@@ -1,18 +1,22 @@
 r"""Training step time of the same epitome layer on Keras 2 and on Keras 3 (TensorFlow, JAX, PyTorch).
 
 Question: does moving to Keras 3 cost training speed? Target (issue 25): a
-train step on Keras 3, on any backend, costs no more than 1.1x the Keras 2
-step of the same layer.
+train step on Keras 3, TensorFlow or JAX backend, costs no more than 1.1x the
+Keras 2 step of the same layer (PyTorch is measured too, without a target).
 
 Each case is a one-layer model (the epitome layer and a mean-squared loss), at
-4x, trained with SGD by ``model.fit`` on batches already in memory; a timed
-epoch is ``--steps`` steps, after one untimed epoch (tracing, compilation).
-The Keras backend is fixed per process, so Keras 2 and Keras 3 on TensorFlow
-run in this process and Keras 3 on JAX (and on PyTorch, where torch is
-installed) in child processes that wait for an "epoch" line and answer with
-its time. Every repeat times one epoch of each, back to back, and each
-backend's ratio is the median over repeats of its epoch time over the Keras 2
-epoch of the same repeat: pairs a few hundred milliseconds apart, so the
+4x, trained with SGD by ``model.fit`` on batches already in memory; a step's
+time is a timed epoch of ``--steps`` steps over ``--steps``, after one
+untimed epoch (tracing, compilation). An epoch ends synchronized (JAX
+dispatches asynchronously), and it includes fit's per-epoch setup, which on
+TensorFlow varies by a few hundred milliseconds from epoch to epoch: the
+default of 100 steps makes that a few percent. The Keras backend is fixed per
+process, so Keras 2 and Keras 3 on TensorFlow run in this process and Keras 3
+on JAX (and on PyTorch, where torch is installed) in child processes that
+wait for an "epoch" line and answer with its time. Every repeat times one
+epoch of each back to back (after a short pause, so that no idle thread pool
+still spins), and a backend's ratio is the median over repeats of its epoch
+time over the Keras 2 epoch of the same repeat: pairs seconds apart, so the
 machine's slow drifts cancel.
 
 Usage (from the repository root):
@@ -66,7 +70,7 @@ def _model(keras, ke, case, batch):
 
 
 class Timer:
-  """Times ``--steps`` fit steps of one model (one untimed epoch first)."""
+  """Times ``steps`` fit steps of one model (one untimed epoch first)."""
 
   def __init__(self, keras, ke, case, batch, steps):
     self.model, x, y = _model(keras, ke, case, batch)
@@ -76,6 +80,7 @@ class Timer:
     self.epoch()
 
   def epoch(self) -> float:
+    """One epoch's time per step."""
     start = time.perf_counter()
     self.model.fit(
       self.x, self.y, batch_size=self.batch, epochs=1, shuffle=False, verbose=0
@@ -144,11 +149,12 @@ def main() -> None:
 
   flags.DEFINE_list("cases", list(CASES), "Cases to run.")
   flags.DEFINE_integer("batch", 32, "Batch size.")
-  flags.DEFINE_integer("steps", 20, "Steps per timed epoch.")
-  flags.DEFINE_integer("repeats", 15, "Timed epochs per model.")
+  flags.DEFINE_integer("steps", 100, "Steps per timed epoch.")
+  flags.DEFINE_integer("repeats", 11, "Timed epochs per model.")
   flags.DEFINE_list(
     "backends", ["jax", "torch"], "Keras 3 backends besides TensorFlow (where installed)."
   )
+  flags.DEFINE_float("pause", 0.5, "Seconds of idle before each timed epoch.")
   flags.DEFINE_string(
     "out",
     os.path.join(ROOT, "benchmarks", "results", "keras3_train_step.jsonl"),
@@ -178,16 +184,20 @@ def main() -> None:
     times = {name: [] for name in timers}
     for _ in range(FLAGS.repeats):  # one epoch of each, back to back
       for name, timer in timers.items():
+        # Idle thread pools spin for a while after work (TensorFlow's, XLA's,
+        # PyTorch's OpenMP); a pause keeps one backend's spinning out of the
+        # next one's epoch.
+        time.sleep(FLAGS.pause)
         times[name].append(timer.epoch())
     for c in children:
       c.close()
-    k2 = np.asarray(times["keras2"])
+    k2 = 1e3 * np.asarray(times["keras2"])
     row = dict(
       case=case,
       batch=FLAGS.batch,
       steps=FLAGS.steps,
       repeats=FLAGS.repeats,
-      keras2_ms=round(1e3 * float(np.median(k2)), 3),
+      keras2_ms=round(float(np.median(k2)), 3),
       commit=commit,
       machine=platform.processor() or platform.machine(),
       cores=os.cpu_count(),
@@ -195,9 +205,12 @@ def main() -> None:
     for name in timers:
       if name == "keras2":
         continue
-      t = np.asarray(times[name])
-      row[f"keras3_{name}_ms"] = round(1e3 * float(np.median(t)), 3)
+      t = 1e3 * np.asarray(times[name])
+      row[f"keras3_{name}_ms"] = round(float(np.median(t)), 3)
       row[f"{name}_ratio"] = round(float(np.median(t / k2)), 3)
+    row["step_ms"] = {
+      name: [round(1e3 * v, 2) for v in values] for name, values in times.items()
+    }
     rows.append(row)
     harness.emit_row(row, FLAGS.out)
   names = ["tensorflow"] + backends

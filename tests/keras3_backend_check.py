@@ -123,9 +123,26 @@ def train_and_save(out_dir, rng):
   print(f"{BACKEND} fit: loss {losses[0]:.4f} -> {losses[-1]:.4f}, offsets moved {moved:.2e}")
 
 
+def check_mixed_precision():
+  """Under mixed_float16 the layers compute in float16 and keep float32 variables."""
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    conv = ke.EpitomeConv2D(8, 3, padding="same", compression=4)
+    dense = ke.EpitomeDense(6, compression=2)
+    y = dense(ops.mean(conv(np.ones((2, 6, 6, 4), "float32")), axis=(1, 2)))
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  assert str(y.dtype).endswith("float16"), y.dtype
+  for layer in (conv, dense):
+    assert layer.epitome.dtype == "float32", layer.epitome.dtype
+    assert layer.in_offsets.dtype == "float32", layer.in_offsets.dtype
+  print("mixed precision: float16 compute, float32 epitome and offsets")
+
+
 if __name__ == "__main__":
   out = sys.argv[1] if len(sys.argv) > 1 else "."
   rng = np.random.default_rng(0)
   check_sampler(rng)
+  check_mixed_precision()
   train_and_save(out, rng)
   print("ok")

@@ -254,6 +254,21 @@ class Keras3LayerTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "lora_rank=2 is not supported"):
       ke3.EpitomeDense(4, compression=2, lora_rank=2)
 
+  def test_quantize_refused_with_the_feature_learner(self):
+    """model.quantize must not quantize the learner inside an epitome layer."""
+    model = keras.Sequential(
+      [
+        keras.Input((6, 6, 4)),
+        ke3.EpitomeConv2D(8, 3, compression=2, learner="feature", name="c"),
+      ]
+    )
+    learner_layers = model.layers[0].offset_learner._flatten_layers(include_self=False)
+    with self.assertRaisesRegex(
+      ValueError, "EpitomeConv2D 'c'.*offset learner.*strip_epitome"
+    ):
+      model.quantize("int8")
+    self.assertFalse([l.name for l in learner_layers if l.quantization_mode])
+
   def test_bad_arguments_name_the_layer(self):
     with self.assertRaisesRegex(ValueError, "EpitomeConv2D 'c'.*compression"):
       ke3.EpitomeConv2D(8, 3, name="c")

@@ -31,6 +31,7 @@ from keras import ops
 from keras_epitome import geometry as geo
 from keras_epitome import layer_common, spec
 from keras_epitome.keras3 import ops_sampling
+from keras_epitome.keras3 import learners
 from keras_epitome.keras3.learners import FeatureOffsetLearner
 
 EPITOME_ARGS = spec.EPITOME_ARGS
@@ -158,6 +159,7 @@ class EpitomeMixin(layer_common.EpitomeLayerBase):
       self.offset_learner = FeatureOffsetLearner(
         n, geometry.rank, name="offset_learner"
       )
+      self.offset_learner.adopt(self._desc())
       packed = geo.pack_routing(*routing, geometry).astype(np.float32)
       self.moving_offsets = self.add_weight(
         name="moving_offsets",
@@ -314,10 +316,7 @@ class EpitomeMixin(layer_common.EpitomeLayerBase):
   def quantize(self, mode=None, type_check=True, config=None):
     raise ValueError(
       f"{self._desc()}: Keras 3's quantize({mode!r}) needs a stored kernel; an "
-      "epitome layer stores an epitome. For an int8 file, export with "
-      "keras_epitome.keras3.export_tflite(model, path, quantize='int8', "
-      "representative_data=...); to quantize in Keras, first turn the epitome "
-      "layers into stock layers with keras_epitome.keras3.strip_epitome(model)"
+      f"epitome layer stores an epitome. {learners.QUANTIZE_ADVICE}"
     )
 
   def enable_lora(self, rank, *args, **kwargs):

@@ -11,10 +11,50 @@ already a mean over the global batch.
 
 from __future__ import annotations
 
+import types
+
 import keras
 from keras import ops
 
 from keras_epitome import learner_common
+
+# What to do instead of Keras 3's ``quantize`` on an epitome layer.
+QUANTIZE_ADVICE = (
+  "For an int8 file, export with keras_epitome.keras3.export_tflite(model, path, "
+  "quantize='int8', representative_data=...); to quantize in Keras, first turn "
+  "the epitome layers into stock layers with keras_epitome.keras3.strip_epitome(model)"
+)
+
+
+class _LearnerSublayer:
+  """The learner's ``Dense``/``Conv`` layers refuse Keras 3's ``quantize``.
+
+  ``model.quantize`` quantizes every layer without sublayers, so it would walk
+  into an epitome layer's learner, quantize the learner's layers and leave
+  the epitome layer itself (which has sublayers) untouched, without a word.
+  ``owner`` names the epitome layer (:meth:`FeatureOffsetLearner.adopt`).
+  """
+
+  owner = "an epitome layer"
+
+  def quantize(self, mode=None, type_check=True, config=None):
+    raise ValueError(
+      f"{self.owner}: Keras 3's quantize({mode!r}) reached layer {self.name!r} of "
+      "its feature offset learner; an epitome layer stores an epitome, not a "
+      f"kernel, and is not quantized by Keras 3. {QUANTIZE_ADVICE}"
+    )
+
+
+def _sublayer(cls):
+  return type(cls.__name__, (_LearnerSublayer, cls), {"__module__": __name__})
+
+
+_LAYERS = types.SimpleNamespace(
+  Dense=_sublayer(keras.layers.Dense),
+  Conv1D=_sublayer(keras.layers.Conv1D),
+  Conv2D=_sublayer(keras.layers.Conv2D),
+  BatchNormalization=keras.layers.BatchNormalization,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_epitome")
@@ -26,7 +66,12 @@ class FeatureOffsetLearner(learner_common.FeatureLearnerBase, keras.layers.Layer
   layer starts at zero, so the layer starts from its base offsets.
   """
 
-  _keras_layers = keras.layers
+  _keras_layers = _LAYERS
+
+  def adopt(self, owner: str) -> None:
+    """Names the epitome layer ``owner`` in the sublayers' errors."""
+    for layer in (self.features, self.predict_offsets):
+      layer.owner = owner
 
   def _synchronized(self) -> bool:
     # Synchronized statistics exist on the TensorFlow backend only.
