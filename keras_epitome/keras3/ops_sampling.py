@@ -17,10 +17,10 @@ epitome gradient (rolls and slices back, no scatter: scatters run
 single-threaded on CPU) and the offsets' gradient ``sum(dK * (hi - lo))``
 without a custom gradient, except for one backend detail: on JAX a roll
 with a run-time shift differentiates through a concatenation and a dynamic
-slice, and XLA's CPU backend compiles two such stages in a row into a slow
-update loop (a 1024x1024 Dense kernel's gradient took 20 ms, 10x the two
-stages apart), so there the roll carries its exact gradient, the roll back
-(:func:`_roll`).
+slice, and XLA's CPU backend compiles two such stages in a row into an
+update loop many times slower than the stages apart, so there the roll
+carries its exact gradient, the roll back (:func:`_roll`; docs/results.md,
+the Keras 3 training step).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def sample_kernel(
   # TensorFlow sampler applies it after the spatial stage; the same
   # permutation, the same numbers). Rolling the epitome-sized source, rather
   # than slicing and rolling the expanded tensor, also keeps XLA's CPU
-  # backend off a slow fused gradient (3 ms of a 1024x1024 kernel's 6 ms).
+  # backend off a slow fused gradient (the same trap as the rolls').
   out_offsets = ops.cast(ops.convert_to_tensor(out_offsets), dtype)
   sources = epitome
   if g.in_rolls.any():
