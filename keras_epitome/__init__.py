@@ -14,7 +14,9 @@ Importing the package does not choose a Keras for the user: ``tf.keras`` stays
 what TensorFlow and ``TF_USE_LEGACY_KERAS`` make it. Without TensorFlow and
 ``tf_keras`` installed (a JAX or PyTorch machine) only
 :mod:`keras_epitome.keras3` and the index math (:mod:`keras_epitome.geometry`)
-are available.
+are available. Where Keras 3 runs on JAX or PyTorch, the Keras 2 API
+loads on first use, so ``import keras_epitome.keras3`` does not import
+TensorFlow.
 
 Example (Keras 2):
   >>> import keras_epitome as ke
@@ -33,54 +35,99 @@ _HAS_KERAS2 = all(
   for name in ("tensorflow", "tf_keras", "tensorflow_model_optimization")
 )
 
-if _HAS_KERAS2:
+
+def _keras3_backend() -> str:
+  """The backend Keras 3 has or will pick (``KERAS_BACKEND``, then keras.json), without importing it."""
+  import json
+  import os
+  import sys
+
+  if "keras" in sys.modules and hasattr(sys.modules["keras"], "backend"):
+    return sys.modules["keras"].backend.backend()
+  if os.environ.get("KERAS_BACKEND"):
+    return os.environ["KERAS_BACKEND"]
+  home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+  try:
+    with open(os.path.join(home, "keras.json")) as f:
+      return json.load(f).get("backend", "tensorflow")
+  except (OSError, ValueError):
+    return "tensorflow"
+
+
+_KERAS2_API = {"loading": False, "loaded": False}
+
+
+def _load_keras2() -> None:
+  """Imports the Keras 2 API into this module's namespace (once)."""
+  if _KERAS2_API["loading"] or _KERAS2_API["loaded"]:
+    return
+  _KERAS2_API["loading"] = True
+  try:
+    _import_keras2()
+  finally:
+    _KERAS2_API["loading"] = False
+  _KERAS2_API["loaded"] = True
+
+
+def _import_keras2() -> None:
   # isort: off
   # The backend must come first: it imports Keras 2 and TF-MOT without
   # changing what tf.keras means for the user.
   from keras_epitome.backend import keras
   # isort: on
 
-  from keras_epitome import compression, pruning  # noqa: E402
-  from keras_epitome.allocation import Allocation  # noqa: E402
-  from keras_epitome.backend import custom_objects  # noqa: E402
-  from keras_epitome.calibration import (  # noqa: E402
+  from keras_epitome import compression, pruning
+  from keras_epitome.allocation import Allocation
+  from keras_epitome.backend import custom_objects
+  from keras_epitome.calibration import (
     CalibrationConfig,
     ExperimentalCalibration,
     calibrate,
   )
-  from keras_epitome.distillation import Distiller, distill  # noqa: E402
-  from keras_epitome.export import (  # noqa: E402
+  from keras_epitome.distillation import Distiller, distill
+  from keras_epitome.export import (
     export_tflite,
     run_tflite,
     tflite_tensor_report,
   )
-  from keras_epitome.factored import (  # noqa: E402
+  from keras_epitome.factored import (
     FactoredConv1D,
     FactoredConv2D,
     FactoredDense,
   )
-  from keras_epitome.form_choice import factorize  # noqa: E402
-  from keras_epitome.harden import harden_layer, harden_routing  # noqa: E402
-  from keras_epitome.layers import (  # noqa: E402
+  from keras_epitome.form_choice import factorize
+  from keras_epitome.harden import harden_layer, harden_routing
+  from keras_epitome.layers import (
     EPITOME_LAYERS,
     EpitomeConv1D,
     EpitomeConv2D,
     EpitomeDense,
   )
-  from keras_epitome.pruning import prune_epitomes, sparsity_for_size  # noqa: E402
-  from keras_epitome.quantization import (  # noqa: E402
+  from keras_epitome.pruning import prune_epitomes, sparsity_for_size
+  from keras_epitome.quantization import (
     EpitomeQuantizeConfig,
     EpitomeQuantizeScheme,
     quantize_model,
     quantize_scope,
   )
-  from keras_epitome.transform import (  # noqa: E402
+  from keras_epitome.transform import (
     allocate,
     epitomize,
     materialize_layer,
     strip_epitome,
     summarize,
   )
+  imported = dict(locals())
+  globals().update(imported)
+
+
+# The Keras 2 API loads with the package where Keras 3 runs on TensorFlow (so
+# that its layers are registered for loading Keras 2 files); on a JAX or
+# PyTorch backend it loads on first use, and `import keras_epitome.keras3`
+# does not import TensorFlow.
+if _HAS_KERAS2 and _keras3_backend() == "tensorflow":
+  _load_keras2()
+
 from keras_epitome.geometry import RoutingMap, epitome_shape_for_ratio  # noqa: E402
 
 
@@ -91,6 +138,14 @@ def __getattr__(name):
     import importlib
 
     return importlib.import_module("keras_epitome.keras3")
+  if name in __all__ and _HAS_KERAS2:
+    # During the load, `from keras_epitome import compression` asks here
+    # before it imports the submodule: say "no such attribute (yet)".
+    if not _KERAS2_API["loading"]:
+      _load_keras2()
+      if name in globals():
+        return globals()[name]
+    raise AttributeError(f"module 'keras_epitome' has no attribute {name!r}")
   if name in __all__:
     raise ImportError(
       f"keras_epitome.{name} is part of the Keras 2 API, which needs "

@@ -4,6 +4,7 @@ The import-order cases run in fresh interpreters: which Keras ``tf.keras``
 resolves to is decided once per process.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -127,6 +128,25 @@ class BackendTest(tf.test.TestCase):
         None,
       ),
     }
+    if importlib.util.find_spec("jax") is not None:
+      # Keras 3 on JAX: `import keras_epitome.keras3` does not import
+      # TensorFlow; the Keras 2 API loads on first use.
+      cases["jax_backend"] = (
+        "import os, sys\n"
+        "os.environ['KERAS_BACKEND'] = 'jax'\n"
+        "import numpy as np\n"
+        "import keras_epitome.keras3 as ke3\n"
+        "ke3.EpitomeDense(4, compression=2)(np.zeros((1, 8), 'float32'))\n"
+        "import keras_epitome as ke\n"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow imported'\n"
+        "assert ke.keras.__version__.startswith('2.')\n"
+        "from keras_epitome import EpitomeDense, compression\n"
+        "assert EpitomeDense.__module__ == 'keras_epitome.layers'\n"
+        f"m = ke.keras.models.load_model({saved!r})\n"
+        "assert type(m.layers[0]) is EpitomeDense\n"
+        "print('ok')",
+        None,
+      )
     procs = {name: _python(code, legacy) for name, (code, legacy) in cases.items()}
     results = {name: p.communicate(timeout=300) for name, p in procs.items()}
     for name in cases:
