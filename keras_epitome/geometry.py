@@ -186,10 +186,18 @@ class EpitomeGeometry:
     return np.arange(self.cout) // self.cout_e
 
   @property
+  def in_roll_shifts(self) -> Tuple[int, ...]:
+    """Static roll ``r_b = b * channel_roll mod Cin_E`` of the input channels read by output chunk ``b``.
+
+    Python ints, computed without NumPy (a tracing compiler, such as
+    PyTorch's, sees constants).
+    """
+    return tuple(b * self.channel_roll % self.cin_e for b in range(self.num_out_chunks))
+
+  @property
   def in_rolls(self) -> np.ndarray:
-    """``(B,)`` static roll ``r_b`` of the input channels read by output chunk ``b``."""
-    b = np.arange(self.num_out_chunks, dtype=np.int64)
-    return (b * self.channel_roll) % self.cin_e
+    """``(B,)`` :attr:`in_roll_shifts` as an int64 array."""
+    return np.asarray(self.in_roll_shifts, dtype=np.int64)
 
   @property
   def slack(self) -> Tuple[int, ...]:

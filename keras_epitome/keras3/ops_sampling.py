@@ -110,7 +110,7 @@ def _expand_channels(x, offsets, size: int, chunk: int, axis: int):
   if num * chunk > size:  # partial last chunk
     lo = _slice(lo, axis, 0, size)
     hi = _slice(hi, axis, 0, size)
-  w = ops.repeat(ops.cast(frac, lo.dtype), chunk)[:size]
+  w = ops.repeat(ops.cast(frac, lo.dtype), chunk, axis=0)[:size]
   w = ops.reshape(w, _shape(len(lo.shape), axis, min(size, num * chunk)))
   return lo + w * (hi - lo)
 
@@ -172,9 +172,9 @@ def sample_kernel(
   # backend off a slow fused gradient (the same trap as the rolls').
   out_offsets = ops.cast(ops.convert_to_tensor(out_offsets), dtype)
   sources = epitome
-  if g.in_rolls.any():
+  if any(g.in_roll_shifts):
     sources = [
-      ops.roll(epitome, -int(r), axis=rank) if r else epitome for r in g.in_rolls
+      ops.roll(epitome, -r, axis=rank) if r else epitome for r in g.in_roll_shifts
     ]
   x = _expand_channels(sources, out_offsets, b * g.cout_e, g.cout_e, axis=rank + 1)
 
@@ -200,7 +200,7 @@ def sample_kernel(
       win = ops.concatenate(pieces, axis=-1) if b > 1 else pieces[0]
       lo = _slice(win, d, 0, length)
       hi = _slice(win, d, 1, length + 1)
-      w = ops.reshape(ops.repeat(frac, coe), _shape(ndim, ndim - 1, b * coe))
+      w = ops.reshape(ops.repeat(frac, coe, axis=0), _shape(ndim, ndim - 1, b * coe))
       x = lo + w * (hi - lo)
 
   if b * g.cout_e > g.cout:
