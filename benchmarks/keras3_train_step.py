@@ -214,12 +214,19 @@ def main() -> None:
     rows.append(row)
     harness.emit_row(row, FLAGS.out)
   names = ["tensorflow"] + backends
+  table = [
+    {
+      "case": r["case"],
+      "Keras 2 ms/step": f"{r['keras2_ms']:.2f}",
+      **{
+        f"Keras 3 {n} ms/step (ratio)": f"{r[f'keras3_{n}_ms']:.2f} ({r[f'{n}_ratio']:.2f}x)"
+        for n in names
+      },
+    }
+    for r in rows
+  ]
   print()
-  print("| case | Keras 2 ms/step | " + " | ".join(f"Keras 3 {n} ms/step (ratio)" for n in names) + " |")
-  print("|---|---|" + "---|" * len(names))
-  for r in rows:
-    cells = [f"{r[f'keras3_{n}_ms']:.2f} ({r[f'{n}_ratio']:.2f}x)" for n in names]
-    print(f"| {r['case']} | {r['keras2_ms']:.2f} | " + " | ".join(cells) + " |")
+  print(harness.format_table(table, list(table[0])))
 
 
 if __name__ == "__main__":

@@ -70,47 +70,48 @@ def _load_keras2() -> None:
 
 
 def _import_keras2() -> None:
+  """The Keras 2 API's imports, published as this module's names (hence noqa: F401)."""
   # isort: off
   # The backend must come first: it imports Keras 2 and TF-MOT without
   # changing what tf.keras means for the user.
-  from keras_epitome.backend import keras
+  from keras_epitome.backend import keras  # noqa: F401
   # isort: on
 
-  from keras_epitome import compression, pruning
-  from keras_epitome.allocation import Allocation
-  from keras_epitome.backend import custom_objects
-  from keras_epitome.calibration import (
+  from keras_epitome import compression, pruning  # noqa: F401
+  from keras_epitome.allocation import Allocation  # noqa: F401
+  from keras_epitome.backend import custom_objects  # noqa: F401
+  from keras_epitome.calibration import (  # noqa: F401
     CalibrationConfig,
     ExperimentalCalibration,
     calibrate,
   )
-  from keras_epitome.distillation import Distiller, distill
-  from keras_epitome.export import (
+  from keras_epitome.distillation import Distiller, distill  # noqa: F401
+  from keras_epitome.export import (  # noqa: F401
     export_tflite,
     run_tflite,
     tflite_tensor_report,
   )
-  from keras_epitome.factored import (
+  from keras_epitome.factored import (  # noqa: F401
     FactoredConv1D,
     FactoredConv2D,
     FactoredDense,
   )
-  from keras_epitome.form_choice import factorize
-  from keras_epitome.harden import harden_layer, harden_routing
-  from keras_epitome.layers import (
+  from keras_epitome.form_choice import factorize  # noqa: F401
+  from keras_epitome.harden import harden_layer, harden_routing  # noqa: F401
+  from keras_epitome.layers import (  # noqa: F401
     EPITOME_LAYERS,
     EpitomeConv1D,
     EpitomeConv2D,
     EpitomeDense,
   )
-  from keras_epitome.pruning import prune_epitomes, sparsity_for_size
-  from keras_epitome.quantization import (
+  from keras_epitome.pruning import prune_epitomes, sparsity_for_size  # noqa: F401
+  from keras_epitome.quantization import (  # noqa: F401
     EpitomeQuantizeConfig,
     EpitomeQuantizeScheme,
     quantize_model,
     quantize_scope,
   )
-  from keras_epitome.transform import (
+  from keras_epitome.transform import (  # noqa: F401
     allocate,
     epitomize,
     materialize_layer,

@@ -267,7 +267,7 @@ class Keras3LayerTest(tf.test.TestCase, parameterized.TestCase):
       ValueError, "EpitomeConv2D 'c'.*offset learner.*strip_epitome"
     ):
       model.quantize("int8")
-    self.assertFalse([l.name for l in learner_layers if l.quantization_mode])
+    self.assertFalse([layer.name for layer in learner_layers if layer.quantization_mode])
 
   def test_bad_arguments_name_the_layer(self):
     with self.assertRaisesRegex(ValueError, "EpitomeConv2D 'c'.*compression"):

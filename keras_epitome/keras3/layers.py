@@ -30,9 +30,7 @@ from keras import ops
 
 from keras_epitome import geometry as geo
 from keras_epitome import layer_common, spec
-from keras_epitome.keras3 import ops_sampling
-from keras_epitome.keras3 import learners
-from keras_epitome.keras3.learners import FeatureOffsetLearner
+from keras_epitome.keras3 import learners, ops_sampling
 
 EPITOME_ARGS = spec.EPITOME_ARGS
 
@@ -156,7 +154,7 @@ class EpitomeMixin(layer_common.EpitomeLayerBase):
       setattr(self, stored.name, variable)
     if self.sampler == "learned" and self.learner == "feature":
       n = geometry.routing_size
-      self.offset_learner = FeatureOffsetLearner(
+      self.offset_learner = learners.FeatureOffsetLearner(
         n, geometry.rank, name="offset_learner"
       )
       self.offset_learner.adopt(self._desc())
